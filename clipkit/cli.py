@@ -1,0 +1,151 @@
+"""`clipkit` command line: a thin layer over the library.
+
+    clipkit train [CONFIG.yaml] [dotted.key=value ...]
+    clipkit data synth --out DIR [--train-samples N] [--eval-samples N] [--seed S] [--image-size PX]
+    clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
+    clipkit export --checkpoint CKPT --format open_clip --out DIR
+    clipkit models
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Nothing may reach a hub at run time: models are built from configs, weights come from local files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import train
+
+    config_path, overrides = None, list(args.overrides)
+    if overrides and not ("=" in overrides[0]) and overrides[0].endswith((".yaml", ".yml")):
+        config_path = overrides.pop(0)
+    cfg = load_config(config_path, overrides)
+    summary = train(cfg)
+    if "zeroshot" in summary or "export" in summary or summary.get("checkpoint"):
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"\nrun directory : {summary['run_dir']}")
+    print(f"checkpoint    : {summary.get('checkpoint')}")
+    print(f"trained       : {summary['steps']} steps in {summary['train_seconds']:.0f} s")
+    if summary.get("skipped_samples"):
+        print(f"skipped       : {summary['skipped_samples']}")
+    if "zeroshot" in summary:
+        z = summary["zeroshot"]
+        print(f"zero-shot     : top-1 {z['acc1']:.3f}, top-5 {z['acc5']:.3f}, mean per-class recall "
+              f"{z['mean_per_class_recall']:.3f} over {z['num_classes']} classes "
+              f"(chance {z['chance_acc1']:.3f}) -> {z['result_file']}")
+    if "export" in summary:
+        print(f"exported      : {Path(summary['export']['weights']).parent} (open_clip format)")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .data import write_synth_dataset
+
+    ds = write_synth_dataset(args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
+                             samples_per_shard=args.samples_per_shard, image_size=args.image_size,
+                             seed=args.seed, workers=args.workers)
+    print(f"train shards : {ds.train_spec} ({ds.num_train} samples)")
+    print(f"zero-shot set: {ds.eval_root} ({ds.num_eval} samples)")
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_zeroshot, load_zeroshot_set, write_result
+    from .models import create_transforms, get_tokenizer
+    from .training import load_model_from_checkpoint
+
+    zs = load_zeroshot_set(args.data, args.classnames, args.templates)
+    model, name, _ = load_model_from_checkpoint(args.checkpoint)
+    _, val_transform = create_transforms(model)
+    metrics = evaluate_zeroshot(model, get_tokenizer(name), val_transform, zs, batch_size=args.batch_size,
+                                workers=args.workers)
+    out = args.out or str(Path(args.checkpoint).with_suffix("").as_posix() + f"_zeroshot_{zs.name}.json")
+    result = write_result(out, metrics, zs.name, name, str(args.checkpoint))
+    print(json.dumps(result, indent=2))
+    print(f"written to {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    files = export_checkpoint(args.checkpoint, args.out, args.format)
+    for kind, path in files.items():
+        print(f"{kind:13s}: {path}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipkit", description="CLIP-style contrastive image-text pretraining")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (default config: tiny model on the built-in dataset)")
+    t.add_argument("overrides", nargs="*", help="[CONFIG.yaml] then dotted.key=value overrides")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write the built-in synthetic dataset as webdataset shards")
+    s.add_argument("--out", required=True)
+    s.add_argument("--train-samples", type=int, default=20000)
+    s.add_argument("--eval-samples", type=int, default=1500)
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(func=_synth)
+
+    z = sub.add_parser("zeroshot", help="zero-shot classification of a checkpoint")
+    z.add_argument("--checkpoint", required=True)
+    z.add_argument("--data", required=True, help="CLIP_benchmark wds root, or a shard spec")
+    z.add_argument("--classnames", default=None)
+    z.add_argument("--templates", default=None)
+    z.add_argument("--out", default=None, help="result JSON (CLIP_benchmark schema)")
+    z.add_argument("--batch-size", type=int, default=256)
+    z.add_argument("--workers", type=int, default=1)
+    z.set_defaults(func=_zeroshot)
+
+    e = sub.add_parser("export", help="export a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--format", default="open_clip", choices=["open_clip"])
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_export)
+
+    m = sub.add_parser("models", help="list the architectures that can be built by name")
+    m.set_defaults(func=_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data import ShardSpecError
+    from .evaluation import ZeroShotDataError
+    from .models import ModelNotFoundError
+    from .training import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ShardSpecError, ZeroShotDataError, ModelNotFoundError, CheckpointError) as e:
+        print(f"clipkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

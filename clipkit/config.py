@@ -1,0 +1,236 @@
+"""Typed run configuration: dataclasses, loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("my.yaml", ["train.batch_size=64", "model.name=ViT-B-32"])
+
+Every key is checked against the dataclasses: an unknown key or a value of the wrong type raises
+ConfigError naming the dotted key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; the message names the dotted key."""
+
+
+@dataclass
+class SynthConfig:
+    """The built-in procedurally drawn dataset (see clipkit.data.synth)."""
+
+    out: str = "datasets/synth"
+    train_samples: int = 20000
+    eval_samples: int = 1500
+    samples_per_shard: int = 1000
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # Shard spec: a path, a brace pattern ("shards/{00000..00099}.tar") or several joined by "::".
+    # None means the built-in synthetic set under data.synth.out (created on first use).
+    train: Optional[str] = None
+    # A CLIP_benchmark-style zero-shot set root (test/*.tar, classnames.txt, templates).
+    # None means the held-out split of the built-in set.
+    zeroshot: Optional[str] = None
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    image_key: str = "jpg;png;webp;jpeg"
+    caption_key: str = "txt"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clipkit-tiny"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128  # global batch, split evenly across ranks
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: Optional[float] = 1.0  # max global grad norm; None disables clipping
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    # "latest" continues the newest checkpoint in run.dir, a path resumes that file, None starts fresh.
+    resume: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    zeroshot_at_end: bool = True
+
+
+@dataclass
+class ExportConfig:
+    format: str = "open_clip"
+    at_end: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, checking every key and type.
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' may not be null (expected {tp.__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of sub-keys, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _looks_like_float(value):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the types above are used in Config
+        raise TypeError(f"unsupported config type {tp} at '{key}'")
+    raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key '{_join(prefix, unknown[0])}' (valid keys under {where}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key")
+    # YAML scalars: 64 -> int, 1e-3 -> float, true -> bool, null -> None, anything else a string.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node: dict = {}
+    cursor = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
+    return node
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- clipkit's default.yaml <- the user's YAML file <- dotted overrides."""
+    data = _read_yaml(DEFAULT_CONFIG)
+    if path is not None:
+        data = _merge(data, _read_yaml(Path(path)))
+    for item in overrides:
+        data = _merge(data, _parse_override(item))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

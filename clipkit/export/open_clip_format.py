@@ -1,0 +1,43 @@
+"""Export to open_clip's on-disk format, which every open_clip-based tool loads.
+
+    OUT/open_clip_model.safetensors   the state dict
+    OUT/open_clip_config.json         {"model_cfg": ..., "preprocess_cfg": ...}  (local-dir: schema)
+    OUT/<model name>.json             the bare architecture config (open_clip.add_model_config)
+
+Both ways of loading work with no hub access:
+    open_clip.create_model_and_transforms("local-dir:OUT")
+    open_clip.add_model_config("OUT/<name>.json")
+    open_clip.create_model_and_transforms("<name>", pretrained="OUT/open_clip_model.safetensors")
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+WEIGHTS_NAME = "open_clip_model.safetensors"
+CONFIG_NAME = "open_clip_config.json"
+
+
+def export_open_clip(model, model_name: str, model_cfg: dict, out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = out / WEIGHTS_NAME
+    save_file(state, str(weights), metadata={"format": "pt", "model_name": model_name})
+    preprocess_cfg = dict(model.visual.preprocess_cfg)
+    (out / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                              indent=2))
+    arch = out / f"{model_name}.json"
+    arch.write_text(json.dumps(model_cfg, indent=2))
+    return {"weights": weights, "config": out / CONFIG_NAME, "architecture": arch}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "open_clip") -> dict[str, Path]:
+    from ..training.checkpoint import load_model_from_checkpoint
+
+    if fmt != "open_clip":
+        raise ValueError(f"unknown export format {fmt!r} (available: open_clip)")
+    model, _, state = load_model_from_checkpoint(checkpoint)
+    return export_open_clip(model, state["model_name"], state["model_cfg"], out)

@@ -1,0 +1,22 @@
+"""Dual-encoder models: open_clip architectures by name, plus clipkit's own configs (same JSON schema)."""
+from .factory import (
+    MODEL_CONFIG_DIR,
+    ModelNotFoundError,
+    create_model,
+    create_transforms,
+    get_model_config,
+    get_tokenizer,
+    list_models,
+    register_model_config,
+)
+
+__all__ = [
+    "MODEL_CONFIG_DIR",
+    "ModelNotFoundError",
+    "create_model",
+    "create_transforms",
+    "get_model_config",
+    "get_tokenizer",
+    "list_models",
+    "register_model_config",
+]

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torch/torchvision are pinned to the releases this project is built and tested against; a looser
+# range would let pip pull a different (multi-GB) CUDA build from the registry.
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "open_clip_torch==3.3.0",
+    "webdataset==1.0.2",
+    "deepspeed==0.19.8",
+    "timm>=1.0",
+    "transformers>=4.40",
+    "fsspec>=2024.1",
+    "safetensors>=0.4",
+    "tensorboard>=2.15",
+    "tqdm>=4.60",
+    "pyyaml>=6.0",
+    "braceexpand>=0.1.7",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0"],
+}
+
+setup(
+    name="clipkit",
+    version="0.1.0",
+    description="CLIP-style contrastive image-text pretraining at scale",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["clipkit", "clipkit.*"]),
+    package_data={"clipkit": ["configs/*.yaml", "models/model_configs/*.json"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["clipkit=clipkit.cli:main"]},
+)

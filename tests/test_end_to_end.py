@@ -1,0 +1,120 @@
+"""Train -> checkpoint -> resume -> zero-shot -> export -> load with open_clip, on a tiny model."""
+import json
+import subprocess
+import sys
+
+import open_clip
+import torch
+import yaml
+
+from clipkit.config import load_config
+from clipkit.training import Trainer, load_checkpoint, train
+from clipkit.training.optim import WarmupCosine
+
+
+def _cfg(run_dir, synth, *extra):
+    return load_config(None, [
+        f"run.dir={run_dir}", f"data.train={synth.train_spec}", f"data.zeroshot={synth.eval_root}",
+        "model.name=clipkit-nano", "train.batch_size=32", "train.steps=60", "train.warmup_steps=10",
+        "train.checkpoint_every=20", "train.keep_checkpoints=3", "run.log_every=10", "run.progress=false",
+        "data.workers=1", "data.shuffle_buffer=100", *extra,
+    ])
+
+
+def _assert_same_optimizer_state(a: dict, b: dict):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for name, value in a["state"][k].items():
+            torch.testing.assert_close(value, b["state"][k][name], rtol=0, atol=0)
+
+
+def test_train_checkpoint_resume_zeroshot_export(tmp_path, synth_small):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(run_dir, synth_small)
+
+    # 1. a run interrupted at step 40 of 60
+    first = Trainer(cfg)
+    first.fit(until=40)
+    saved = load_checkpoint(run_dir / "checkpoints" / "step_00000040.pt")
+    assert saved["step"] == 40 and (run_dir / "checkpoints" / "step_00000020.pt").is_file()
+    assert saved["model_name"] == "clipkit-nano" and saved["config"]["train"]["steps"] == 60
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [10, 20, 30, 40]
+    assert all({"step", "loss", "lr", "samples_per_s"} <= r.keys() for r in logged)
+    assert logged[-1]["loss"] < logged[0]["loss"]  # it learns
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name"] == "clipkit-nano"
+    assert any((run_dir / "tensorboard").iterdir())
+
+    # 2. resume=latest continues from the saved step with identical model, optimizer and schedule state
+    resumed = Trainer(_cfg(run_dir, synth_small, "train.resume=latest"))
+    assert resumed.step == 40
+    _assert_same_optimizer_state(resumed.optimizer.state_dict(), saved["optimizer"])
+    for name, p in resumed.model.state_dict().items():
+        assert torch.equal(p, saved["model"][name]), name
+    expected_lr = cfg.train.lr * WarmupCosine(10, 60)(40)
+    assert abs(resumed.optimizer.param_groups[0]["lr"] - expected_lr) < 1e-12
+    resumed.fit()
+    assert resumed.step == 60
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [10, 20, 30, 40, 50, 60]
+    final = run_dir / "checkpoints" / "step_00000060.pt"
+    assert load_checkpoint(final)["step"] == 60
+
+    # 3. zero-shot through the CLI, result in CLIP_benchmark's schema
+    out_json = tmp_path / "zs.json"
+    subprocess.run([sys.executable, "-m", "clipkit", "zeroshot", "--checkpoint", str(final), "--data",
+                    str(synth_small.eval_root), "--out", str(out_json)], check=True, capture_output=True)
+    result = json.loads(out_json.read_text())
+    assert result["task"] == "zeroshot_classification" and result["model"] == "clipkit-nano"
+    assert {"dataset", "pretrained"} <= result.keys()
+    assert {"acc1", "acc5", "mean_per_class_recall"} <= result["metrics"].keys()
+    assert result["metrics"]["num_samples"] == 120
+
+    # 4. export through the CLI, then load with open_clip alone and compare embeddings
+    export_dir = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "clipkit", "export", "--checkpoint", str(final), "--format",
+                    "open_clip", "--out", str(export_dir)], check=True, capture_output=True)
+    from clipkit.training import load_model_from_checkpoint
+
+    ours, _, _ = load_model_from_checkpoint(final)
+    ours.eval()
+    images = torch.randn(4, 3, 32, 32)
+    tokenizer = open_clip.get_tokenizer("clipkit-nano")
+    texts = tokenizer(["a red circle", "two blue stars", "a yellow cross on a black background", "x"])
+    with torch.no_grad():
+        want_img, want_txt = ours.encode_image(images), ours.encode_text(texts)
+
+    open_clip.add_model_config(export_dir / "clipkit-nano.json")
+    ref, _, preprocess = open_clip.create_model_and_transforms(
+        "clipkit-nano", pretrained=str(export_dir / "open_clip_model.safetensors"))
+    ref_dir, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
+    for model in (ref, ref_dir):
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_image(images), want_img, atol=1e-5, rtol=0)
+            torch.testing.assert_close(model.encode_text(texts), want_txt, atol=1e-5, rtol=0)
+    # and the exported model is the trained one, not a fresh initialisation
+    fresh = open_clip.create_model("clipkit-nano")
+    assert not torch.allclose(fresh.encode_image(images), want_img, atol=1e-3)
+
+
+def test_full_train_writes_summary_zeroshot_and_export(tmp_path, synth_small):
+    summary = train(_cfg(tmp_path / "run", synth_small, "train.steps=20"))
+    run_dir = tmp_path / "run"
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == 20
+    assert on_disk["zeroshot"]["num_classes"] == 30
+    assert 0.0 <= on_disk["zeroshot"]["acc1"] <= 1.0
+    assert (run_dir / "zeroshot.json").is_file()
+    assert (run_dir / "export" / "open_clip_model.safetensors").is_file()
+
+
+def test_cli_rejects_bad_config_with_named_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "clipkit", "train", "train.batch_sise=4",
+                           f"run.dir={tmp_path}"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "train.batch_sise" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "clipkit", "export", "--checkpoint", str(tmp_path / "nope.pt"),
+                           "--out", str(tmp_path / "e")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
