@@ -4,6 +4,7 @@
     clipkit data synth --out DIR [--train-samples N] [--eval-samples N] [--seed S] [--image-size PX]
     clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
     clipkit export --checkpoint CKPT --format open_clip --out DIR
+    clipkit bench loss ...   (see its --help)
     clipkit models
 """
 from __future__ import annotations
@@ -84,6 +85,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delegate(module: str):
+    """Sub-commands whose options live with their implementation (benchmarks, shard tools)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.rest)
+
+    run.delegated = True
+    return run
+
+
 def _models(args: argparse.Namespace) -> int:
     from .models import list_models
 
@@ -127,13 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
 
+    b = sub.add_parser("bench", help="benchmarks (results written as JSON)")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    for name, help_text in [("loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP")]:
+        bp = bsub.add_parser(name, add_help=False, help=help_text)
+        bp.set_defaults(func=_delegate(f"clipkit.bench.{name}"))
+
     m = sub.add_parser("models", help="list the architectures that can be built by name")
     m.set_defaults(func=_models)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Delegated sub-commands parse their own options (including --help); the others take no extras.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args.func, "delegated", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     from .config import ConfigError
     from .data import ShardSpecError
     from .evaluation import ZeroShotDataError

@@ -53,6 +53,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "clipkit-tiny"
+    grad_checkpointing: bool = False
+    # FLIP-style: drop this fraction of image patches in training (0 disables)
+    patch_dropout: float = 0.0
+    # LiT: freeze the image tower, optionally leaving its last N layer groups trainable
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
 
 
 @dataclass
@@ -70,6 +79,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # "latest" continues the newest checkpoint in run.dir, a path resumes that file, None starts fresh.
     resume: Optional[str] = None
+    loss: str = "infonce"  # infonce | infonce_tiled | siglip
+    local_loss: bool = False  # each rank computes B_local x B_global logits instead of the full matrix
+    tile_size: int = 4096  # infonce_tiled: similarity tile edge
+    # Contrastive gradient accumulation: the batch is processed in accum_steps chunks, and the update
+    # equals the one from the whole batch at once (features cached, loss over the full batch).
+    accum_steps: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights)
 
 
 @dataclass
@@ -82,6 +98,14 @@ class EvalConfig:
 class ExportConfig:
     format: str = "open_clip"
     at_end: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+    zero_stage: int = 2  # 1, 2 or 3
+    # A DeepSpeed JSON of the user's: its keys override the ones clipkit derives from this config.
+    config: Optional[str] = None
 
 
 @dataclass
@@ -100,6 +124,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +250,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    t = cfg.train
+    _check(t.batch_size > 0, "train.batch_size", "must be positive")
+    _check(t.steps > 0, "train.steps", "must be positive")
+    _check(t.accum_steps > 0, "train.accum_steps", "must be positive")
+    _check(t.batch_size % t.accum_steps == 0, "train.accum_steps",
+           f"must divide train.batch_size={t.batch_size}")
+    _check(t.loss in ("infonce", "infonce_tiled", "siglip"), "train.loss",
+           f"must be one of infonce, infonce_tiled, siglip (got {t.loss!r})")
+    _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16 (got {t.precision!r})")
+    _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    _check(0.0 <= cfg.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -49,11 +49,11 @@ def test_train_checkpoint_resume_zeroshot_export(tmp_path, synth_small):
     # 2. resume=latest continues from the saved step with identical model, optimizer and schedule state
     resumed = Trainer(_cfg(run_dir, synth_small, "train.resume=latest"))
     assert resumed.step == 40
-    _assert_same_optimizer_state(resumed.optimizer.state_dict(), saved["optimizer"])
-    for name, p in resumed.model.state_dict().items():
+    _assert_same_optimizer_state(resumed.engine.optimizer.state_dict(), saved["optimizer"])
+    for name, p in resumed.module.state_dict().items():
         assert torch.equal(p, saved["model"][name]), name
     expected_lr = cfg.train.lr * WarmupCosine(10, 60)(40)
-    assert abs(resumed.optimizer.param_groups[0]["lr"] - expected_lr) < 1e-12
+    assert abs(resumed.engine.optimizer.param_groups[0]["lr"] - expected_lr) < 1e-12
     resumed.fit()
     assert resumed.step == 60
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,14 +1,13 @@
 import io
 import json
 import tarfile
-from collections import defaultdict
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
 
 from clipkit.data import expand_shards, write_synth_dataset
-from clipkit.data.synth import BACKGROUNDS, COLOURS, SHAPES, class_names
+from clipkit.data.synth import COLOURS, SHAPES, class_names, is_held_out
 
 
 def _members(path):
@@ -56,22 +55,24 @@ def test_eval_split_uses_clip_benchmark_layout(synth_small):
 
 
 def test_eval_combinations_are_held_out_of_training(synth_small):
-    seen = defaultdict(set)  # (colour, shape) -> backgrounds seen in training
+    train_combos, classes = set(), set()
     for shard in expand_shards(synth_small.train_spec):
         for name, data in _members(shard).items():
             if name.endswith(".json"):
                 m = json.loads(data)
-                seen[(m["colour"], m["shape"])].add(m["background"])
-    # every class is trained on, but never with its held-out background
-    assert len(seen) == len(COLOURS) * len(SHAPES)
+                train_combos.add((m["background"], m["position"]))
+                classes.add((m["colour"], m["shape"]))
+    assert len(classes) == len(COLOURS) * len(SHAPES)  # every class is trained on
     eval_members = _members(synth_small.eval_root / "test" / "0.tar")
-    eval_captions = [v.decode() for k, v in eval_members.items() if k.endswith(".txt")]
-    assert eval_captions
-    for (colour, shape), backgrounds in seen.items():
-        assert len(backgrounds) < len(BACKGROUNDS)
-    from clipkit.data.synth import held_out_background
-    for (colour, shape), backgrounds in seen.items():
-        assert held_out_background(colour, shape) not in backgrounds
+    eval_metas = [json.loads(v) for k, v in eval_members.items() if k.endswith(".json")]
+    eval_combos = {(m["background"], m["position"]) for m in eval_metas}
+    assert len(eval_metas) == 120 and not (eval_combos & train_combos)
+    labels = {k.split(".")[0]: int(v) for k, v in eval_members.items() if k.endswith(".cls")}
+    assert all(class_names()[labels[m["key"]]] == f"{m['colour']} {m['shape']}" for m in eval_metas)
+    # the held-out combinations do not depend on the class: every (background, position) is either
+    # held out for all classes or for none
+    assert all(is_held_out(b, p) for b, p in eval_combos)
+    assert not any(is_held_out(b, p) for b, p in train_combos)
 
 
 def test_writer_is_deterministic_for_a_seed(tmp_path):

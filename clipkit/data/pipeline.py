@@ -1,29 +1,34 @@
 """Streaming (image, caption) pairs from webdataset tar shards into batches of (images, tokens).
 
-    shards (per epoch: shuffled with seed+epoch, split by rank, then by loader worker)
-      -> tar members grouped into samples (webdataset's tar iterators)
-      -> shuffle buffer -> decode + open_clip transform + tokenize -> batches
+    shards (per epoch: weighted, shuffled with seed+epoch, dealt to ranks, then to loader workers;
+            or drawn with replacement in resampled mode)
+      -> tar members grouped into samples -> shuffle buffer -> decode + augment + tokenize -> batches
 
-Bad samples never stop a run and never vanish silently: every skipped sample or shard is counted by
-reason in the worker that met it, and the counts travel to the trainer with the next batch.
+Every batch records where its worker stands in its stream (Batch.position); see state.py for how a
+checkpoint turns those into an exact resume. Bad samples never stop a run and never vanish silently:
+every skipped sample or shard is counted by reason in the worker that met it (skips.py), and the
+counts travel to the trainer with the next batch.
 """
 from __future__ import annotations
 
-import io
 import logging
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .shards import expand_shards, open_shard
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, image_pipeline
+from .order import Replay, ShardPlan, ShuffleBuffer, replay
+from .shards import ShardSpecError, expand_sources
+from .skips import SkipCounter
+from .state import StreamPosition, StreamStateError, check_resume_state, fingerprint, state_token
+from .tario import read_shard
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clipkit.data")
+
+__all__ = ["Batch", "ShardStream", "SkipCounter", "Tokenize", "build_labelled_loader", "build_train_loader"]
 
 
 @dataclass
@@ -32,28 +37,22 @@ class Batch:
     targets: torch.Tensor  # caption tokens [B, context] for training; class indices [B] for evaluation
     keys: list[str]
     skipped: dict[str, int] = field(default_factory=dict)  # skips counted since the previous batch
+    position: StreamPosition | None = None  # where the worker that made it stands (after its last sample)
 
 
-class SkipCounter:
-    """Counts skipped samples by reason; used as webdataset's exception handler too."""
+class _Tracker:
+    """A worker's live position; read when a batch is closed, right after its last sample was read."""
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self.epoch, self.emitted, self.counts = 0, 0, []
 
-    def skip(self, reason: str, where: str, detail: object = "") -> None:
-        self.counts[reason] += 1
-        log.warning("skipped %s (%s): %s", where, reason, detail)
+    def begin(self, epoch: int, emitted: int = 0, counts: list[int] | None = None) -> None:
+        self.epoch, self.emitted, self.counts = epoch, emitted, list(counts or [])
 
-    def handler(self, exn: Exception) -> bool:
-        # Errors raised while reading a tar (truncated file, unreadable shard) reach us here.
-        where = " ".join(str(a) for a in exn.args[1:] if isinstance(a, str)) or "shard"
-        self.skip("tar_read_error", where, repr(exn))
-        return True
-
-    def take(self) -> dict[str, int]:
-        out = dict(self.counts)
-        self.counts.clear()
-        return out
+    def read(self, shard: int, index: int) -> None:
+        while len(self.counts) <= shard:
+            self.counts.append(0)
+        self.counts[shard] = index + 1
 
 
 def _first_key(sample: dict, keys: list[str]) -> str | None:
@@ -61,126 +60,183 @@ def _first_key(sample: dict, keys: list[str]) -> str | None:
 
 
 class ShardStream(IterableDataset):
-    """An endless, deterministic stream of batches for one rank; each DataLoader worker reads a
-    disjoint subset of that rank's shards."""
+    """A deterministic stream of batches for one rank; each DataLoader worker reads its own share
+    of the rank's shards. `epochs=None` streams forever (epoch after epoch)."""
 
     def __init__(self, urls: list[str], transform: Callable, target: Callable[[str], torch.Tensor],
                  batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, image_keys: str = "jpg;png;webp;jpeg", text_key: str = "txt",
-                 shuffle: bool = True, epochs: int | None = None) -> None:
+                 shuffle: bool = True, epochs: int | None = None, *, factors: list[float] | None = None,
+                 resampled: bool = False, num_workers: int | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resume_state: dict | None = None) -> None:
         super().__init__()
-        self.urls = list(urls)
-        self.transform = transform
+        self.urls, self.factors = list(urls), factors
+        self.images = image_pipeline(transform, max_image_pixels)
         self.target = target  # text of the sample's text_key member -> tensor (tokens or a label)
         self.batch_size = batch_size
-        self.rank, self.world_size = rank, world_size
-        self.seed = seed
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.image_keys = image_keys.split(";")
         self.text_key = text_key
-        self.shuffle = shuffle
-        self.epochs = epochs  # None: loop over epochs forever
+        self.shuffle, self.resampled, self.epochs = shuffle, resampled, epochs
+        self.num_workers = num_workers  # None: whatever the DataLoader runs (no resume then)
+        self.resume_state = resume_state
+        self.resume_token = state_token(resume_state)
+        if resume_state is not None:
+            if num_workers is None:
+                raise StreamStateError("resuming a stream needs its num_workers")
+            check_resume_state(resume_state, self.fingerprint(max(1, num_workers)))
 
-    # -- stages -------------------------------------------------------------------------------------
+    def fingerprint(self, num_workers: int) -> dict:
+        return fingerprint(self.urls, self.factors, seed=self.seed, resampled=self.resampled,
+                           shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
+                           num_workers=num_workers)
+
+    def plan(self, num_workers: int) -> ShardPlan:
+        return ShardPlan(tuple(self.urls), tuple(self.factors) if self.factors else None, self.seed,
+                         self.resampled, self.shuffle, self.rank, self.world_size, num_workers)
+
+    # -- which logical worker this process is -------------------------------------------------------
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.num_workers is not None and max(1, self.num_workers) != count:
+            raise StreamStateError(f"stream built for {self.num_workers} loader workers runs in {count}")
+        # DataLoader asks its workers for batches in turn, starting with worker 0. A resumed stream
+        # rotates the roles so that its first batch comes from the worker whose turn was next.
+        rotation = self.resume_state["next_worker"] if self.resume_state else 0
+        return (worker + rotation) % count, count
 
-    def _shards(self) -> Iterator[dict]:
-        worker, num_workers = self._worker()
-        epoch = 0
+    # -- stages -------------------------------------------------------------------------------------
+
+    def _samples(self, worker: int, num_workers: int, counter: SkipCounter, tracker: _Tracker) -> Iterator[dict]:
+        plan = self.plan(num_workers)
+        saved_workers = (self.resume_state or {}).get("workers") or [None] * num_workers
+        saved = saved_workers[worker]
+        epoch = saved["epoch"] if saved else 0
         while self.epochs is None or epoch < self.epochs:
-            urls = list(self.urls)
-            if self.shuffle:
-                random.Random(f"{self.seed}/shards/{epoch}").shuffle(urls)
-            mine = urls[self.rank::self.world_size][worker::num_workers]
-            if not mine and epoch == 0:
-                log.warning("rank %d worker %d has no shards (%d shards for %d ranks x %d workers)",
-                            self.rank, worker, len(urls), self.world_size, num_workers)
+            urls = plan.worker_shards(epoch, worker)
+            if not urls:
+                log.warning("rank %d worker %d has no shards in epoch %d (%d shards for %d ranks x %d workers)",
+                            self.rank, worker, epoch, len(self.urls), self.world_size, num_workers)
                 return
-            for url in mine:
-                yield {"url": url}
+            resume = saved if saved and saved["epoch"] == epoch else None
+            yield from self._epoch(epoch, worker, urls, counter, tracker, resume)
             epoch += 1
 
-    def _open(self, sources: Iterator[dict], counter: SkipCounter) -> Iterator[dict]:
-        for source in sources:
-            try:
-                yield {"url": source["url"], "stream": open_shard(source["url"])}
-            except Exception as exn:  # unreachable or unreadable shard: skip it, count it
-                counter.skip("shard_open_error", source["url"], repr(exn))
+    def _epoch(self, epoch: int, worker: int, urls: list[str], counter: SkipCounter, tracker: _Tracker,
+               saved: dict | None) -> Iterator[dict]:
+        buffer = ShuffleBuffer(self.shuffle_buffer, random.Random(f"{self.seed}/samples/{epoch}/{self.rank}/{worker}"))
+        if saved is None:
+            rep = Replay([], 0, 0, False)
+            tracker.begin(epoch)
+        else:  # rebuild the buffer from ids only; no sample before the resume point is decoded
+            rep = replay(saved["shard_counts"], saved["emitted"], buffer)
+            counts = saved["shard_counts"] if rep.draining else saved["shard_counts"][:rep.next_shard] + [rep.next_sample]
+            tracker.begin(epoch, saved["emitted"], counts)
+        payload: dict[tuple[int, int], dict] = {}
+        held = set(rep.held)
+        for shard, index, sample in self._read(urls, rep, counter):
+            sid = (shard, index)
+            payload[sid] = sample
+            if sid in held:  # was in the shuffle buffer at the checkpoint
+                continue
+            tracker.read(shard, index)
+            out = buffer.push(sid)
+            if out is not None:
+                yield self._release(out, payload, epoch, worker, tracker, counter)
+        for sid in (rep.held if rep.draining else buffer.drain()):
+            yield self._release(sid, payload, epoch, worker, tracker, counter)
 
-    def _shuffled(self, samples: Iterator[dict]) -> Iterator[dict]:
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        worker, _ = self._worker()
-        rng = random.Random(f"{self.seed}/samples/{self.rank}/{worker}")
-        buf: list[dict] = []
+    def _read(self, urls: list[str], rep: Replay, counter: SkipCounter) -> Iterator[tuple[int, int, dict]]:
+        """(shard, index, sample) in reading order; after a resume, only what is still to come."""
+        need: dict[int, set[int]] = {}
+        for s, j in rep.held:
+            need.setdefault(s, set()).add(j)
+        first = len(urls) if rep.draining else rep.next_shard
+        for shard in sorted(set(need) | set(range(first, len(urls)))):
+            wanted = need.get(shard, set())
+            if shard < first:  # only re-fetching held samples: read no further than they go
+                want, last = wanted.__contains__, max(wanted)
+            else:
+                start = rep.next_sample if shard == first else 0
+                want, last = (lambda j, w=wanted, s=start: j >= s or j in w), None
+            counter.muted = shard < first  # its damage, if any, was counted the first time
+            try:
+                for index, sample in read_shard(urls[shard], counter, want, last):
+                    yield shard, index, sample
+            finally:
+                counter.muted = False
+
+    def _release(self, sid: tuple[int, int], payload: dict, epoch: int, worker: int, tracker: _Tracker,
+                 counter: SkipCounter) -> dict | None:
+        sample = payload.pop(sid, None)
+        if sample is None:  # held at the checkpoint, but its shard cannot be read again now
+            counter.skip("lost_on_resume", f"shard #{sid[0]} sample #{sid[1]} of worker {worker}")
+        else:
+            sample["__aug__"] = f"{self.seed}/aug/{epoch}/{self.rank}/{worker}/{tracker.emitted}"
+        tracker.emitted += 1
+        return sample
+
+    def _decode(self, samples: Iterator[dict | None], counter: SkipCounter) -> Iterator[tuple]:
         for sample in samples:
-            buf.append(sample)
-            if len(buf) >= self.shuffle_buffer:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+            if sample is not None:
+                item = self._decode_one(sample, counter)
+                if item is not None:
+                    yield item
 
-    def _decode(self, samples: Iterator[dict], counter: SkipCounter) -> Iterator[tuple]:
-        for sample in samples:
-            where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-            img_key = _first_key(sample, self.image_keys)
-            if img_key is None:
-                counter.skip("missing_image", where, f"no {'/'.join(self.image_keys)} member")
-                continue
-            if self.text_key not in sample:
-                counter.skip("missing_caption", where, f"no .{self.text_key} member")
-                continue
-            try:
-                text = sample[self.text_key].decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                counter.skip("caption_not_utf8", where, e)
-                continue
-            if not text:
-                counter.skip("empty_caption", where)
-                continue
-            try:
-                with Image.open(io.BytesIO(sample[img_key])) as im:
-                    image = self.transform(im.convert("RGB"))
-            except Image.DecompressionBombError as e:
-                counter.skip("image_too_large", where, e)
-                continue
-            except Exception as e:  # corrupt or truncated image data
-                counter.skip("image_decode_error", where, repr(e))
-                continue
-            try:
-                target = self.target(text)
-            except ValueError as e:
-                counter.skip("bad_label", where, e)
-                continue
-            yield image, target, sample["__key__"]
+    def _decode_one(self, sample: dict, counter: SkipCounter) -> tuple | None:
+        where = f"{sample['__url__']}:{sample['__key__']}"
+        img_key = _first_key(sample, self.image_keys)
+        if img_key is None:
+            return counter.skip("missing_image", where, f"no {'/'.join(self.image_keys)} member")
+        if self.text_key not in sample:
+            return counter.skip("missing_caption", where, f"no .{self.text_key} member")
+        try:
+            text = sample[self.text_key].decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            return counter.skip("caption_not_utf8", where, e)
+        if not text:
+            return counter.skip("empty_caption", where)
+        try:
+            image = self.images(sample[img_key], random.Random(sample["__aug__"]))
+        except ImageTooLarge as e:
+            return counter.skip("image_too_large", where, e)
+        except Exception as e:  # corrupt or truncated image data
+            return counter.skip("image_decode_error", where, repr(e))
+        try:
+            target = self.target(text)
+        except ValueError as e:
+            return counter.skip("bad_label", where, e)
+        return image, target, sample["__key__"]
 
-    def _batches(self, items: Iterator[tuple], counter: SkipCounter) -> Iterator[Batch]:
+    def _batches(self, items: Iterator[tuple], counter: SkipCounter, tracker: _Tracker, worker: int,
+                 num_workers: int) -> Iterator[Batch]:
         buf: list[tuple] = []
         for item in items:
             buf.append(item)
             if len(buf) == self.batch_size:
-                yield self._collate(buf, counter)
+                yield self._collate(buf, counter, tracker, worker, num_workers)
                 buf = []
         if buf and self.epochs is not None:  # a finite pass keeps its last partial batch
-            yield self._collate(buf, counter)
+            yield self._collate(buf, counter, tracker, worker, num_workers)
 
-    @staticmethod
-    def _collate(items: list[tuple], counter: SkipCounter) -> Batch:
+    def _collate(self, items: list[tuple], counter: SkipCounter, tracker: _Tracker, worker: int,
+                 num_workers: int) -> Batch:
         images, targets, keys = zip(*items)
-        return Batch(torch.stack(images), torch.stack(targets), list(keys), counter.take())
+        position = StreamPosition(worker, tracker.epoch, tracker.emitted, tuple(tracker.counts),
+                                  self._fingerprint, self.resume_token)
+        in_worker = get_worker_info() is not None
+        return Batch(self.images.collate(list(images), in_worker), torch.stack(targets), list(keys),
+                     counter.take(), position)
 
     def __iter__(self) -> Iterator[Batch]:
-        counter = SkipCounter()
-        streams = self._open(self._shards(), counter)
-        files = tar_file_expander(streams, handler=counter.handler)
-        samples = group_by_keys(files, handler=counter.handler)
-        yield from self._batches(self._decode(self._shuffled(samples), counter), counter)
+        worker, num_workers = self._worker()
+        self._fingerprint = self.fingerprint(num_workers)
+        counter, tracker = SkipCounter(), _Tracker()
+        samples = self._samples(worker, num_workers, counter, tracker)
+        yield from self._batches(self._decode(samples, counter), counter, tracker, worker, num_workers)
 
 
 class Tokenize:
@@ -202,25 +258,41 @@ def _keep_batch(batch: Batch) -> Batch:
     return batch
 
 
-def make_loader(stream: ShardStream, workers: int) -> DataLoader:
+def make_loader(stream: ShardStream, workers: int, prefetch: int = 2) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_keep_batch,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
 
 
-def build_train_loader(spec: str, transform: Callable, tokenizer: Callable, batch_size: int, *,
+def build_train_loader(spec: str | list[str], transform: Callable, tokenizer: Callable, batch_size: int, *,
                        rank: int = 0, world_size: int = 1, workers: int = 2, seed: int = 0,
                        shuffle_buffer: int = 1000, image_keys: str = "jpg;png;webp;jpeg",
-                       caption_key: str = "txt") -> DataLoader:
-    """An endless loader of per-rank (images, caption tokens) batches; batch_size is per rank."""
-    urls = expand_shards(spec)
+                       caption_key: str = "txt", weights: str | list[float] | None = None,
+                       resampled: bool = False, epochs: int | None = None,
+                       max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, prefetch: int = 2,
+                       resume_state: dict | None = None) -> DataLoader:
+    """A loader of per-rank (images, caption tokens) batches; batch_size is per rank.
+
+    weights: OpenCLIP-style upsampling factors, one per "::" source ("1::2"). resampled: draw shards
+    with replacement (OpenCLIP's --dataset-resampled). epochs: None streams forever. resume_state:
+    a StreamState.state_dict() from this rank's checkpoint (same spec, seed, ranks and workers)."""
+    urls, factors = expand_sources(spec, weights)
+    plan = ShardPlan(tuple(urls), tuple(factors) if factors else None, seed, resampled, True, rank, world_size,
+                     max(1, workers))
+    if not resampled and plan.epoch_length() < world_size * max(1, workers):
+        raise ShardSpecError(f"{plan.epoch_length()} shards per epoch cannot be dealt to {world_size} ranks x "
+                             f"{max(1, workers)} loader workers without leaving some idle: use more shards, "
+                             f"fewer data.workers, or data.resampled=true")
     stream = ShardStream(urls, transform, Tokenize(tokenizer), batch_size, rank=rank, world_size=world_size,
-                         seed=seed, shuffle_buffer=shuffle_buffer, image_keys=image_keys, text_key=caption_key)
-    return make_loader(stream, workers)
+                         seed=seed, shuffle_buffer=shuffle_buffer, image_keys=image_keys, text_key=caption_key,
+                         epochs=epochs, factors=factors, resampled=resampled, num_workers=workers,
+                         max_image_pixels=max_image_pixels, resume_state=resume_state)
+    return make_loader(stream, workers, prefetch)
 
 
 def build_labelled_loader(spec: str, transform: Callable, batch_size: int, *, workers: int = 1,
                           image_keys: str = "jpg;png;webp;jpeg", label_key: str = "cls") -> DataLoader:
     """One ordered pass over a classification set (CLIP_benchmark layout): (images, labels) batches."""
-    stream = ShardStream(expand_shards(spec), transform, parse_label, batch_size, shuffle=False, epochs=1,
+    urls, _ = expand_sources(spec)
+    stream = ShardStream(urls, transform, parse_label, batch_size, shuffle=False, epochs=1,
                          image_keys=image_keys, text_key=label_key)
     return make_loader(stream, workers)

@@ -5,10 +5,12 @@ The evaluation split uses CLIP_benchmark's webdataset layout (test/N.tar with KE
 test/nshards.txt, classnames.txt, zeroshot_classification_templates.txt), so the same directory
 works with `clip_benchmark eval --dataset wds/... --dataset_root DIR/eval`.
 
-The zero-shot task is "which coloured shape is this" (len(COLOURS) x len(SHAPES) classes). For every
-(colour, shape) class one background is held out of training: the evaluation images use only those
-held-out (colour, shape, background) combinations, so accuracy measures generalisation to unseen
-attribute combinations rather than memorisation of training images.
+The zero-shot task is "which coloured shape is this" (len(COLOURS) x len(SHAPES) classes). A fixed set
+of (background, position) combinations is held out of training for every class alike: evaluation
+images use only those combinations, so accuracy measures generalisation to scenes unlike any seen in
+training, not memorisation. The held-out set does not depend on the class, so the background or
+position carries no information about the label (holding out a background per class would let a
+model learn "this background never goes with that shape" and score below chance).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ COLOURS = {
     "orange": (245, 135, 25),
 }
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
-SIZES = {"small": (0.16, 0.24), "large": (0.30, 0.42)}  # shape diameter as a fraction of the image
+SIZES = {"small": (0.22, 0.30), "large": (0.36, 0.48)}  # shape diameter as a fraction of the image
 POSITIONS = {  # (x range, y range) of shape centres, fractions of the image
     "left": ((0.18, 0.35), (0.2, 0.8)),
     "right": ((0.65, 0.82), (0.2, 0.8)),
@@ -64,10 +66,13 @@ def class_names() -> list[str]:
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 
-def held_out_background(colour: str, shape: str) -> str:
-    """The background never paired with this (colour, shape) in training."""
-    ci, si = list(COLOURS).index(colour), SHAPES.index(shape)
-    return BACKGROUNDS[(ci * 2 + si) % len(BACKGROUNDS)]
+def is_held_out(background: str, position: str) -> bool:
+    """Whether this (background, position) combination is reserved for evaluation (5 of 25)."""
+    return (BACKGROUNDS.index(background) + list(POSITIONS).index(position)) % len(BACKGROUNDS) == 0
+
+
+HELD_OUT = [(b, p) for b in BACKGROUNDS for p in POSITIONS if is_held_out(b, p)]
+TRAIN_COMBOS = [(b, p) for b in BACKGROUNDS for p in POSITIONS if not is_held_out(b, p)]
 
 
 @dataclass(frozen=True)
@@ -84,16 +89,12 @@ class SceneSpec:
 def sample_scene(rng: random.Random, split: str) -> SceneSpec:
     colour = rng.choice(list(COLOURS))
     shape = rng.choice(SHAPES)
-    held = held_out_background(colour, shape)
-    if split == "eval":
-        background = held
-    else:
-        background = rng.choice([b for b in BACKGROUNDS if b != held])
+    background, position = rng.choice(HELD_OUT if split == "eval" else TRAIN_COMBOS)
     return SceneSpec(
         colour=colour,
         shape=shape,
         size=rng.choice(list(SIZES)),
-        position=rng.choice(list(POSITIONS)),
+        position=position,
         background=background,
         count=rng.choice(list(COUNTS)),
         template=rng.randrange(len(CAPTION_TEMPLATES)),
@@ -218,13 +219,11 @@ def _write_shard(job: _ShardJob) -> int:
             img = render(scene, job.image_size, rng)
             key = f"{index:09d}"
             text = caption(scene)
-            sample = {"__key__": key, "jpg": _jpeg(img), "txt": text}
+            meta = {"key": key, "caption": text, "width": job.image_size, "height": job.image_size,
+                    "status": "success", "url": None, **asdict(scene)}
+            sample = {"__key__": key, "jpg": _jpeg(img), "txt": text, "json": json.dumps(meta).encode()}
             if job.split == "eval":
                 sample["cls"] = str(classes.index(f"{scene.colour} {scene.shape}"))
-            else:
-                meta = {"key": key, "caption": text, "width": job.image_size, "height": job.image_size,
-                        "status": "success", "url": None, **asdict(scene)}
-                sample["json"] = json.dumps(meta).encode()
             sink.write(sample)
     if job.split == "train":
         stats = {"count": job.count, "successes": job.count, "failed_to_download": 0, "failed_to_resize": 0}
@@ -274,7 +273,7 @@ def write_synth_dataset(out: str | Path, train_samples: int = 20000, eval_sample
     params = dict(train_samples=train_samples, eval_samples=eval_samples,
                   samples_per_shard=samples_per_shard, image_size=image_size, seed=seed)
     # Paths in the manifest are relative to the root, so the directory can be moved.
-    manifest = {"format": "clipkit-synth-v1", "params": params,
+    manifest = {"format": "clipkit-synth-v2", "params": params,
                 "train": f"train/{{00000..{len(jobs) - 1:05d}}}.tar", "eval": "eval",
                 "num_classes": len(class_names())}
     # The manifest is written last: its presence marks a complete dataset.

@@ -1,4 +1,5 @@
-"""Process-group set-up. Model code never imports this: the trainer applies parallelism from outside."""
+"""Process groups and collectives. Model code never imports this: the trainer applies parallelism."""
 from .env import DistEnv, cleanup, init_distributed
+from .gather import all_gather_with_grad, world_info
 
-__all__ = ["DistEnv", "cleanup", "init_distributed"]
+__all__ = ["DistEnv", "all_gather_with_grad", "cleanup", "init_distributed", "world_info"]

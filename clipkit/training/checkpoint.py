@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINT_RE = re.compile(r"step_(\d+)\.pt$")
+CHECKPOINT_RE = re.compile(r"step_(\d+)\.pt")  # full name only: not step_N.fp32.pt (weights only)
 
 
 class CheckpointError(ValueError):
@@ -24,7 +24,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.search(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 

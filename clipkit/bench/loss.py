@@ -1,0 +1,305 @@
+"""Contrastive loss memory and time: OpenCLIP's ClipLoss against clipkit's tiled InfoNCE, across real ranks.
+
+    clipkit bench loss [--batch-per-rank 16384] [--dim 512] [--world 2] [--repeats 3] [--tile-size 1024]
+                       [--out bench_loss.json]
+    python -m clipkit.bench.loss ...            (the same)
+
+Both methods compute the local-loss InfoNCE (each rank: its B_local rows against the B_global gathered
+columns, features gathered with gradient), fp32, gloo on CPU, one forward+backward per measurement:
+
+- openclip: open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)
+- tiled:    clipkit.losses.TiledInfoNCELoss(local_loss=True, tile_size)
+
+Every measurement is its own fresh `torchrun --standalone --nproc_per_node=WORLD` job, and the methods
+alternate (openclip, tiled, tiled, openclip, ...), so neither inherits the other's heap or page cache and
+drift on a shared machine hits both alike. Medians over repeats are reported.
+
+Peak memory per rank is the growth of the process's resident set during the step: after the inputs are
+allocated and a small warm-up has run, the kernel's high-water mark VmHWM is reset to the current RSS
+(write "5" to /proc/self/clear_refs) and the baseline RSS is read; after the step, peak = VmHWM - baseline.
+That counts everything the step touches (tensors, allocator slack, gloo buffers), which is what decides
+whether ranks fit in RAM, and it needs no cooperation from the code being measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+METHODS = ("openclip", "tiled")
+MEMORY_TARGET = 1 / 12  # tiled peak <= 1/12 of OpenCLIP's
+TIME_TARGET = 1.5  # at no more than 1.5x its time
+GIB = 1024 ** 3
+
+
+class BenchError(RuntimeError):
+    """A benchmark job could not run; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench loss", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-per-rank", type=int, default=16384)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--world", type=int, default=2, help="ranks (processes) per job")
+    p.add_argument("--repeats", type=int, default=3, help="jobs per method, alternating")
+    p.add_argument("--tile-size", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / world)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
+    p.add_argument("--out", default="bench_loss.json")
+    # Internal: one rank of one measurement job (set by the driver through torchrun).
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--result-dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("batch_per_rank", "dim", "world", "repeats", "tile_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------ one rank of one job
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise BenchError(f"/proc/self/status has no {field}: peak memory needs Linux")
+
+
+def _reset_peak_rss() -> tuple[int, str]:
+    """Reset the high-water mark to the current RSS and return (baseline bytes, how)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
+        return _status_bytes("VmRSS"), "VmHWM reset via clear_refs; baseline VmRSS"
+    except OSError:
+        # Cannot reset: measure from the mark so far, which can only understate the step's own peak.
+        return _status_bytes("VmHWM"), "VmHWM not resettable; baseline VmHWM (may understate)"
+
+
+def _matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
+    """Measured fp32 matmul throughput of this rank while the others measure theirs (the MFU reference)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
+
+
+def _inputs(batch: int, dim: int, seed: int, requires_grad: bool = True):
+    """L2-normalised image/text features (correlated pairs) and CLIP's initial log-temperature."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    txt = F.normalize(img + torch.randn(batch, dim, generator=g), dim=-1)
+    log_scale = torch.tensor(math.log(1 / 0.07))
+    return tuple(t.requires_grad_(requires_grad) for t in (img, txt, log_scale))
+
+
+def _make_loss(method: str, rank: int, world: int, tile_size: int):
+    if method == "tiled":
+        from clipkit.losses import TiledInfoNCELoss
+
+        return TiledInfoNCELoss(local_loss=True, tile_size=tile_size)
+    from open_clip.loss import ClipLoss
+
+    peer = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+
+    def openclip_loss(img, txt, scale):
+        # The peer's own gather (torch.distributed.nn.all_gather) warns that it is deprecated; that is
+        # OpenCLIP's code, measured as it ships, so keep its warning out of the report only.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
+            return peer(img, txt, scale)
+
+    return openclip_loss
+
+
+def _timed_step(loss_fn, img, txt, log_scale) -> dict:
+    import torch.distributed as dist
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dist.barrier()
+    start = time.perf_counter()
+    with FlopCounterMode(display=False) as counter:
+        loss = loss_fn(img, txt, log_scale.exp())
+        loss.backward()
+    seconds = time.perf_counter() - start
+    return {"loss": loss.item(), "seconds": seconds, "flops": counter.get_total_flops(),
+            "image_grad_norm": img.grad.norm().item(), "text_grad_norm": txt.grad.norm().item(),
+            "log_scale_grad": log_scale.grad.item()}
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from clipkit.distributed.gather import world_info
+
+    dist.init_process_group("gloo")
+    rank, world = world_info()
+    loss_fn = _make_loss(args.worker, rank, world, args.tile_size)
+    # Warm-up: the measured code path on small separate tensors, so first-call costs (gloo connections,
+    # thread pools, lazy imports) stay out of the step, while the real inputs' .grad buffers are first
+    # allocated inside the measured step.
+    _timed_step(loss_fn, *_inputs(min(args.batch_per_rank, 256), args.dim, args.seed + 10_000 + rank))
+    img, txt, log_scale = _inputs(args.batch_per_rank, args.dim, args.seed * 1000 + rank)
+    dist.barrier()
+    matmul_gflops = _matmul_gflops()
+    dist.barrier()
+    baseline, how = _reset_peak_rss()
+    result = _timed_step(loss_fn, img, txt, log_scale)
+    result |= {"rank": rank, "world": world, "method": args.worker, "peak_bytes": _status_bytes("VmHWM") - baseline,
+               "baseline_bytes": baseline, "memory_baseline": how, "matmul_gflops": matmul_gflops}
+    Path(args.result_dir, f"{args.worker}_rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def _threads(args: argparse.Namespace) -> int:
+    return args.threads or max(1, (os.cpu_count() or 1) // args.world)
+
+
+def _check_memory(args: argparse.Namespace) -> None:
+    """Refuse a size that cannot fit: OpenCLIP peaks near 4 fp32 B_local x B_global matrices per rank."""
+    need = 4 * 4 * args.batch_per_rank * args.batch_per_rank * args.world * args.world
+    available = _meminfo_bytes("MemAvailable")
+    if available is not None and need > 0.95 * available:
+        raise BenchError(f"OpenCLIP's loss needs about {need / GIB:.1f} GiB over {args.world} ranks at "
+                         f"--batch-per-rank {args.batch_per_rank}, but only {available / GIB:.1f} GiB is "
+                         f"available; lower --batch-per-rank or stop other jobs")
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _launch(method: str, args: argparse.Namespace, result_dir: str) -> list[dict]:
+    """One fresh torchrun job running `method`; every rank's result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world}",
+           "-m", "clipkit.bench.loss", "--worker", method, "--result-dir", result_dir,
+           "--batch-per-rank", str(args.batch_per_rank), "--dim", str(args.dim),
+           "--tile-size", str(args.tile_size), "--seed", str(args.seed)]
+    env = os.environ | {"OMP_NUM_THREADS": str(_threads(args)), "HF_HUB_OFFLINE": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{method} job ran past --timeout {args.timeout:.0f} s; raise it or lower "
+                         f"--batch-per-rank") from e
+    if proc.returncode != 0:
+        hint = " (a rank was killed: out of memory? lower --batch-per-rank)" if "-9" in proc.stderr else ""
+        raise BenchError(f"{method} job exited with {proc.returncode}{hint}:\n{proc.stderr[-3000:]}")
+    return [json.loads(Path(result_dir, f"{method}_rank{r}.json").read_text()) for r in range(args.world)]
+
+
+def _summarize_method(jobs: list[list[dict]]) -> dict:
+    """Per repeat, a job's time and peak are its slowest and largest rank; medians over repeats."""
+    seconds = [max(r["seconds"] for r in job) for job in jobs]
+    peaks = [max(r["peak_bytes"] for r in job) for job in jobs]
+    first = jobs[0]
+    median_s = statistics.median(seconds)
+    peak_gflops = statistics.median(r["matmul_gflops"] for job in jobs for r in job)
+    achieved = first[0]["flops"] / median_s / 1e9
+    return {
+        "seconds_median": median_s, "seconds": seconds,
+        "peak_bytes_per_rank_median": statistics.median(peaks), "peak_bytes_per_rank": peaks,
+        "loss_per_rank": [r["loss"] for r in first], "loss_mean": statistics.fmean(r["loss"] for r in first),
+        "image_grad_norm_per_rank": [r["image_grad_norm"] for r in first],
+        "log_scale_grad_per_rank": [r["log_scale_grad"] for r in first],
+        "flops_per_rank": first[0]["flops"], "achieved_gflops_per_rank": achieved,
+        "matmul_peak_gflops_per_rank": peak_gflops, "mfu": achieved / peak_gflops,
+        "memory_baseline": first[0]["memory_baseline"],
+    }
+
+
+def summarize(args: argparse.Namespace, jobs: dict[str, list[list[dict]]], argv: list[str]) -> dict:
+    import torch
+
+    methods = {m: _summarize_method(jobs[m]) for m in METHODS}
+    oc, tiled = methods["openclip"], methods["tiled"]
+    memory_ratio = tiled["peak_bytes_per_rank_median"] / oc["peak_bytes_per_rank_median"]
+    time_ratio = tiled["seconds_median"] / oc["seconds_median"]
+    return {
+        "benchmark": "contrastive loss forward+backward, local-loss InfoNCE, fp32, CPU/gloo",
+        "command": "clipkit bench loss " + " ".join(argv),
+        "config": {"batch_per_rank": args.batch_per_rank, "world": args.world,
+                   "global_batch": args.batch_per_rank * args.world, "dim": args.dim, "dtype": "float32",
+                   "tile_size": args.tile_size, "repeats": args.repeats, "threads_per_rank": _threads(args)},
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "mem_total_bytes": _meminfo_bytes("MemTotal")},
+        "methods": methods,
+        "ratios": {"memory_tiled_over_openclip": memory_ratio, "time_tiled_over_openclip": time_ratio},
+        "loss_max_abs_diff": max(abs(a - b) for a, b in zip(oc["loss_per_rank"], tiled["loss_per_rank"])),
+        "targets": {"memory_ratio_max": MEMORY_TARGET, "time_ratio_max": TIME_TARGET,
+                    "memory_met": memory_ratio <= MEMORY_TARGET, "time_met": time_ratio <= TIME_TARGET},
+    }
+
+
+def format_table(report: dict) -> str:
+    rows = [f"{'method':<9} {'peak MiB/rank':>13} {'time s':>8} {'GFLOP/rank':>11} {'GFLOP/s':>8} "
+            f"{'MFU':>5} {'loss (rank mean)':>17}"]
+    for name, m in report["methods"].items():
+        rows.append(f"{name:<9} {m['peak_bytes_per_rank_median'] / 2**20:>13.1f} {m['seconds_median']:>8.2f} "
+                    f"{m['flops_per_rank'] / 1e9:>11.1f} {m['achieved_gflops_per_rank']:>8.1f} "
+                    f"{m['mfu']:>5.2f} {m['loss_mean']:>17.6f}")
+    r, t = report["ratios"], report["targets"]
+    rows.append(f"tiled/openclip: memory {r['memory_tiled_over_openclip']:.4f} (target <= {t['memory_ratio_max']:.4f}, "
+                f"{'met' if t['memory_met'] else 'NOT met'}), time {r['time_tiled_over_openclip']:.2f}x "
+                f"(target <= {t['time_ratio_max']}, {'met' if t['time_met'] else 'NOT met'})")
+    return "\n".join(rows)
+
+
+def _drive(args: argparse.Namespace, argv: list[str]) -> int:
+    _check_memory(args)
+    jobs: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
+    with tempfile.TemporaryDirectory(prefix="clipkit_bench_loss_") as result_dir:
+        for repeat in range(args.repeats):
+            # Alternate which method goes first, so slow drift on a shared machine favours neither.
+            for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
+                jobs[method].append(_launch(method, args, result_dir))
+                print(f"repeat {repeat + 1}/{args.repeats} {method}: {max(r['seconds'] for r in jobs[method][-1]):.2f} s, "
+                      f"peak {max(r['peak_bytes'] for r in jobs[method][-1]) / 2**20:.1f} MiB/rank", flush=True)
+    report = summarize(args, jobs, argv)
+    print(format_table(report))
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    try:
+        return _drive(args, argv)
+    except BenchError as e:
+        print(f"clipkit bench loss: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

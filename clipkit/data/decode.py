@@ -1,0 +1,192 @@
+"""Image bytes -> augmented tensors, fast: decoding is where a CPU data loader spends its time.
+
+open_clip's training transform is RandomResizedCrop -> RGB -> ToTensor -> Normalize. We recognise it
+and run the same thing in a cheaper order:
+
+1. read only the header, and draw the crop box from the full image size with torchvision's own
+   algorithm (same scale/ratio distribution, same 10 tries, same central fallback);
+2. decode JPEGs at 1/2, 1/4 or 1/8 scale in the DCT (Pillow's Image.draft), choosing the largest
+   reduction that leaves the crop box at least the output resolution, so no detail the output could
+   show is lost;
+3. crop, then resize with torch's uint8 antialiased kernels (bicubic/bilinear as configured; they
+   match Pillow's to a fraction of a grey level and run several times faster);
+4. keep uint8 HWC until the whole batch is ready, then convert and normalise it in one pass.
+
+Other transforms run as given; evaluation transforms (Resize + CenterCrop) still get the draft, sized
+so the shorter side keeps the output resolution. Each sample's augmentation is drawn from an RNG
+seeded by its place in the stream, so a resumed run augments exactly as the original would have.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+# Pillow's own warning threshold; images above the limit are skipped before their pixels are decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def open_image(data: bytes, max_pixels: int | None) -> Image.Image:
+    """A lazily decoded image (header read only), refused above `max_pixels`."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # ours, checked just below, replaces Pillow's global one
+    try:
+        im = Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+    if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+        raise ImageTooLarge(f"{im.size[0]}x{im.size[1]} pixels is above the limit of {max_pixels}")
+    return im
+
+
+def draft(im: Image.Image, reduction: int) -> tuple[float, float]:
+    """Ask the JPEG decoder for a 1/reduction image; returns the actual (x, y) scale-down."""
+    w, h = im.size
+    if reduction > 1:
+        im.draft("RGB", (w // reduction, h // reduction))  # a no-op for other formats
+    return w / im.size[0], h / im.size[1]
+
+
+def _reduction(width: int, height: int, out_w: int, out_h: int) -> int:
+    return next((k for k in (8, 4, 2) if width // k >= out_w and height // k >= out_h), 1)
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """A tensor a DataLoader worker can hand to the main process without another copy (as
+    torch's default_collate allocates its batches)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).resize_(*shape)
+
+
+class FastTrainImages:
+    """open_clip's train transform (RandomResizedCrop, RGB, ToTensor, Normalize), reduced-scale decode."""
+
+    def __init__(self, size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
+                 interpolation: str, mean: list[float], std: list[float], max_pixels: int | None) -> None:
+        self.size = size  # (h, w)
+        self.scale, self.ratio = scale, ratio
+        self.mode = interpolation
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.mul = 1.0 / (255.0 * std_t)
+        self.sub = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+        self.max_pixels = max_pixels
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(top, left, h, w): torchvision's RandomResizedCrop.get_params, drawn from `rng`."""
+        area = width * height
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target = area * rng.uniform(self.scale[0], self.scale[1])
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        im = open_image(data, self.max_pixels)
+        top, left, h, w = self.crop_box(im.size[0], im.size[1], rng)
+        sx, sy = draft(im, _reduction(w, h, self.size[1], self.size[0]))
+        return self.resized_crop(_rgb(im), (left / sx, top / sy, (left + w) / sx, (top + h) / sy))
+
+    def resized_crop(self, im: Image.Image, box: tuple[float, float, float, float]) -> torch.Tensor:
+        """HWC uint8 of `box` (left, top, right, bottom; may be fractional) resized to the output."""
+        arr = np.asarray(im)
+        x0, y0 = min(int(round(box[0])), arr.shape[1] - 1), min(int(round(box[1])), arr.shape[0] - 1)
+        x1, y1 = max(int(round(box[2])), x0 + 1), max(int(round(box[3])), y0 + 1)
+        crop = torch.from_numpy(np.require(arr[y0:y1, x0:x1], requirements=["C", "W"]))
+        chw = crop.permute(2, 0, 1).unsqueeze(0)  # channels-last in memory: torch's fast uint8 path
+        out = F.interpolate(chw, size=self.size, mode=self.mode, antialias=True)
+        return out[0].permute(1, 2, 0)
+
+    def collate(self, images: list[torch.Tensor], shared: bool) -> torch.Tensor:
+        u8 = torch.stack(images)  # [B, H, W, 3]
+        out = shared_empty((u8.shape[0], 3, u8.shape[1], u8.shape[2]), torch.float32, shared)
+        out.copy_(u8.permute(0, 3, 1, 2))
+        return out.mul_(self.mul).sub_(self.sub)
+
+
+class TransformImages:
+    """Any torchvision-style transform on the decoded RGB image; JPEGs are drafted when the caller
+    knows how many pixels the transform keeps (`min_side`: the shorter side it resizes to)."""
+
+    def __init__(self, transform: Callable, max_pixels: int | None, min_side: int | None = None) -> None:
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.min_side = min_side
+
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        im = open_image(data, self.max_pixels)
+        if self.min_side:
+            draft(im, _reduction(min(im.size), min(im.size), self.min_side, self.min_side))
+        im = _rgb(im)
+        # Random transforms draw from torch's and Python's global RNGs: seed them from the sample's
+        # place in the stream, and leave the caller's RNG streams as they were.
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.getrandbits(63))
+                random.seed(rng.getrandbits(63))
+                return self.transform(im)
+        finally:
+            random.setstate(py_state)
+
+    def collate(self, images: list[torch.Tensor], shared: bool) -> torch.Tensor:
+        out = shared_empty((len(images), *images[0].shape), images[0].dtype, shared)
+        return torch.stack(images, out=out)
+
+
+def _steps(transform: Callable) -> list:
+    """The transform's steps, minus RGB conversions (our decoder already yields RGB)."""
+    steps = list(getattr(transform, "transforms", [transform]))
+    return [s for s in steps if not _is_rgb_conversion(s)]
+
+
+def _is_rgb_conversion(step) -> bool:
+    if type(step).__name__ == "MaybeConvertMode":  # open_clip >= 2.24
+        return getattr(step, "mode", "RGB") == "RGB"
+    return getattr(step, "__name__", "") == "_convert_to_rgb"  # older open_clip
+
+
+def image_pipeline(transform: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    """The fastest exact-distribution decoder for `transform` (an open_clip/torchvision Compose)."""
+    steps = _steps(transform)
+    kinds = [type(s) for s in steps]
+    if len(steps) == 3 and issubclass(kinds[0], T.RandomResizedCrop) and issubclass(kinds[1], T.ToTensor) \
+            and issubclass(kinds[2], T.Normalize):
+        rrc, norm = steps[0], steps[2]
+        mode = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}
+        if rrc.interpolation in mode and len(norm.mean) == 3:
+            return FastTrainImages(tuple(rrc.size), tuple(rrc.scale), tuple(rrc.ratio), mode[rrc.interpolation],
+                                   list(norm.mean), list(norm.std), max_pixels)
+    if steps and isinstance(steps[0], T.Resize) and isinstance(steps[0].size, int):
+        return TransformImages(transform, max_pixels, min_side=steps[0].size)
+    if steps and isinstance(steps[0], T.Resize) and isinstance(steps[0].size, (list, tuple)):
+        return TransformImages(transform, max_pixels, min_side=max(steps[0].size))
+    return TransformImages(transform, max_pixels)

@@ -1,0 +1,129 @@
+"""The order in which one loader worker reads samples: which shards in which epoch, and the shuffle
+buffer over their samples. Everything is a pure function of (seed, epoch, rank, worker), which is
+what lets a resumed run rebuild a worker's exact position from a few integers.
+
+Epoch mode: every epoch lists each shard round(factor) times (factor 1 without weights; a fractional
+part picks that share of the source's shards at random, per epoch), shuffles the list with a seed
+shared by all ranks, and deals it out: rank r takes list[r::ranks], its worker w takes [w::workers].
+No two workers of the run read the same list entry.
+
+Resampled mode (OpenCLIP's --dataset-resampled): each worker draws shards with replacement, with
+probability proportional to their factor, as many per epoch as epoch mode would give it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Hashable
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    urls: tuple[str, ...]
+    factors: tuple[float, ...] | None  # per-shard upsampling factor; None: all 1
+    seed: int
+    resampled: bool
+    shuffle: bool
+    rank: int
+    world_size: int
+    num_workers: int
+
+    def epoch_list(self, epoch: int) -> list[int]:
+        """Indices into urls making up one epoch of the whole run (all ranks and workers)."""
+        if self.factors is None:
+            order = list(range(len(self.urls)))
+        else:
+            order = self._upsampled(epoch)
+        if self.shuffle:
+            random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        return order
+
+    def _upsampled(self, epoch: int) -> list[int]:
+        rng = random.Random(f"{self.seed}/upsample/{epoch}")
+        order: list[int] = []
+        for factor, members in self._sources():
+            whole, frac = divmod(factor, 1.0)
+            order.extend(members * int(whole))
+            order.extend(sorted(rng.sample(members, round(frac * len(members)))))
+        return order
+
+    def _sources(self) -> list[tuple[float, list[int]]]:
+        """Shards grouped by factor (all shards of one "::" source share their factor)."""
+        groups: dict[float, list[int]] = {}
+        for i, f in enumerate(self.factors or ()):
+            groups.setdefault(f, []).append(i)
+        return list(groups.items())
+
+    def epoch_length(self) -> int:
+        return len(self.epoch_list(0)) if not self.resampled else self._resampled_total()
+
+    def _resampled_total(self) -> int:
+        total = sum(self.factors) if self.factors else len(self.urls)
+        return max(1, round(total))
+
+    def worker_shards(self, epoch: int, worker: int) -> list[str]:
+        """The shard URLs (repeats possible) worker `worker` of this rank reads in `epoch`."""
+        if not self.resampled:
+            mine = self.epoch_list(epoch)[self.rank::self.world_size][worker::self.num_workers]
+            return [self.urls[i] for i in mine]
+        draws = math.ceil(self._resampled_total() / (self.world_size * self.num_workers))
+        rng = random.Random(f"{self.seed}/resample/{epoch}/{self.rank}/{worker}")
+        return rng.choices(self.urls, weights=self.factors, k=draws)
+
+
+class ShuffleBuffer:
+    """The sample shuffle: once `size` items are held, each new item releases a random held one;
+    the rest leave in random order at the end of the epoch. Items here are sample ids; the
+    samples themselves wait beside the buffer, so replaying the shuffle needs no sample data."""
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size = size
+        self.rng = rng
+        self.items: list[Hashable] = []
+
+    def push(self, item: Hashable) -> Hashable | None:
+        if self.size <= 1:
+            return item
+        self.items.append(item)
+        if len(self.items) < self.size:
+            return None
+        i = self.rng.randrange(len(self.items))
+        self.items[i], self.items[-1] = self.items[-1], self.items[i]
+        return self.items.pop()
+
+    def drain(self) -> list[Hashable]:
+        self.rng.shuffle(self.items)
+        out, self.items = self.items, []
+        return out
+
+
+@dataclass
+class Replay:
+    """Where a worker stands after `emitted` samples of an epoch: the ids still held by the shuffle
+    buffer (or, past the last shard, still to be released in order), and the next sample to read."""
+    held: list[tuple[int, int]]
+    next_shard: int
+    next_sample: int
+    draining: bool
+
+
+def replay(counts: list[int], emitted: int, buffer: ShuffleBuffer) -> Replay:
+    """Re-run the shuffle on sample ids (shard i has counts[i] samples, as recorded when the
+    checkpointed batch was made) until `emitted` ids have left it; leaves `buffer` (its held ids and
+    its RNG) in the state the original run had at that point."""
+    out = 0
+    if emitted == 0:
+        return Replay([], 0, 0, False)
+    for i, n in enumerate(counts):
+        for j in range(n):
+            if buffer.push((i, j)) is not None:
+                out += 1
+                if out == emitted:
+                    return Replay(list(buffer.items), i, j + 1, False)
+    rest = buffer.drain()
+    left = emitted - out
+    if left > len(rest):
+        raise ValueError(f"the resume state says {emitted} samples were delivered, but its shards only "
+                         f"held {out + len(rest)}")
+    return Replay(rest[left:], len(counts), 0, True)

@@ -1,0 +1,111 @@
+"""One optimisation step of contrastive training, with exact gradient accumulation.
+
+Contrastive losses do not decompose over micro-batches (every pair in the batch is a negative), so
+summing micro-batch losses is NOT the large-batch update. With accum_steps=K we follow GradCache:
+
+1. embed every micro-batch without autograd (remembering each one's RNG state),
+2. compute the loss over the whole accumulated batch (gathered across ranks as usual) and its
+   gradient w.r.t. the cached features and the temperature/bias,
+3. re-embed each micro-batch with autograd under the same RNG state and back-propagate the cached
+   feature gradients through it.
+
+The resulting parameter gradients equal those of one batch K times larger; activation memory is
+that of one micro-batch.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+
+def _rng_snapshot(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_restore(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class ContrastiveStep:
+    def __init__(self, engine, loss_fn: Callable, accum_steps: int = 1,
+                 autocast_dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        self.engine = engine
+        self.loss_fn = loss_fn
+        self.accum_steps = accum_steps
+        self.autocast_dtype = autocast_dtype
+        self.device = device or torch.device("cpu")
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        with self._autocast():
+            return self.engine.model(images, tokens)
+
+    def _loss(self, out: dict, image_features=None, text_features=None, logit_scale=None, logit_bias=None):
+        # The similarity and the softmax run in fp32 even under bf16 autocast.
+        img = out["image_features"] if image_features is None else image_features
+        txt = out["text_features"] if text_features is None else text_features
+        scale = out["logit_scale"] if logit_scale is None else logit_scale
+        bias = out.get("logit_bias") if logit_bias is None else logit_bias
+        return self.loss_fn(img.float(), txt.float(), scale.float(), None if bias is None else bias.float())
+
+    def compute_gradients(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
+        """Forward and backward for one global step's local batch; gradients land in the parameters."""
+        images = images.to(self.device, non_blocking=True)
+        tokens = tokens.to(self.device, non_blocking=True)
+        if self.accum_steps == 1:
+            loss = self._loss(self._forward(images, tokens))
+            self.engine.backward(loss)
+            return loss.item()
+        return self._accumulated(images.chunk(self.accum_steps), tokens.chunk(self.accum_steps))
+
+    def _accumulated(self, image_chunks, token_chunks) -> float:
+        # 1. features of every chunk, without autograd
+        rng_states, img_feats, txt_feats = [], [], []
+        with torch.no_grad():
+            for images, tokens in zip(image_chunks, token_chunks):
+                rng_states.append(_rng_snapshot(self.device))
+                out = self._forward(images, tokens)
+                img_feats.append(out["image_features"].float())
+                txt_feats.append(out["text_features"].float())
+        # 2. the full-batch loss and its gradient w.r.t. the cached features, temperature and bias
+        img = torch.cat(img_feats).requires_grad_()
+        txt = torch.cat(txt_feats).requires_grad_()
+        scale = out["logit_scale"].detach().float().requires_grad_()
+        bias = out.get("logit_bias")
+        bias = None if bias is None else bias.detach().float().requires_grad_()
+        loss = self.loss_fn(img, txt, scale, bias)
+        leaves = [img, txt, scale] + ([bias] if bias is not None else [])
+        grads = torch.autograd.grad(loss, leaves)
+        img_grads = grads[0].split([f.shape[0] for f in img_feats])
+        txt_grads = grads[1].split([f.shape[0] for f in txt_feats])
+        # 3. re-embed each chunk with autograd and push the cached gradients through it
+        last = len(img_grads) - 1
+        devices = [self.device] if self.device.type == "cuda" else []
+        for k, (images, tokens) in enumerate(zip(image_chunks, token_chunks)):
+            with torch.random.fork_rng(devices=devices):
+                _rng_restore(rng_states[k], self.device)
+                sync = self.engine.no_sync() if k < last else contextlib.nullcontext()
+                with sync:
+                    out = self._forward(images, tokens)
+                    surrogate = (out["image_features"].float() * img_grads[k]).sum() + \
+                        (out["text_features"].float() * txt_grads[k]).sum()
+                    if k == 0:  # the temperature (and bias) gradient, once
+                        surrogate = surrogate + out["logit_scale"].float() * grads[2]
+                        if bias is not None:
+                            surrogate = surrogate + out["logit_bias"].float() * grads[3]
+                    self.engine.backward(surrogate)
+        return loss.item()
+
+    def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
+        loss = self.compute_gradients(images, tokens)
+        self.engine.step()
+        return loss

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU check: ViT-B-32 in bf16 on the built-in dataset, once with the plain (DDP) engine and once with
+# DeepSpeed ZeRO-2, on every GPU of this node. Prints samples/s and peak GPU memory of each run (from
+# their summary.json; the first logged window, with start-up and warm-up, is left out of samples/s).
+#   bash launch/gpu_check.sh                 # STEPS=60 PER_GPU_BATCH=256 WORKERS=8 by default
+#   CLIPKIT_NO_ENV=1 bash launch/gpu_check.sh   # in the Python environment you are in
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${CLIPKIT_NO_ENV:-}" ] || . launch/env.sh
+OUT_DIR=${OUT_DIR:-runs/gpu_check}
+NPROC=${NPROC:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+STEPS=${STEPS:-60}
+PER_GPU_BATCH=${PER_GPU_BATCH:-256}
+WORKERS=${WORKERS:-8}
+common=(model.name=ViT-B-32 train.precision=bf16 "train.batch_size=$((PER_GPU_BATCH * NPROC))"
+        "train.steps=$STEPS" train.warmup_steps=10 train.checkpoint_every=1000000 "data.workers=$WORKERS"
+        data.synth.train_samples=16000 data.synth.samples_per_shard=500 "data.synth.out=$OUT_DIR/synth"
+        run.log_every=10 run.progress=false eval.zeroshot_at_end=false export.at_end=false "$@")
+run() {
+    local name=$1; shift
+    rm -rf "${OUT_DIR:?}/$name"
+    torchrun --standalone --nproc_per_node="$NPROC" -m clipkit train "${common[@]}" "run.dir=$OUT_DIR/$name" "$@"
+}
+run ddp
+run zero2 deepspeed.enabled=true deepspeed.zero_stage=2
+python - "$OUT_DIR" <<'EOF'
+import json, sys
+from pathlib import Path
+rows = []
+for name in ("ddp", "zero2"):
+    s = json.loads((Path(sys.argv[1]) / name / "summary.json").read_text())
+    losses = [json.loads(l)["loss"] for l in (Path(sys.argv[1]) / name / "metrics.jsonl").read_text().splitlines()]
+    rows.append({"run": name, "world_size": s["world_size"], "steps": s["steps"],
+                 "samples_per_s": s["samples_per_s"], "gpu_mem_peak_gib": s.get("gpu_mem_peak_gib"),
+                 "first_loss": losses[0], "last_loss": losses[-1]})
+print(json.dumps(rows, indent=1))
+(Path(sys.argv[1]) / "gpu_check.json").write_text(json.dumps(rows, indent=1))
+EOF
