@@ -8,22 +8,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${CLIPKIT_NO_ENV:-}" ] || . launch/env.sh
 OUT_DIR=${OUT_DIR:-runs/gpu_check}
-NPROC=${NPROC:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+NPROC=${NPROC:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}
 STEPS=${STEPS:-60}
 PER_GPU_BATCH=${PER_GPU_BATCH:-256}
 WORKERS=${WORKERS:-8}
 common=(model.name=ViT-B-32 train.precision=bf16 "train.batch_size=$((PER_GPU_BATCH * NPROC))"
-        "train.steps=$STEPS" train.warmup_steps=10 train.checkpoint_every=1000000 "data.workers=$WORKERS"
-        data.synth.train_samples=16000 data.synth.samples_per_shard=500 "data.synth.out=$OUT_DIR/synth"
+        "train.steps=$STEPS" train.warmup_steps=10 train.lr=2e-4 train.checkpoint_every=1000000 "data.workers=$WORKERS"
+        data.synth.train_samples=8000 data.synth.samples_per_shard=500 "data.synth.out=$OUT_DIR/synth"
         run.log_every=10 run.progress=false eval.zeroshot_at_end=false export.at_end=false "$@")
 run() {
     local name=$1; shift
     rm -rf "${OUT_DIR:?}/$name"
-    torchrun --standalone --nproc_per_node="$NPROC" -m clipkit train "${common[@]}" "run.dir=$OUT_DIR/$name" "$@"
+    python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m clipkit train "${common[@]}" "run.dir=$OUT_DIR/$name" "$@"
 }
 run ddp
 run zero2 deepspeed.enabled=true deepspeed.zero_stage=2
-python - "$OUT_DIR" <<'EOF'
+python3 - "$OUT_DIR" <<'EOF'
 import json, sys
 from pathlib import Path
 rows = []

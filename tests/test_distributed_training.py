@@ -106,3 +106,36 @@ def test_deepspeed_resume_continues_the_identical_curve(tmp_path, synth_small, g
     second = _curve(tmp_path, "ds_resume", synth_small.train_spec, 2, *ds, "train.resume=latest")
     assert second["first_step"] == 10
     _assert_matches(first["losses"] + second["losses"], golden)
+
+
+def test_zero3_cli_run_consolidates_weights_that_export_and_open_clip_load(tmp_path, synth_small):
+    """`torchrun -m clipkit train` under ZeRO-3 on 2 ranks: the fp32 file written at the end holds the
+    full trained weights (checked against DeepSpeed's own zero_to_fp32 reconstruction of the partitioned
+    checkpoint), and the run's open_clip export loads in open_clip with those weights."""
+    import open_clip
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run_dir = tmp_path / "z3"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clipkit",
+          "train", *_overrides(run_dir, "deepspeed.enabled=true", "deepspeed.zero_stage=3", "train.steps=6",
+                               f"data.train={synth_small.train_spec}", f"data.zeroshot={synth_small.eval_root}",
+                               "data.workers=1")])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert 0.0 <= summary["zeroshot"]["acc1"] <= 1.0
+    consolidated = torch.load(summary["checkpoint"], weights_only=False)
+    assert Path(summary["checkpoint"]).name == "step_00000006.fp32.pt"
+
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints" / "deepspeed"),
+                                                          tag="step_00000006")
+    ours = consolidated["model"]
+    fresh = open_clip.create_model("clipkit-nano").state_dict()
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name].reshape(value.shape), value.float(), rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(ours[k], fresh[k]) for k in reference)  # trained, not the initial weights
+
+    export_dir = run_dir / "export"
+    loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, ours[name].reshape(value.shape), rtol=0, atol=0, msg=name)

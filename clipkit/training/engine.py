@@ -4,6 +4,7 @@
 same small API, so the training step and loop never ask which one they have:
 
     engine.model            the module to call (DDP- or DeepSpeed-wrapped)
+    engine.input_dtype      the dtype images must have (None: as loaded, fp32)
     engine.module           the plain open_clip model
     engine.backward(loss)   engine.step()   engine.no_sync()   engine.lr
     engine.save(dir, step, client_state)   engine.load(path_or_dir) -> client_state
@@ -36,6 +37,7 @@ class TorchEngine:
         self.optimizer = build_optimizer(module, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.steps)
         self.keep = t.keep_checkpoints
+        self.input_dtype = None  # fp32 weights; bf16 runs under autocast (see ContrastiveStep)
 
     def no_sync(self):
         """Skip DDP's gradient all-reduce (for all but the last backward of an accumulated step)."""
@@ -88,6 +90,12 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.module, self.env, self.cfg = module, env, cfg
+        if not torch.distributed.is_initialized():
+            # One process (plain `clipkit train`, or torchrun with one rank): DeepSpeed still needs a
+            # process group, and a one-member group needs no rendezvous.
+            backend = "nccl" if env.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
+                                                 world_size=1)
         ds_config = deepspeed_config(cfg, env, micro_batch)
         schedule = WarmupCosine(cfg.train.warmup_steps, cfg.train.steps)
 
@@ -102,6 +110,9 @@ class DeepSpeedEngine:
             dist_init_required=False,
         )
         self.accum = ds_config["gradient_accumulation_steps"]
+        # DeepSpeed's bf16/fp16 modes cast the model itself (no autocast): inputs must follow.
+        self.input_dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"]
+                            else torch.float16 if ds_config["fp16"]["enabled"] else None)
 
     def no_sync(self):
         # DeepSpeed reduces gradients at its own accumulation boundary (gradient_accumulation_steps).
@@ -173,8 +184,10 @@ def deepspeed_config(cfg: Config, env: DistEnv, micro_batch: int) -> dict:
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.accum_steps,
         "train_batch_size": micro_batch * t.accum_steps * env.world_size,
+        # torch_adam: torch's AdamW, the optimizer of the DDP path, rather than DeepSpeed's FusedAdam,
+        # which JIT-compiles a CUDA extension (nvcc + ninja) on every fresh node before the first step.
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps,
-                                                   "weight_decay": t.weight_decay}},
+                                                   "weight_decay": t.weight_decay, "torch_adam": True}},
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": on_gpu and t.precision == "bf16"},
         "fp16": {"enabled": False},

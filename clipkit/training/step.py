@@ -59,7 +59,7 @@ class ContrastiveStep:
 
     def compute_gradients(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
         """Forward and backward for one global step's local batch; gradients land in the parameters."""
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, dtype=self.engine.input_dtype, non_blocking=True)
         tokens = tokens.to(self.device, non_blocking=True)
         if self.accum_steps == 1:
             loss = self._loss(self._forward(images, tokens))
