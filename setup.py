@@ -18,10 +18,13 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "pyyaml>=6.0",
     "braceexpand>=0.1.7",
+    "pyarrow>=14",  # parquet: make-shards input, img2dataset-style per-shard metadata
 ]
 
+BENCH = ["scikit-image>=0.22"]  # its sample photographs build the realistic shards of `clipkit bench data`
 EXTRAS = {
-    "test": ["pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0"],
+    "bench": BENCH,
+    "test": ["pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0", *BENCH],
 }
 
 setup(

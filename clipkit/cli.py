@@ -4,7 +4,7 @@
     clipkit data synth --out DIR [--train-samples N] [--eval-samples N] [--seed S] [--image-size PX]
     clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
     clipkit export --checkpoint CKPT --format open_clip --out DIR
-    clipkit bench loss ...   (see its --help)
+    clipkit data make-shards ...  /  clipkit bench loss ...  /  clipkit bench data ...   (see --help of each)
     clipkit models
 """
 from __future__ import annotations
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=_synth)
+    ms = dsub.add_parser("make-shards", add_help=False,
+                         help="turn an image folder or a CSV/parquet of (path, caption) into shards")
+    ms.set_defaults(func=_delegate("clipkit.data.make_shards"))
 
     z = sub.add_parser("zeroshot", help="zero-shot classification of a checkpoint")
     z.add_argument("--checkpoint", required=True)
@@ -142,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (results written as JSON)")
     bsub = b.add_subparsers(dest="bench_command", required=True)
-    for name, help_text in [("loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP")]:
+    for name, help_text in [("loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP"),
+                            ("data", "data loading samples/s per core, clipkit vs OpenCLIP")]:
         bp = bsub.add_parser(name, add_help=False, help=help_text)
         bp.set_defaults(func=_delegate(f"clipkit.bench.{name}"))
 

@@ -43,6 +43,13 @@ class DataConfig:
     # A CLIP_benchmark-style zero-shot set root (test/*.tar, classnames.txt, templates).
     # None means the held-out split of the built-in set.
     zeroshot: Optional[str] = None
+    # OpenCLIP's upsampling factors, one per "::" source of data.train ("1::2"); None weighs sources by size.
+    train_weights: Optional[str] = None
+    # Draw shards with replacement, endlessly (OpenCLIP's --dataset-resampled); else epoch after epoch,
+    # each sample once per epoch, split over ranks and loader workers without overlap.
+    resampled: bool = False
+    # Images above this many pixels are skipped (and counted) as decompression bombs; null: no limit.
+    max_image_pixels: Optional[int] = 89_478_485  # Pillow's own limit (clipkit.data.DEFAULT_MAX_IMAGE_PIXELS)
     workers: int = 2
     shuffle_buffer: int = 2000
     image_key: str = "jpg;png;webp;jpeg"
@@ -114,6 +121,8 @@ class RunConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    # Write run.dir/sample_keys/rank{R}.jsonl: the sample keys of every step's batch (a data audit trail).
+    record_sample_keys: bool = False
 
 
 @dataclass

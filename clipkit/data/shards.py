@@ -112,4 +112,5 @@ def open_shard(url: str):
     if not is_remote(url):
         return open(_local_path(url), "rb")
     # Tar members are read front to back: a large read-ahead block keeps remote round trips few.
-    return fsspec.open(url, "rb", block_size=8 << 20).open()
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.open(path, "rb", block_size=8 << 20)

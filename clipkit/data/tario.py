@@ -36,32 +36,46 @@ def read_shard(url: str, counter: SkipCounter, want: Callable[[int], bool] | Non
     counted and logged, never raised: what was read before the damage is still delivered."""
     try:
         stream = open_shard(url)
-    except Exception as exn:  # unreachable host, missing object, failing pipe command, ...
+    except Exception as exn:  # unreachable host, missing object, ...
         counter.skip("shard_open_error", url, repr(exn))
         return
+    errors = _ShardErrors(stream, url, counter)
     try:
-        yield from _samples(stream, url, counter, want, last)
+        yield from _samples(stream, url, counter, errors, want, last)
     finally:
-        _close(stream, url, counter)
+        try:
+            stream.close()
+        except Exception as exn:  # e.g. a pipe: command that exited non-zero after its output was read
+            errors.skip("shard_open_error", url, f"on close: {exn!r}")
 
 
-def _close(stream, url: str, counter: SkipCounter) -> None:
-    try:
-        stream.close()
-    except Exception as exn:  # e.g. a pipe: command that exited non-zero
-        counter.skip("shard_open_error", url, f"on close: {exn!r}")
+class _ShardErrors:
+    """Counts at most one shard-level failure per shard, so one broken shard is one count. A read that
+    fails because a `pipe:` command died is the shard not opening, not a damaged tar."""
+
+    def __init__(self, stream, url: str, counter: SkipCounter) -> None:
+        self.stream, self.url, self.counter, self.counted = stream, url, counter, False
+
+    def skip(self, reason: str, where: str, detail: object) -> None:
+        if self.counted:
+            return
+        proc = getattr(self.stream, "proc", None)  # webdataset's Pipe keeps its subprocess here
+        if proc is not None and proc.poll() not in (None, 0):
+            reason, detail = "shard_open_error", f"command exited with {proc.returncode}: {detail}"
+        self.counted = True
+        self.counter.skip(reason, where, detail)
 
 
-def _samples(stream, url: str, counter: SkipCounter, want: Callable[[int], bool] | None,
+def _samples(stream, url: str, counter: SkipCounter, errors: _ShardErrors, want: Callable[[int], bool] | None,
              last: int | None) -> Iterator[tuple[int, dict]]:
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")
     except tarfile.ReadError as exn:
         reason = "empty_shard" if "empty file" in str(exn) else "tar_read_error"
-        counter.skip(reason, url, repr(exn))
+        errors.skip(reason, url, repr(exn))
         return
     except Exception as exn:  # a remote read failing on the very first block
-        counter.skip("tar_read_error", url, repr(exn))
+        errors.skip("tar_read_error", url, repr(exn))
         return
     index, current, keep = -1, None, False
     members = iter(tar)
@@ -69,7 +83,7 @@ def _samples(stream, url: str, counter: SkipCounter, want: Callable[[int], bool]
         try:
             member = next(members, None)
         except Exception as exn:  # damage in a header: the sample before it is whole
-            counter.skip("tar_read_error", url, repr(exn))
+            errors.skip("tar_read_error", url, repr(exn))
             break
         if member is None:
             break
@@ -90,9 +104,9 @@ def _samples(stream, url: str, counter: SkipCounter, want: Callable[[int], bool]
             try:
                 current[ext] = tar.extractfile(member).read()
             except Exception as exn:  # the member's data is cut short: its sample is incomplete
-                counter.skip("tar_read_error", f"{url}:{key}", repr(exn))
+                errors.skip("tar_read_error", f"{url}:{key}", repr(exn))
                 return
     if current is not None and keep:
         yield index, current
     if index < 0:
-        counter.skip("empty_shard", url, "no samples")
+        errors.skip("empty_shard", url, "no samples")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, config_to_dict, save_config
-from ..data import build_train_loader, ensure_synth_dataset
+from ..data import StreamState, build_train_loader, ensure_synth_dataset
 from ..distributed import DistEnv, cleanup, init_distributed
 from ..evaluation import evaluate_zeroshot, load_zeroshot_set, write_result
 from ..export import export_open_clip
@@ -152,6 +152,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.consolidated: Path | None = None  # DeepSpeed runs: the fp32 weight file written at the end
         self.throughput = Throughput()
+        self.stream = StreamState()  # where this rank is in its data stream (batches consumed)
         self._maybe_resume()
         self.data = resolve_data(cfg, env)
 
@@ -159,7 +160,8 @@ class Trainer:
 
     def _client_state(self) -> dict:
         """What the engine's checkpoint does not hold: progress, per-rank RNG and data positions."""
-        ranks = _gather_objects({"rng": rng_state(), "skipped": dict(self.skipped)}, self.env)
+        ranks = _gather_objects({"rng": rng_state(), "skipped": dict(self.skipped),
+                                 "data": self.stream.state_dict()}, self.env)
         return {"step": self.step, "ranks": ranks, "config": config_to_dict(self.cfg),
                 "model_name": self.model_name, "model_cfg": self.model_cfg}
 
@@ -189,18 +191,25 @@ class Trainer:
         mine = ranks[self.env.rank]
         set_rng_state(mine["rng"])
         self.skipped.update(mine["skipped"])
+        if mine.get("data") is not None:
+            self.stream = StreamState(mine["data"])
         self.step = state["step"]
         self.resumed_from = path
 
     # -- the loop -----------------------------------------------------------------------------------
 
     def _loader(self):
+        """This rank's loader, continuing exactly where the batches consumed so far (or the checkpoint's)
+        left the stream: over an epoch every sample is seen once, however often the run is resumed."""
         c = self.cfg
-        # A resumed run reshuffles with a seed of its own, so it does not replay the first batches.
+        resume_state = self.stream.state_dict() if self.stream.fingerprint else None
+        self.stream = StreamState(resume_state)
         return build_train_loader(self.data.train, self.train_transform, self.tokenizer, self.local_batch,
                                   rank=self.env.rank, world_size=self.env.world_size, workers=c.data.workers,
-                                  seed=c.run.seed + self.step, shuffle_buffer=c.data.shuffle_buffer,
-                                  image_keys=c.data.image_key, caption_key=c.data.caption_key)
+                                  seed=c.run.seed, shuffle_buffer=c.data.shuffle_buffer,
+                                  image_keys=c.data.image_key, caption_key=c.data.caption_key,
+                                  weights=c.data.train_weights, resampled=c.data.resampled,
+                                  max_image_pixels=c.data.max_image_pixels, resume_state=resume_state)
 
     def train_on(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
         """One optimisation step on this rank's share of a global batch; returns this rank's loss."""
@@ -223,6 +232,17 @@ class Trainer:
             total.update(counts)
         return dict(total)
 
+    def _sample_keys_log(self):
+        """run.dir/sample_keys/rank{R}.jsonl, one line per step with the keys of this rank's batch."""
+        if not self.cfg.run.record_sample_keys:
+            return None
+        path = self.run_dir / "sample_keys" / f"rank{self.env.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():  # a resumed run: steps logged after the checkpoint will be trained again
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a", buffering=1)
+
     def fit(self, until: int | None = None) -> None:
         """Train up to train.steps (or to step `until`, e.g. to run a schedule in slices)."""
         c = self.cfg
@@ -233,12 +253,16 @@ class Trainer:
             logger.write(f"resumed from {self.resumed_from} at step {self.step}")
         self.engine.model.train()
         batches = iter(self._loader())
+        keys_log = self._sample_keys_log()
         window_start, window_samples, losses = time.perf_counter(), 0, []
         try:
             while self.step < last:
                 batch = next(batches)
+                self.stream.observe(batch)
                 self.skipped.update(batch.skipped)
                 losses.append(self.train_on(batch.images, batch.targets))
+                if keys_log is not None:
+                    keys_log.write(json.dumps({"step": self.step, "keys": batch.keys}) + "\n")
                 window_samples += batch.images.shape[0] * self.env.world_size
                 logger.advance()
                 if self.step % c.run.log_every == 0 or self.step == last:
@@ -259,6 +283,8 @@ class Trainer:
                     self.save()
         finally:
             logger.close()
+            if keys_log is not None:
+                keys_log.close()
         self.save()
 
     # -- after training -----------------------------------------------------------------------------
