@@ -92,7 +92,7 @@ class TrainConfig:
     # Contrastive gradient accumulation: the batch is processed in accum_steps chunks, and the update
     # equals the one from the whole batch at once (features cached, loss over the full batch).
     accum_steps: int = 1
-    precision: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast with fp32 master weights; fp16 adds loss scaling)
 
 
 @dataclass
@@ -279,7 +279,8 @@ def validate(cfg: Config) -> None:
            f"must divide train.batch_size={t.batch_size}")
     _check(t.loss in ("infonce", "infonce_tiled", "siglip"), "train.loss",
            f"must be one of infonce, infonce_tiled, siglip (got {t.loss!r})")
-    _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16 (got {t.precision!r})")
+    _check(t.precision in ("fp32", "bf16", "fp16"), "train.precision",
+           f"must be fp32, bf16 or fp16 (got {t.precision!r})")
     _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     _check(0.0 <= cfg.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")

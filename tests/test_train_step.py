@@ -124,3 +124,43 @@ def test_bf16_autocast_step_runs_and_stays_close_to_fp32():
     bf16 = ContrastiveStep(engine16, create_loss("infonce"), autocast_dtype=torch.bfloat16).compute_gradients(images, tokens)
     assert abs(bf16 - fp32) < 0.05 * fp32
     assert all(p.dtype == torch.float32 for p in model16.parameters())  # fp32 master weights
+
+
+def test_fp16_autocast_with_loss_scaling_steps_and_checkpoints_its_scale(tmp_path):
+    """fp16: the loss is scaled in the backward, an overflowing step is skipped and the scale halved (as
+    GradScaler does), gradients are unscaled before clipping and the update: the first real update goes
+    the way the fp32 one does. The scale is part of the checkpoint."""
+    import warnings
+
+    images, tokens = _batch()
+    _, model, engine = _setup("train.lr=1e-3", "train.warmup_steps=0")
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ContrastiveStep(engine, create_loss("infonce"))(images, tokens)
+    _, model16, engine16 = _setup("train.precision=fp16", "train.lr=1e-3", "train.warmup_steps=0")
+    assert engine16.scaler is not None and engine16.scaler.get_scale() == 2.0 ** 16
+    step = ContrastiveStep(engine16, create_loss("infonce"), autocast_dtype=torch.float16)
+    scales = []
+    with warnings.catch_warnings():  # torch notes the schedule stepping while an overflow skips the update
+        warnings.filterwarnings("ignore", message="Detected call of")
+        for _ in range(30):
+            scales.append(engine16.scaler.get_scale())
+            step(images, tokens)
+            if any(not torch.equal(p, start[n]) for n, p in model16.named_parameters()):
+                break
+    moved = {n for n, p in model16.named_parameters() if not torch.equal(p, start[n])}
+    assert moved, f"no update in 30 steps; scales {scales}"
+    assert scales == sorted(scales, reverse=True)  # skipped steps only ever lowered the scale
+    ref = dict(model.named_parameters())
+    names = sorted(moved)
+    update16 = torch.cat([(dict(model16.named_parameters())[n] - start[n]).flatten() for n in names])
+    update32 = torch.cat([(ref[n].detach() - start[n]).flatten() for n in names])
+    assert torch.nn.functional.cosine_similarity(update16, update32, dim=0) > 0.9
+    assert all(p.dtype == torch.float32 for p in model16.parameters())  # fp32 master weights
+    from clipkit.models import get_model_config
+
+    path = engine16.save(tmp_path, 1, {"step": 1, "model_name": "clipkit-nano",
+                                       "model_cfg": get_model_config("clipkit-nano")})
+    assert torch.load(path, weights_only=False)["grad_scaler"]["scale"] == engine16.scaler.get_scale()
+    _, _, fresh = _setup("train.precision=fp16")
+    fresh.load(path)
+    assert fresh.scaler.get_scale() == engine16.scaler.get_scale()

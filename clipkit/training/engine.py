@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from ..config import Config
 from ..distributed import DistEnv
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger("clipkit.training")
 
 
 class TorchEngine:
@@ -37,19 +40,27 @@ class TorchEngine:
         self.optimizer = build_optimizer(module, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.steps)
         self.keep = t.keep_checkpoints
-        self.input_dtype = None  # fp32 weights; bf16 runs under autocast (see ContrastiveStep)
+        self.input_dtype = None  # fp32 weights; bf16/fp16 run under autocast (see ContrastiveStep)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(env.device.type) if t.precision == "fp16" else None
 
     def no_sync(self):
         """Skip DDP's gradient all-reduce (for all but the last backward of an accumulated step)."""
         return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the update when the scaled gradients overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -62,6 +73,8 @@ class TorchEngine:
             return None
         state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), **client_state}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         return save_checkpoint(state, directory, step, keep=self.keep)
 
     def find_latest(self, directory: Path) -> Path | None:
@@ -75,6 +88,8 @@ class TorchEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         return state
 
     def full_state_dict(self) -> dict | None:
@@ -97,6 +112,8 @@ class DeepSpeedEngine:
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
                                                  world_size=1)
         ds_config = deepspeed_config(cfg, env, micro_batch)
+        if cfg.train.precision != "fp32" and env.device.type != "cuda":
+            log.warning("train.precision=%s: DeepSpeed on CPU trains in fp32", cfg.train.precision)
         schedule = WarmupCosine(cfg.train.warmup_steps, cfg.train.steps)
 
         def lr_lambda(step: int) -> float:
@@ -189,8 +206,9 @@ def deepspeed_config(cfg: Config, env: DistEnv, micro_batch: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps,
                                                    "weight_decay": t.weight_decay, "torch_adam": True}},
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        # DeepSpeed casts the model itself; on CPU it trains in fp32 whatever train.precision says.
         "bf16": {"enabled": on_gpu and t.precision == "bf16"},
-        "fp16": {"enabled": False},
+        "fp16": {"enabled": on_gpu and t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }

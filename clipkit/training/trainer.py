@@ -143,7 +143,7 @@ class Trainer:
             autocast = None  # DeepSpeed's own bf16 mode casts the model
         else:
             self.engine = TorchEngine(self.module, cfg, env)
-            autocast = torch.bfloat16 if t.precision == "bf16" else None
+            autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         loss_fn = create_loss(t.loss, local_loss=t.local_loss, tile_size=t.tile_size)
         self.step_fn = ContrastiveStep(self.engine, loss_fn, t.accum_steps, autocast, self.device)
         self.step = 0
