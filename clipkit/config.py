@@ -51,6 +51,7 @@ class DataConfig:
     # Images above this many pixels are skipped (and counted) as decompression bombs; null: no limit.
     max_image_pixels: Optional[int] = 89_478_485  # Pillow's own limit (clipkit.data.DEFAULT_MAX_IMAGE_PIXELS)
     workers: int = 2
+    prefetch: int = 2  # batches each loader worker prepares ahead
     shuffle_buffer: int = 2000
     image_key: str = "jpg;png;webp;jpeg"
     caption_key: str = "txt"
@@ -282,6 +283,8 @@ def validate(cfg: Config) -> None:
     _check(t.precision in ("fp32", "bf16", "fp16"), "train.precision",
            f"must be fp32, bf16 or fp16 (got {t.precision!r})")
     _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    _check(cfg.data.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")
+    _check(cfg.data.prefetch >= 1, "data.prefetch", "must be at least 1")
     _check(0.0 <= cfg.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
 

@@ -118,3 +118,9 @@ def test_cli_rejects_bad_config_with_named_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "clipkit", "export", "--checkpoint", str(tmp_path / "nope.pt"),
                            "--out", str(tmp_path / "e")], capture_output=True, text=True)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "clipkit", "train", f"run.dir={tmp_path / 'r'}",
+                           f"data.train={tmp_path}/shards/{{000..003}}.tar"], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"shard not found: {tmp_path}/shards/000.tar (and 3 more)" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "clipkit", "zeroshot", "--checkpoint", str(tmp_path / "c.pt"),
+                           "--data", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "zero-shot data not found" in proc.stderr

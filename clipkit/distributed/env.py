@@ -47,7 +47,10 @@ def init_distributed() -> DistEnv:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        # Binding the process group to this rank's GPU lets NCCL set up its communicator for the right
+        # device (instead of guessing it from the global rank, which hangs on uneven mappings).
+        device_id = torch.device("cuda", local_rank) if backend == "nccl" else None
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device_id)
     return DistEnv(rank, world, local_rank, backend)
 
 

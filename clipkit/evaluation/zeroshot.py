@@ -50,6 +50,9 @@ def load_zeroshot_set(data: str | Path, classnames: str | Path | None = None,
         name = root.name
     else:
         if classnames is None or templates is None:
+            if not any(c in str(data) for c in "{:*"):  # a plain path that is not a folder
+                raise ZeroShotDataError(f"zero-shot data not found: {data} (expected a CLIP_benchmark "
+                                        "webdataset root, or a shard spec with --classnames and --templates)")
             raise ZeroShotDataError("with a shard spec as data, --classnames and --templates are required")
         shards, name = str(data), Path(str(data).split("::")[0]).parent.name
     names = _read_lines(Path(classnames), "classnames")

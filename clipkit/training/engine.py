@@ -108,9 +108,9 @@ class DeepSpeedEngine:
         if not torch.distributed.is_initialized():
             # One process (plain `clipkit train`, or torchrun with one rank): DeepSpeed still needs a
             # process group, and a one-member group needs no rendezvous.
-            backend = "nccl" if env.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
-                                                 world_size=1)
+            on_gpu = env.device.type == "cuda"
+            torch.distributed.init_process_group("nccl" if on_gpu else "gloo", store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1, device_id=env.device if on_gpu else None)
         ds_config = deepspeed_config(cfg, env, micro_batch)
         if cfg.train.precision != "fp32" and env.device.type != "cuda":
             log.warning("train.precision=%s: DeepSpeed on CPU trains in fp32", cfg.train.precision)

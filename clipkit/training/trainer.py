@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, config_to_dict, save_config
-from ..data import StreamState, build_train_loader, ensure_synth_dataset
+from ..data import StreamState, build_train_loader, ensure_synth_dataset, expand_sources
 from ..distributed import DistEnv, cleanup, init_distributed
 from ..evaluation import evaluate_zeroshot, load_zeroshot_set, write_result
 from ..export import export_open_clip
@@ -56,6 +56,7 @@ def resolve_data(cfg: Config, env: DistEnv) -> DataSources:
         synth = ensure_synth_dataset(s.out, **params)  # present now: only reads the manifest
         train = train if train is not None else synth.train_spec
         zeroshot = zeroshot if zeroshot is not None else str(synth.eval_root)
+    expand_sources(train, cfg.data.train_weights)  # a missing shard or bad spec fails here, before training
     return DataSources(train, zeroshot)
 
 
@@ -129,6 +130,7 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        self.data = resolve_data(cfg, env)  # the data is there and the spec names real shards
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.model_name = cfg.model.name
@@ -154,7 +156,6 @@ class Trainer:
         self.throughput = Throughput()
         self.stream = StreamState()  # where this rank is in its data stream (batches consumed)
         self._maybe_resume()
-        self.data = resolve_data(cfg, env)
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -209,7 +210,8 @@ class Trainer:
                                   seed=c.run.seed, shuffle_buffer=c.data.shuffle_buffer,
                                   image_keys=c.data.image_key, caption_key=c.data.caption_key,
                                   weights=c.data.train_weights, resampled=c.data.resampled,
-                                  max_image_pixels=c.data.max_image_pixels, resume_state=resume_state)
+                                  max_image_pixels=c.data.max_image_pixels, prefetch=c.data.prefetch,
+                                  resume_state=resume_state)
 
     def train_on(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
         """One optimisation step on this rank's share of a global batch; returns this rank's loss."""
