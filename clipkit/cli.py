@@ -20,13 +20,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .training import train
 
-    config_path, overrides = None, list(args.overrides)
-    if overrides and not ("=" in overrides[0]) and overrides[0].endswith((".yaml", ".yml")):
-        config_path = overrides.pop(0)
-    cfg = load_config(config_path, overrides)
+    files = [a for a in args.overrides if "=" not in a]
+    overrides = [a for a in args.overrides if "=" in a]
+    if len(files) > 1 or (files and not files[0].endswith((".yaml", ".yml"))):
+        raise ConfigError(f"expected at most one CONFIG.yaml and dotted.key=value overrides, got {' '.join(files)}")
+    cfg = load_config(files[0] if files else None, overrides)
     summary = train(cfg)
     if "zeroshot" in summary or "export" in summary or summary.get("checkpoint"):
         _print_summary(summary)
@@ -36,7 +37,9 @@ def _train(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict) -> None:
     print(f"\nrun directory : {summary['run_dir']}")
     print(f"checkpoint    : {summary.get('checkpoint')}")
-    print(f"trained       : {summary['steps']} steps in {summary['train_seconds']:.0f} s")
+    done = summary["steps"] - summary.get("start_step", 0)
+    resumed = f", resumed at step {summary['start_step']}" if summary.get("start_step") else ""
+    print(f"trained       : {done} steps in {summary['train_seconds']:.0f} s (step {summary['steps']}{resumed})")
     if summary.get("skipped_samples"):
         print(f"skipped       : {summary['skipped_samples']}")
     if "zeroshot" in summary:

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . launch/env.sh
-clipkit train "$@"
+# train.resume=latest: running it again continues (or, once finished, re-evaluates and re-exports) the run.
+clipkit train train.resume=latest "$@"

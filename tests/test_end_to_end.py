@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import open_clip
+import pytest
 import torch
 import yaml
 
-from clipkit.config import load_config
+from clipkit.config import ConfigError, load_config
 from clipkit.training import Trainer, load_checkpoint, train
 from clipkit.training.optim import WarmupCosine
 
@@ -60,6 +61,9 @@ def test_train_checkpoint_resume_zeroshot_export(tmp_path, synth_small):
     assert [r["step"] for r in logged] == [10, 20, 30, 40, 50, 60]
     final = run_dir / "checkpoints" / "step_00000060.pt"
     assert load_checkpoint(final)["step"] == 60
+    with pytest.raises(ConfigError, match="already holds a run"):  # a fresh run would mix with this one
+        Trainer(_cfg(run_dir, synth_small, "train.lr=0.5"))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == cfg.train.lr  # untouched
 
     # 3. zero-shot through the CLI, result in CLIP_benchmark's schema
     out_json = tmp_path / "zs.json"

@@ -149,7 +149,8 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.model.get_lr()[0]
 
-    def _ds_dir(self, directory: Path) -> Path:
+    @staticmethod
+    def _ds_dir(directory: Path) -> Path:
         return Path(directory) / "deepspeed"
 
     def save(self, directory: Path, step: int, client_state: dict) -> Path:
@@ -157,9 +158,10 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(str(ds_dir), tag=f"{self.TAG_PREFIX}{step:08d}", client_state=client_state)
         return ds_dir / f"{self.TAG_PREFIX}{step:08d}"
 
-    def find_latest(self, directory: Path) -> Path | None:
-        latest = self._ds_dir(directory) / "latest"
-        return self._ds_dir(directory) / latest.read_text().strip() if latest.is_file() else None
+    @classmethod
+    def find_latest(cls, directory: Path) -> Path | None:
+        latest = cls._ds_dir(directory) / "latest"
+        return cls._ds_dir(directory) / latest.read_text().strip() if latest.is_file() else None
 
     def load(self, path: Path) -> dict:
         path = Path(path)

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, config_to_dict, save_config
+from ..config import Config, ConfigError, config_to_dict, save_config
 from ..data import StreamState, build_train_loader, ensure_synth_dataset, expand_sources
 from ..distributed import DistEnv, cleanup, init_distributed
 from ..evaluation import evaluate_zeroshot, load_zeroshot_set, write_result
 from ..export import export_open_clip
 from ..losses import create_loss
 from ..models import create_model, create_transforms, get_model_config, get_tokenizer
-from .checkpoint import CheckpointError, rng_state, set_rng_state
+from .checkpoint import CheckpointError, latest_checkpoint, rng_state, set_rng_state
 from .engine import DeepSpeedEngine, TorchEngine
 from .metrics import MetricsLogger
 from .step import ContrastiveStep
@@ -121,12 +121,16 @@ class Trainer:
         self.env = env = init_distributed()
         t = cfg.train
         if t.batch_size % (env.world_size * t.accum_steps):
-            raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over {env.world_size} ranks "
-                             f"x train.accum_steps={t.accum_steps}")
+            raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must divide evenly over "
+                              f"{env.world_size} ranks x train.accum_steps={t.accum_steps}")
         self.local_batch = t.batch_size // env.world_size
         self.device = env.device
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        existing = latest_checkpoint(self.ckpt_dir) or DeepSpeedEngine.find_latest(self.ckpt_dir)
+        if t.resume is None and existing is not None:  # never mix a new run's files with an old run's
+            raise ConfigError(f"run.dir={self.run_dir} already holds a run (checkpoint {existing}): continue "
+                              "it with train.resume=latest, or start this one in another run.dir")
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -312,12 +316,12 @@ class Trainer:
 def train(cfg: Config) -> dict:
     """Train, then (rank 0) evaluate zero-shot and export as configured; returns the run summary."""
     trainer = Trainer(cfg)
-    started = time.perf_counter()
+    started, start_step = time.perf_counter(), trainer.step
     try:
         trainer.fit()
         skipped = trainer._global_skipped()
         model = trainer.final_model()
-        summary = {"steps": trainer.step, "train_seconds": time.perf_counter() - started,
+        summary = {"steps": trainer.step, "start_step": start_step, "train_seconds": time.perf_counter() - started,
                    "model": trainer.model_name, "run_dir": str(trainer.run_dir),
                    "world_size": trainer.env.world_size,
                    "checkpoint": str(trainer.consolidated or trainer.last_checkpoint),
