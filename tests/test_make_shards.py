@@ -91,8 +91,9 @@ def test_csv_and_parquet_tables_and_the_loader_reads_the_result(tmp_path):
         w.writerows(rows)
     pq.write_table(pa.table({"file": [r["file"] for r in rows], "text": [r["text"] for r in rows]}),
                    tmp_path / "pairs.parquet")
+    (tmp_path / "pairs.tsv").write_text("file\ttext\n" + "".join(f"{r['file']}\t{r['text']}\n" for r in rows))
     assert src.is_dir()
-    for table in ("pairs.csv", "pairs.parquet"):
+    for table in ("pairs.csv", "pairs.tsv", "pairs.parquet"):
         out = tmp_path / f"out_{table}"
         summary = make_shards(tmp_path / table, out, samples_per_shard=100, max_side=256, path_col="file",
                               caption_col="text")

@@ -67,7 +67,7 @@ def pairs_from_folder(root: str | Path) -> list[Pair]:
 
 
 def pairs_from_table(table: str | Path, path_col: str = "path", caption_col: str = "caption") -> list[Pair]:
-    """Rows of a CSV or parquet file; relative image paths are relative to the table's folder."""
+    """Rows of a CSV, TSV or parquet file; relative image paths are relative to the table's folder."""
     table = Path(table)
     if table.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
@@ -75,7 +75,7 @@ def pairs_from_table(table: str | Path, path_col: str = "path", caption_col: str
         columns = pq.read_table(table).to_pydict()
     else:
         with open(table, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            rows = list(csv.DictReader(f, delimiter="\t" if table.suffix.lower() == ".tsv" else ","))
         columns = {name: [r.get(name) for r in rows] for name in (rows[0].keys() if rows else [])}
     for col in (path_col, caption_col):
         if col not in columns:
@@ -93,7 +93,7 @@ def read_pairs(source: str | Path, path_col: str = "path", caption_col: str = "c
     elif source.is_file() and source.suffix.lower() in (".csv", ".tsv", ".parquet"):
         pairs = pairs_from_table(source, path_col, caption_col)
     elif source.exists():
-        raise MakeShardsError(f"{source} is neither a folder of images nor a .csv/.parquet table")
+        raise MakeShardsError(f"{source} is neither a folder of images nor a .csv/.tsv/.parquet table")
     else:
         raise MakeShardsError(f"input not found: {source}")
     if not pairs:
