@@ -52,6 +52,9 @@ class DataConfig:
     max_image_pixels: Optional[int] = 89_478_485  # Pillow's own limit (clipkit.data.DEFAULT_MAX_IMAGE_PIXELS)
     workers: int = 2
     prefetch: int = 2  # batches each loader worker prepares ahead
+    # Ship uint8 images from the loader and normalise them on the training device: a quarter of the
+    # bytes through shared memory and host-to-device copies (open_clip's standard train transform only).
+    normalize_on_device: bool = False
     shuffle_buffer: int = 2000
     image_key: str = "jpg;png;webp;jpeg"
     caption_key: str = "txt"

@@ -128,3 +128,14 @@ def test_cli_rejects_bad_config_with_named_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "clipkit", "zeroshot", "--checkpoint", str(tmp_path / "c.pt"),
                            "--data", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert proc.returncode == 2 and "zero-shot data not found" in proc.stderr
+
+
+def test_normalize_on_device_trains_the_same_curve(tmp_path, synth_small):
+    losses = {}
+    for flag in ("false", "true"):
+        run_dir = tmp_path / flag
+        train(_cfg(run_dir, synth_small, "train.steps=6", "run.log_every=2", "eval.zeroshot_at_end=false",
+                   "export.at_end=false", f"data.normalize_on_device={flag}"))
+        losses[flag] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-6)

@@ -105,3 +105,26 @@ def test_labelled_loader_reads_clip_benchmark_set(synth_small, nano_parts):
     assert [b.images.shape[0] for b in batches] == [50, 50, 20]
     labels = torch.cat([b.targets for b in batches])
     assert labels.dtype == torch.long and labels.min() >= 0 and labels.max() < 30
+
+
+def test_uint8_batches_normalised_on_device_equal_the_float_batches(synth_small):
+    """data.normalize_on_device: the loader ships uint8 images, a quarter of the bytes; normalising them
+    where they arrive gives the float batches of the default path."""
+    import open_clip
+
+    train_tf = open_clip.image_transform(32, is_train=True)
+    tok = get_tokenizer("clipkit-nano")
+    kw = dict(workers=1, seed=3, shuffle_buffer=50, epochs=1)
+    plain = build_train_loader(synth_small.train_spec, train_tf, tok, 8, **kw)
+    small = build_train_loader(synth_small.train_spec, train_tf, tok, 8, normalize_on_device=True, **kw)
+    for a, b, _ in zip(plain, small, range(5)):
+        assert a.images.dtype == torch.float32 and b.images.dtype == torch.uint8
+        assert b.images.shape == a.images.shape and a.keys == b.keys
+        torch.testing.assert_close(small.dataset.normalize(b.images), a.images, rtol=0, atol=1e-5)
+        assert torch.equal(a.targets, b.targets)
+
+
+def test_normalize_on_device_needs_the_standard_train_transform(synth_small, nano_parts):
+    _, val_tf, tok = nano_parts
+    with pytest.raises(ShardSpecError, match="normalize_on_device"):
+        build_train_loader(synth_small.train_spec, val_tf, tok, 8, normalize_on_device=True)

@@ -163,7 +163,10 @@ def _worker(args: argparse.Namespace) -> int:
     dist.barrier()
     baseline, how = _reset_peak_rss()
     result = _timed_step(loss_fn, img, txt, log_scale)
-    result |= {"rank": rank, "world": world, "method": args.worker, "peak_bytes": _status_bytes("VmHWM") - baseline,
+    # The kernel syncs its RSS counters lazily: for a tiny step the difference can come out a few pages
+    # below zero, which means "nothing measurable".
+    peak = max(0, _status_bytes("VmHWM") - baseline)
+    result |= {"rank": rank, "world": world, "method": args.worker, "peak_bytes": peak,
                "baseline_bytes": baseline, "memory_baseline": how, "matmul_gflops": matmul_gflops}
     Path(args.result_dir, f"{args.worker}_rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()

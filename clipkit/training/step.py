@@ -33,8 +33,10 @@ def _rng_restore(state: tuple, device: torch.device) -> None:
 
 class ContrastiveStep:
     def __init__(self, engine, loss_fn: Callable, accum_steps: int = 1,
-                 autocast_dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, device: torch.device | None = None,
+                 normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.engine = engine
+        self.normalize = normalize  # for uint8 batches: normalised here, on the device
         self.loss_fn = loss_fn
         self.accum_steps = accum_steps
         self.autocast_dtype = autocast_dtype
@@ -59,6 +61,8 @@ class ContrastiveStep:
 
     def compute_gradients(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
         """Forward and backward for one global step's local batch; gradients land in the parameters."""
+        if self.normalize is not None:
+            images = self.normalize(images.to(self.device, non_blocking=True))
         images = images.to(self.device, dtype=self.engine.input_dtype, non_blocking=True)
         tokens = tokens.to(self.device, non_blocking=True)
         if self.accum_steps == 1:

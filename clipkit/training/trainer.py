@@ -209,13 +209,15 @@ class Trainer:
         c = self.cfg
         resume_state = self.stream.state_dict() if self.stream.fingerprint else None
         self.stream = StreamState(resume_state)
-        return build_train_loader(self.data.train, self.train_transform, self.tokenizer, self.local_batch,
-                                  rank=self.env.rank, world_size=self.env.world_size, workers=c.data.workers,
-                                  seed=c.run.seed, shuffle_buffer=c.data.shuffle_buffer,
-                                  image_keys=c.data.image_key, caption_key=c.data.caption_key,
-                                  weights=c.data.train_weights, resampled=c.data.resampled,
-                                  max_image_pixels=c.data.max_image_pixels, prefetch=c.data.prefetch,
-                                  resume_state=resume_state)
+        loader = build_train_loader(self.data.train, self.train_transform, self.tokenizer, self.local_batch,
+                                    rank=self.env.rank, world_size=self.env.world_size, workers=c.data.workers,
+                                    seed=c.run.seed, shuffle_buffer=c.data.shuffle_buffer,
+                                    image_keys=c.data.image_key, caption_key=c.data.caption_key,
+                                    weights=c.data.train_weights, resampled=c.data.resampled,
+                                    max_image_pixels=c.data.max_image_pixels, prefetch=c.data.prefetch,
+                                    resume_state=resume_state, normalize_on_device=c.data.normalize_on_device)
+        self.step_fn.normalize = loader.dataset.normalize  # None unless the batches come as uint8
+        return loader
 
     def train_on(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
         """One optimisation step on this rank's share of a global batch; returns this rank's loss."""
