@@ -41,3 +41,21 @@ def test_gpu_check_script_runs_both_engines(tmp_path):
     rows = json.loads((out / "gpu_check.json").read_text())
     assert [r["run"] for r in rows] == ["ddp", "zero2"]
     assert all(r["steps"] == 20 and r["samples_per_s"] > 0 and r["last_loss"] < r["first_loss"] for r in rows)
+
+
+def test_multi_node_script_two_nodes_on_localhost(tmp_path, synth_small):
+    """launch/multi_node.sh started once per "node" (here two on localhost), meeting at a c10d rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    procs = [subprocess.Popen(["bash", str(ROOT / "launch" / "multi_node.sh"), *_tiny(run_dir, synth_small)],
+                              env=_env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                       NPROC="1", RDZV_ID=f"test-{port}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
