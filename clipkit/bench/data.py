@@ -157,14 +157,11 @@ def _measure(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     loader = _loader(args.worker, args.spec, args.images, args.batch_size, args.workers)
-    batches = iter(loader)
-    first = next(batches)  # warm-up: worker start, first shard
-    images = first.images if args.worker == "clipkit" else first[0]
+    batches = (b.images if args.worker == "clipkit" else b[0] for b in loader)  # OpenCLIP: (images, texts)
+    images = next(batches)  # warm-up: worker start, first shard
     start, samples = time.perf_counter(), 0
     for _ in range(args.batches):
-        batch = next(batches)
-        imgs = batch.images if args.worker == "clipkit" else batch[0]
-        samples += imgs.shape[0]
+        samples += next(batches).shape[0]
     seconds = time.perf_counter() - start
     result = {"method": args.worker, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
               "image_shape": list(images.shape[1:]), "image_dtype": str(images.dtype),

@@ -84,9 +84,7 @@ class FastTrainImages:
         self.size = size  # (h, w)
         self.scale, self.ratio = scale, ratio
         self.mode = interpolation
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.mul = 1.0 / (255.0 * std_t)
-        self.sub = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+        self.normalize = Normalize(mean, std)
         self.max_pixels = max_pixels
         self.deferred = False  # defer_normalization(): batches stay uint8
 
@@ -94,7 +92,7 @@ class FastTrainImages:
         """Make batches uint8 (a quarter of the bytes to move between processes and to the GPU) and return
         the normalisation to apply where they arrive."""
         self.deferred = True
-        return Normalize(self.mul.flatten().tolist(), self.sub.flatten().tolist())
+        return self.normalize
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(top, left, h, w): torchvision's RandomResizedCrop.get_params, drawn from `rng`."""
@@ -140,30 +138,29 @@ class FastTrainImages:
                 slot.copy_(image.permute(2, 0, 1))
             return out
         out = shared_empty((len(images), 3, h, w), torch.float32, shared)
-        mul, neg_sub = self.mul[0], -self.sub[0]
-        for image, slot in zip(images, out):
-            # uint8 HWC -> normalised float CHW in one pass per image, while the image is in cache:
-            # x * mul - sub, i.e. (x / 255 - mean) / std.
-            torch.addcmul(neg_sub, image.permute(2, 0, 1), mul, out=slot)
+        for image, slot in zip(images, out):  # one pass per image, while the image is in cache
+            self.normalize(image.permute(2, 0, 1), out=slot)
         return out
 
 
 class Normalize:
-    """uint8 NCHW batch -> float32 (x / 255 - mean) / std, on whatever device the batch is on."""
+    """uint8 CHW image or NCHW batch -> float32 (x / 255 - mean) / std, as x * mul - sub in one pass, on
+    whatever device the pixels are (the loader's collate, or the GPU with data.normalize_on_device)."""
 
-    def __init__(self, mul: list[float], sub: list[float]) -> None:
-        self.mul, self.sub = mul, sub
-        self._cache: dict = {}
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        mul = 1.0 / (255.0 * std_t)
+        neg_sub = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+        self._constants = {torch.device("cpu"): (mul, neg_sub)}
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8:
-            raise TypeError(f"expected a uint8 batch (data.normalize_on_device), got {images.dtype}")
-        key = images.device
-        if key not in self._cache:
-            self._cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=key).view(1, 3, 1, 1)
-                                     for v in (self.mul, self.sub))
-        mul, sub = self._cache[key]
-        return torch.addcmul(-sub, images, mul)
+            raise TypeError(f"expected uint8 pixels (data.normalize_on_device), got {images.dtype}")
+        if images.device not in self._constants:
+            cpu = self._constants[torch.device("cpu")]
+            self._constants[images.device] = tuple(t.to(images.device) for t in cpu)
+        mul, neg_sub = self._constants[images.device]
+        return torch.addcmul(neg_sub, images, mul, out=out)
 
 
 class TransformImages:
