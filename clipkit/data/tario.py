@@ -7,6 +7,7 @@ resumed stream can step over samples it already delivered without reading their 
 from __future__ import annotations
 
 import re
+import subprocess
 import tarfile
 from typing import Callable, Iterator
 
@@ -60,10 +61,22 @@ class _ShardErrors:
         if self.counted:
             return
         proc = getattr(self.stream, "proc", None)  # webdataset's Pipe keeps its subprocess here
-        if proc is not None and proc.poll() not in (None, 0):
+        if proc is not None and _exit_status(proc, at_eof=reason == "empty_shard") not in (None, 0):
             reason, detail = "shard_open_error", f"command exited with {proc.returncode}: {detail}"
         self.counted = True
         self.counter.skip(reason, where, detail)
+
+
+def _exit_status(proc, at_eof: bool) -> int | None:
+    # At the end of its output the command has closed stdout and is exiting, but may not have exited yet:
+    # a bare poll() races with it and would misread a failed command as an empty shard. Elsewhere the
+    # command may still be writing, so it is only polled.
+    if not at_eof:
+        return proc.poll()
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _samples(stream, url: str, counter: SkipCounter, errors: _ShardErrors, want: Callable[[int], bool] | None,
