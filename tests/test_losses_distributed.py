@@ -1,26 +1,38 @@
-"""Distributed InfoNCE: 2 and 4 real gloo processes against the single-process loss on the whole batch.
+"""Distributed InfoNCE, plain and tiled: 2 and 4 real gloo processes against the single-process loss on
+the whole batch.
 
 What is compared (see clipkit/losses/infonce.py): the mean of the per-rank losses equals the
 single-process loss L; rank r's feature gradient divided by the world size W equals dL/d(slice r) (the
 gather's backward sums all W ranks' contributions; DDP's averaging divides by W again); the mean of the
-per-rank temperature and bias gradients equals dL/ds and dL/db.
+per-rank temperature and bias gradients equals dL/ds and dL/db. The tiled loss must meet the same
+convention with the plain single-process InfoNCELoss as its reference.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 from clipkit.losses import InfoNCELoss, create_loss
-from dist.results import compare_with_single_process, distributed_results
+from dist.results import BATCH_PER_RANK, compare_with_single_process, distributed_results
 
 
 def _single_process_infonce(img, txt, scale, bias):
     return InfoNCELoss()(img, txt, scale, bias)
 
 
-@pytest.mark.parametrize("case", ["infonce_full", "infonce_local"])
+@pytest.mark.parametrize("case", ["infonce_full", "infonce_local", "tiled_full", "tiled_local"])
 def test_two_ranks_match_single_process(case):
     ranks, _ = distributed_results(2)
     compare_with_single_process(ranks, case, _single_process_infonce)
+
+
+@pytest.mark.parametrize("case", ["tiled_full", "tiled_local"])
+def test_tiled_cases_span_several_tiles(case):
+    # With one tile covering the whole block the tiled cases would only re-test the plain loss: the online
+    # log-sum-exp merge across blocks and a partial last tile need a tile smaller than, and not dividing,
+    # the local batch (and so the global one).
+    ranks, _ = distributed_results(2)
+    tile = ranks[0][case]["tile_size"]
+    assert tile < BATCH_PER_RANK and BATCH_PER_RANK % tile != 0, tile
 
 
 def test_full_mode_gives_every_rank_the_global_loss():
@@ -31,9 +43,10 @@ def test_full_mode_gives_every_rank_the_global_loss():
     assert abs(ranks[0]["infonce_local"]["loss"] - ranks[1]["infonce_local"]["loss"]) > 1e-6
 
 
-def test_four_ranks_local_loss_offsets_labels_by_rank():
+@pytest.mark.parametrize("case", ["infonce_local", "tiled_local"])
+def test_four_ranks_local_loss_offsets_labels_by_rank(case):
     ranks, _ = distributed_results(4)
-    compare_with_single_process(ranks, "infonce_local", _single_process_infonce)
+    compare_with_single_process(ranks, case, _single_process_infonce)
 
 
 def test_gather_emits_no_deprecation_warning():

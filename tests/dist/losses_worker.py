@@ -4,7 +4,8 @@
         --out DIR --batch-per-rank B --dim D --seed S --tile-size T
 
 Writes DIR/rank{r}.pt: {case: {"loss", "image_grad", "text_grad", "scale_grad", "bias_grad"}} for the
-local features, in float64. The test compares them with the single-process loss on the whole batch.
+local features, in float64 (tiled cases also record their "tile_size"). The test compares them with the
+single-process loss on the whole batch.
 """
 from __future__ import annotations
 
@@ -39,9 +40,13 @@ CASES = {  # case name -> create_loss arguments
 
 def run_case(name: str, kwargs: dict, local: tuple[torch.Tensor, ...]) -> dict:
     img, txt, scale, bias = (t.clone().requires_grad_() for t in local)
-    loss = create_loss(name, **kwargs)(img, txt, scale, bias)
+    loss_fn = create_loss(name, **kwargs)
+    loss = loss_fn(img, txt, scale, bias)
     grads = torch.autograd.grad(loss, [img, txt, scale, bias])
-    return dict(zip(["loss", "image_grad", "text_grad", "scale_grad", "bias_grad"], [loss.detach(), *grads]))
+    result = dict(zip(["loss", "image_grad", "text_grad", "scale_grad", "bias_grad"], [loss.detach(), *grads]))
+    if hasattr(loss_fn, "tile_size"):
+        result["tile_size"] = loss_fn.tile_size  # what the loss really used, for the test to check
+    return result
 
 
 def main() -> None:
