@@ -4,6 +4,7 @@
     clipkit data synth --out DIR [--train-samples N] [--eval-samples N] [--seed S] [--image-size PX]
     clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
     clipkit export --checkpoint CKPT --format open_clip --out DIR
+    clipkit config [CONFIG.yaml] [dotted.key=value ...]       (the resolved config, as YAML)
     clipkit data make-shards ...  /  clipkit bench loss ...  /  clipkit bench data ...   (see --help of each)
     clipkit models
 """
@@ -20,15 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .training import train
+    from .run import run
 
-    files = [a for a in args.overrides if "=" not in a]
-    overrides = [a for a in args.overrides if "=" in a]
-    if len(files) > 1 or (files and not files[0].endswith((".yaml", ".yml"))):
-        raise ConfigError(f"expected at most one CONFIG.yaml and dotted.key=value overrides, got {' '.join(files)}")
-    cfg = load_config(files[0] if files else None, overrides)
-    summary = train(cfg)
+    summary = run(_load_config(args))
     if "zeroshot" in summary or "export" in summary or summary.get("checkpoint"):
         _print_summary(summary)
     return 0
@@ -64,16 +59,16 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _zeroshot(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_zeroshot, load_zeroshot_set, write_result
-    from .models import create_transforms, get_tokenizer
-    from .training import load_model_from_checkpoint
+    from .models import create_transforms, get_tokenizer, load_model
 
     zs = load_zeroshot_set(args.data, args.classnames, args.templates)
-    model, name, _ = load_model_from_checkpoint(args.checkpoint)
-    _, val_transform = create_transforms(model)
-    metrics = evaluate_zeroshot(model, get_tokenizer(name), val_transform, zs, batch_size=args.batch_size,
-                                workers=args.workers)
-    out = args.out or str(Path(args.checkpoint).with_suffix("").as_posix() + f"_zeroshot_{zs.name}.json")
-    result = write_result(out, metrics, zs.name, name, str(args.checkpoint))
+    loaded = load_model(args.checkpoint)
+    _, val_transform = create_transforms(loaded.model)
+    metrics = evaluate_zeroshot(loaded.model, get_tokenizer(loaded.name), val_transform, zs,
+                                batch_size=args.batch_size, workers=args.workers)
+    checkpoint = Path(args.checkpoint)
+    out = args.out or str(checkpoint.with_suffix("").as_posix() + f"_zeroshot_{zs.name}.json")
+    result = write_result(out, metrics, zs.name, loaded.model_name, str(checkpoint))
     print(json.dumps(result, indent=2))
     print(f"written to {out}")
     return 0
@@ -85,6 +80,25 @@ def _export(args: argparse.Namespace) -> int:
     files = export_checkpoint(args.checkpoint, args.out, args.format)
     for kind, path in files.items():
         print(f"{kind:13s}: {path}")
+    return 0
+
+
+def _load_config(args: argparse.Namespace):
+    from .config import ConfigError, load_config
+
+    files = [a for a in args.overrides if "=" not in a]
+    overrides = [a for a in args.overrides if "=" in a]
+    if len(files) > 1 or (files and not files[0].endswith((".yaml", ".yml"))):
+        raise ConfigError(f"expected at most one CONFIG.yaml and dotted.key=value overrides, got {' '.join(files)}")
+    return load_config(files[0] if files else None, overrides)
+
+
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import config_to_dict
+
+    print(yaml.safe_dump(config_to_dict(_load_config(args)), sort_keys=False), end="")
     return 0
 
 
@@ -108,6 +122,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export import EXPORT_FORMATS
+
     p = argparse.ArgumentParser(prog="clipkit", description="CLIP-style contrastive image-text pretraining")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -131,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     ms.set_defaults(func=_delegate("clipkit.data.make_shards"))
 
     z = sub.add_parser("zeroshot", help="zero-shot classification of a checkpoint")
-    z.add_argument("--checkpoint", required=True)
+    z.add_argument("--checkpoint", required=True,
+                   help="a checkpoint directory (run.dir/checkpoints/step_N), a .safetensors weights file or an "
+                        "open_clip model directory")
     z.add_argument("--data", required=True, help="CLIP_benchmark wds root, or a shard spec")
     z.add_argument("--classnames", default=None)
     z.add_argument("--templates", default=None)
@@ -141,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=_zeroshot)
 
     e = sub.add_parser("export", help="export a checkpoint")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--format", default="open_clip", choices=["open_clip"])
+    e.add_argument("--checkpoint", required=True, help="as for zeroshot")
+    e.add_argument("--format", default="open_clip", choices=sorted(EXPORT_FORMATS))
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
 
@@ -152,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                             ("data", "data loading samples/s per core, clipkit vs OpenCLIP")]:
         bp = bsub.add_parser(name, add_help=False, help=help_text)
         bp.set_defaults(func=_delegate(f"clipkit.bench.{name}"))
+
+    c = sub.add_parser("config", help="print the resolved config (the defaults, or a file with overrides)")
+    c.add_argument("overrides", nargs="*", help="[CONFIG.yaml] then dotted.key=value overrides")
+    c.set_defaults(func=_config)
 
     m = sub.add_parser("models", help="list the architectures that can be built by name")
     m.set_defaults(func=_models)
@@ -169,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import ShardSpecError
     from .evaluation import ZeroShotDataError
     from .models import ModelNotFoundError
-    from .training import CheckpointError
+    from .checkpoint import CheckpointError
 
     try:
         return args.func(args)

@@ -1,6 +1,8 @@
 """Typed run configuration: dataclasses, loaded from YAML, with dotted command-line overrides.
 
-    cfg = load_config("my.yaml", ["train.batch_size=64", "model.name=ViT-B-32"])
+    cfg = load_config("my.yaml", ["train.global_batch_size=64", "model.name=ViT-B-32"])
+
+The defaults are the dataclasses' field defaults below, and nowhere else (`clipkit config` prints them).
 
 Every key is checked against the dataclasses: an unknown key or a value of the wrong type raises
 ConfigError naming the dotted key, so a typo never silently falls back to a default.
@@ -8,6 +10,7 @@ ConfigError naming the dotted key, so a typo never silently falls back to a defa
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,11 +19,17 @@ from typing import Any, Optional, Union
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
-
+from .data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from .losses import LOSS_NAMES
+from .losses.tiled import DEFAULT_TILE_SIZE
 
 class ConfigError(ValueError):
     """A configuration value a user must fix; the message names the dotted key."""
+
+
+# Keys that changed name, so an old config gets told the new one.
+RENAMED = {"train.batch_size": "train.global_batch_size (the global batch, split evenly over the ranks)"}
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast with fp32 master weights; fp16 adds loss scaling
 
 
 @dataclass
@@ -40,8 +49,8 @@ class DataConfig:
     # Shard spec: a path, a brace pattern ("shards/{00000..00099}.tar") or several joined by "::".
     # None means the built-in synthetic set under data.synth.out (created on first use).
     train: Optional[str] = None
-    # A CLIP_benchmark-style zero-shot set root (test/*.tar, classnames.txt, templates).
-    # None means the held-out split of the built-in set.
+    # A CLIP_benchmark-style zero-shot set root (test/*.tar, classnames.txt, templates). None means the
+    # held-out split of the built-in set when training on it, and no zero-shot evaluation otherwise.
     zeroshot: Optional[str] = None
     # OpenCLIP's upsampling factors, one per "::" source of data.train ("1::2"); None weighs sources by size.
     train_weights: Optional[str] = None
@@ -49,21 +58,21 @@ class DataConfig:
     # each sample once per epoch, split over ranks and loader workers without overlap.
     resampled: bool = False
     # Images above this many pixels are skipped (and counted) as decompression bombs; null: no limit.
-    max_image_pixels: Optional[int] = 89_478_485  # Pillow's own limit (clipkit.data.DEFAULT_MAX_IMAGE_PIXELS)
-    workers: int = 2
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS
+    workers: int = 1  # loader processes per rank (0: load in the training process)
     prefetch: int = 2  # batches each loader worker prepares ahead
     # Ship uint8 images from the loader and normalise them on the training device: a quarter of the
     # bytes through shared memory and host-to-device copies (open_clip's standard train transform only).
     normalize_on_device: bool = False
-    shuffle_buffer: int = 2000
-    image_key: str = "jpg;png;webp;jpeg"
+    shuffle_buffer: int = 2000  # samples; 0 disables sample shuffling (shards are still shuffled)
+    image_key: str = "jpg;png;webp;jpeg"  # tar member extensions tried in order
     caption_key: str = "txt"
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "clipkit-tiny"
+    name: str = "clipkit-tiny"  # any open_clip architecture, a clipkit config, or a JSON file in that schema
     grad_checkpointing: bool = False
     # FLIP-style: drop this fraction of image patches in training (0 disables)
     patch_dropout: float = 0.0
@@ -77,26 +86,28 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 128  # global batch, split evenly across ranks
-    steps: int = 1000
+    # The global batch: split evenly over the ranks (each rank's share is its local batch).
+    global_batch_size: int = 128
+    steps: int = 600
     lr: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: Optional[float] = 1.0  # max global grad norm; None disables clipping
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    # "latest" continues the newest checkpoint in run.dir, a path resumes that file, None starts fresh.
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
+    # "latest" continues the newest good checkpoint in run.dir, a path resumes that checkpoint
+    # directory, None starts fresh.
     resume: Optional[str] = None
-    loss: str = "infonce"  # infonce | infonce_tiled | siglip
+    loss: str = "infonce"  # one of clipkit.losses.LOSS_NAMES
     local_loss: bool = False  # each rank computes B_local x B_global logits instead of the full matrix
-    tile_size: int = 4096  # infonce_tiled: similarity tile edge
+    tile_size: int = DEFAULT_TILE_SIZE  # infonce_tiled: similarity tile edge
     # Contrastive gradient accumulation: the batch is processed in accum_steps chunks, and the update
     # equals the one from the whole batch at once (features cached, loss over the full batch).
     accum_steps: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast with fp32 master weights; fp16 adds loss scaling)
+    precision: str = "fp32"  # one of PRECISIONS
 
 
 @dataclass
@@ -107,14 +118,14 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    format: str = "open_clip"
+    format: str = "open_clip"  # one of clipkit.export.EXPORT_FORMATS
     at_end: bool = True
 
 
 @dataclass
 class DeepSpeedConfig:
     enabled: bool = False
-    zero_stage: int = 2  # 1, 2 or 3
+    zero_stage: int = 2  # 0 (DeepSpeed without ZeRO), 1, 2 or 3
     # A DeepSpeed JSON of the user's: its keys override the ones clipkit derives from this config.
     config: Optional[str] = None
 
@@ -186,6 +197,9 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    if unknown and _join(prefix, unknown[0]) in RENAMED:
+        old = _join(prefix, unknown[0])
+        raise ConfigError(f"config key '{old}' is now '{RENAMED[old]}'")
     if unknown:
         where = f"'{prefix}'" if prefix else "the top level"
         raise ConfigError(
@@ -253,10 +267,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- clipkit's default.yaml <- the user's YAML file <- dotted overrides."""
-    data = _read_yaml(DEFAULT_CONFIG)
-    if path is not None:
-        data = _merge(data, _read_yaml(Path(path)))
+    """The dataclasses' defaults <- the user's YAML file <- dotted overrides, validated."""
+    data = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         data = _merge(data, _parse_override(item))
     return config_from_dict(data)
@@ -274,22 +286,55 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
-    t = cfg.train
-    _check(t.batch_size > 0, "train.batch_size", "must be positive")
+    """Value checks that types alone cannot express; each failure names its key."""
+    from .export import EXPORT_FORMATS  # the export registry pulls in open_clip: import it when needed
+
+    t, d, r = cfg.train, cfg.data, cfg.run
+    _check(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
     _check(t.steps > 0, "train.steps", "must be positive")
+    _check(t.lr > 0, "train.lr", f"must be positive (got {t.lr})")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "and train.beta2 must be in [0, 1)")
+    _check(t.eps > 0, "train.eps", "must be positive")
+    _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive, or null for no clipping")
     _check(t.accum_steps > 0, "train.accum_steps", "must be positive")
-    _check(t.batch_size % t.accum_steps == 0, "train.accum_steps",
-           f"must divide train.batch_size={t.batch_size}")
-    _check(t.loss in ("infonce", "infonce_tiled", "siglip"), "train.loss",
-           f"must be one of infonce, infonce_tiled, siglip (got {t.loss!r})")
-    _check(t.precision in ("fp32", "bf16", "fp16"), "train.precision",
-           f"must be fp32, bf16 or fp16 (got {t.precision!r})")
+    _check(t.global_batch_size % t.accum_steps == 0, "train.accum_steps",
+           f"must divide train.global_batch_size={t.global_batch_size}")
+    _check(t.loss in LOSS_NAMES, "train.loss", f"must be one of {', '.join(LOSS_NAMES)} (got {t.loss!r})")
+    _check(t.tile_size > 0, "train.tile_size", "must be positive")
+    _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
     _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
-    _check(cfg.data.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")
-    _check(cfg.data.prefetch >= 1, "data.prefetch", "must be at least 1")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 (keep all) or more")
+    _check(d.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")
+    _check(d.prefetch >= 1, "data.prefetch", "must be at least 1")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be 0 (no sample shuffling) or more")
+    _check(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels",
+           "must be positive, or null for no limit")
+    s = d.synth
+    for key in ("train_samples", "eval_samples", "samples_per_shard", "image_size"):
+        _check(getattr(s, key) > 0, f"data.synth.{key}", "must be positive")
     _check(0.0 <= cfg.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
-    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _check(cfg.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be 0 or more")
+    _check(cfg.model.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be 0 or more")
+    _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be positive")
+    _check(cfg.export.format in EXPORT_FORMATS, "export.format",
+           f"must be one of {', '.join(EXPORT_FORMATS)} (got {cfg.export.format!r})")
+    _check(r.log_every > 0, "run.log_every", "must be positive")
+    ds = cfg.deepspeed
+    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    if ds.config is not None:
+        _check_json_file(ds.config, "deepspeed.config")
+
+
+def _check_json_file(path: str, key: str) -> None:
+    p = Path(path)
+    _check(p.is_file(), key, f"names a file that does not exist: {path}")
+    try:
+        ok = isinstance(json.loads(p.read_text()), dict)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}' names {path}, which is not valid JSON: {e}") from None
+    _check(ok, key, f"names {path}, which must hold a JSON object")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -12,7 +12,7 @@ NPROC=${NPROC:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count(
 STEPS=${STEPS:-60}
 PER_GPU_BATCH=${PER_GPU_BATCH:-256}
 WORKERS=${WORKERS:-8}
-common=(model.name=ViT-B-32 train.precision=bf16 "train.batch_size=$((PER_GPU_BATCH * NPROC))"
+common=(model.name=ViT-B-32 train.precision=bf16 "train.global_batch_size=$((PER_GPU_BATCH * NPROC))"
         "train.steps=$STEPS" train.warmup_steps=10 train.lr=2e-4 train.checkpoint_every=1000000 "data.workers=$WORKERS"
         data.synth.train_samples=8000 data.synth.samples_per_shard=500 "data.synth.out=$OUT_DIR/synth"
         run.log_every=10 run.progress=false eval.zeroshot_at_end=false export.at_end=false "$@")

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 [ -n "${CLIPKIT_NO_ENV:-}" ] || . launch/env.sh
 OUT_DIR=${OUT_DIR:-runs/gpu_paths}
 mkdir -p "$OUT_DIR"
-common=(model.name=ViT-B-32 train.precision=bf16 train.batch_size=256 train.steps=30 train.warmup_steps=5
+common=(model.name=ViT-B-32 train.precision=bf16 train.global_batch_size=256 train.steps=30 train.warmup_steps=5
         train.lr=2e-4 train.checkpoint_every=1000 "data.workers=${WORKERS:-12}" run.log_every=10 run.progress=false
         data.synth.train_samples=8000 data.synth.samples_per_shard=500 data.synth.eval_samples=500
         "data.synth.out=$OUT_DIR/synth" "$@")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, N processes (GPUs; on CPU, gloo processes). Usage:
-#   NPROC=8 bash launch/single_node.sh my.yaml train.batch_size=4096 [dotted overrides...]
+#   NPROC=8 bash launch/single_node.sh my.yaml train.global_batch_size=4096 [dotted overrides...]
 # Backend: nccl when CUDA is available, gloo otherwise (chosen by clipkit).
 set -euo pipefail
 cd "$(dirname "$0")/.."

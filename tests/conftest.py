@@ -1,6 +1,8 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Checkpoints are signed with the user's key: the tests (and the runs they start) use their own.
+os.environ.setdefault("CLIPKIT_CHECKPOINT_KEY", os.path.join(__import__("tempfile").mkdtemp(), "checkpoint.key"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

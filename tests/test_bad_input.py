@@ -13,7 +13,7 @@ from PIL import Image
 from clipkit.config import load_config
 from clipkit.data import ShardStream
 from clipkit.data.pipeline import Tokenize
-from clipkit.training import train
+from clipkit.run import run
 from data_shards import add, jpeg, tokenizer, transforms
 
 LIMIT = 10_000  # pixels: the decompression-bomb limit used here
@@ -134,9 +134,9 @@ def test_training_run_reports_skips_in_metrics_and_summary(tmp_path):
     bad = [("corrupt", b"not an image", b"x"), ("latin1", jpeg(), b"caf\xe9")]
     spec = _shard(tmp_path / "s.tar", good[:10] + bad[:1] + good[10:20] + bad[1:] + good[20:])
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "model.name=clipkit-nano", f"data.train={spec}",
-                             "data.workers=0", "train.batch_size=8", "train.steps=4", "run.log_every=2",
+                             "data.workers=0", "train.global_batch_size=8", "train.steps=4", "run.log_every=2",
                              "run.progress=false", "eval.zeroshot_at_end=false", "export.at_end=false"])
-    summary = train(cfg)
+    summary = run(cfg)
     assert summary["steps"] == 4
     # 4 steps x 8 = 32 of the 30 good samples per pass: the pass over the shard completed once at least.
     assert summary["skipped_samples"]["image_decode_error"] >= 1

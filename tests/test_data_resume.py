@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from clipkit.config import DataConfig
 from clipkit.data import StreamState, StreamStateError, build_train_loader, expand_shards
 from data_shards import keys_of, same_images, take, tar_keys, tokenizer, transforms, write_shards
 
@@ -25,9 +26,10 @@ def parts():
     return train_tf, tokenizer()
 
 
-def _loader(spec, parts, rank, resume=None, **kw):
-    kw = {"epochs": 1, "workers": 2, "seed": 7, "shuffle_buffer": 30, **kw}
-    return build_train_loader(spec, parts[0], parts[1], 8, rank=rank, world_size=2, resume_state=resume, **kw)
+def _loader(spec, parts, rank, resume=None, epochs=1, **kw):
+    data = DataConfig(**{"train": spec, "workers": 2, "shuffle_buffer": 30, **kw})
+    return build_train_loader(data, transform=parts[0], tokenizer=parts[1], local_batch_size=8, rank=rank,
+                              world_size=2, seed=7, resume_state=resume, epochs=epochs)
 
 
 def _stop_and_resume(spec, parts, rank, stop_after, **kw):
@@ -75,7 +77,7 @@ def test_endless_stream_resumes_in_the_same_order_with_the_same_augmentation(spe
 
 
 def test_resampled_mixture_resumes_exactly(spec, parts):
-    kw = {"epochs": 2, "resampled": True, "weights": "1::3"}
+    kw = {"epochs": 2, "resampled": True, "train_weights": "1::3"}
     whole = keys_of(_loader(spec, parts, 0, **kw))
     first, rest = _stop_and_resume(spec, parts, 0, 4, **kw)
     assert Counter(keys_of(first) + keys_of(rest)) == Counter(whole)

@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 
+from clipkit.config import DataConfig
 from clipkit.data import ShardSpecError, build_train_loader, expand_sources
 from clipkit.data.order import ShardPlan
 from data_shards import keys_of, tar_keys, tokenizer, transforms, write_shards
@@ -21,9 +22,15 @@ def parts():
     return transforms(16)[1], tokenizer()
 
 
+def _loader(spec, parts, local_batch_size, rank=0, world_size=1, epochs=None, seed=0, **data):
+    return build_train_loader(DataConfig(train=spec, **data), transform=parts[0], tokenizer=parts[1],
+                              local_batch_size=local_batch_size, rank=rank, world_size=world_size, seed=seed,
+                              epochs=epochs)
+
+
 def _keys(spec, parts, rank=0, world_size=1, **kw):
     kw = {"epochs": 1, "workers": 0, "seed": 1, "shuffle_buffer": 10, **kw}
-    return keys_of(build_train_loader(spec, parts[0], parts[1], 5, rank=rank, world_size=world_size, **kw))
+    return keys_of(_loader(spec, parts, 5, rank=rank, world_size=world_size, **kw))
 
 
 def test_weights_follow_open_clip_convention(mix):
@@ -42,11 +49,11 @@ def test_epoch_mode_upsamples_whole_sources(mix, parts):
     a, b = mix
     a_keys, b_keys = tar_keys(expand_sources(a)[0]), tar_keys(expand_sources(b)[0])
     # factor 2 lists every shard of b twice per epoch, factor 1 every shard of a once
-    seen = Counter(_keys(f"{a}::{b}", parts, weights="1::2"))
+    seen = Counter(_keys(f"{a}::{b}", parts, train_weights="1::2"))
     assert seen == a_keys + b_keys + b_keys
     # factor 0.5 takes half of a's shards, whole, a different half each epoch
-    halves = [Counter(_keys(f"{a}::{b}", parts, weights="0.5::1", epochs=e + 1)) - Counter(_keys(
-        f"{a}::{b}", parts, weights="0.5::1", epochs=e)) for e in range(3)]
+    halves = [Counter(_keys(f"{a}::{b}", parts, train_weights="0.5::1", epochs=e + 1)) - Counter(_keys(
+        f"{a}::{b}", parts, train_weights="0.5::1", epochs=e)) for e in range(3)]
     for half in halves:
         shards_of_a = {k[:3] for k in half if k.startswith("a")}
         assert len(shards_of_a) == 2 and all(half[k] == 1 for k in half)
@@ -91,7 +98,7 @@ def test_resampled_draws_with_replacement_in_proportion_to_weights(mix):
 
 def test_resampled_loader_repeats_samples_and_is_deterministic(mix, parts):
     a, b = mix
-    kw = {"resampled": True, "weights": "1::3", "epochs": 3}
+    kw = {"resampled": True, "train_weights": "1::3", "epochs": 3}
     keys = _keys(f"{a}::{b}", parts, **kw)
     assert keys == _keys(f"{a}::{b}", parts, **kw)
     assert max(Counter(keys).values()) > 1  # with replacement
@@ -101,8 +108,8 @@ def test_resampled_loader_repeats_samples_and_is_deterministic(mix, parts):
 def test_too_few_shards_for_the_workers_is_a_clear_error(mix, parts):
     a, _ = mix
     with pytest.raises(ShardSpecError, match="4 shards per epoch cannot be dealt to 3 ranks x 2"):
-        build_train_loader(a, parts[0], parts[1], 4, world_size=3, workers=2)
-    build_train_loader(a, parts[0], parts[1], 4, world_size=3, workers=2, resampled=True)
+        _loader(a, parts, 4, world_size=3, workers=2)
+    _loader(a, parts, 4, world_size=3, workers=2, resampled=True)
 
 
 def test_missing_fsspec_backend_names_the_package(mix):

@@ -33,21 +33,20 @@ def _env() -> dict:
 
 
 def _overrides(run_dir, *extra):
-    return [f"run.dir={run_dir}", "model.name=clipkit-nano", "train.batch_size=16", f"train.steps={STEPS}",
+    return [f"run.dir={run_dir}", "model.name=clipkit-nano", "train.global_batch_size=16", f"train.steps={STEPS}",
             "train.lr=2e-3", "train.warmup_steps=3", "train.checkpoint_every=10", "run.progress=false",
             *extra]
 
 
 def _curve(tmp_path, name, shards, nproc, *extra, steps=STEPS, nodes=1):
+    """The real training loop (Trainer.fit with the real loader) on nproc x nodes ranks."""
     out = tmp_path / f"{name}.json"
-    args = [str(out), shards, str(steps), *_overrides(tmp_path / name, *extra)]
+    args = ["fit", str(out), str(steps), *_overrides(tmp_path / name, f"data.train={shards}", *extra)]
     if nproc == 1 and nodes == 1:
-        cmd = [sys.executable, str(SCRIPT), *args]
-        subprocess.run(cmd, check=True, env=_env(), timeout=300, capture_output=True)
+        _run([sys.executable, str(SCRIPT), *args])
     elif nodes == 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(SCRIPT), *args]
-        _run(cmd)
+        _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+              str(SCRIPT), *args])
     else:  # several "nodes" on localhost, each its own torchrun agent, meeting at a c10d rendezvous
         port = _free_port()
         procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
@@ -60,6 +59,14 @@ def _curve(tmp_path, name, shards, nproc, *extra, steps=STEPS, nodes=1):
     return json.loads(out.read_text())
 
 
+def _reference(tmp_path, shards, world, steps=STEPS):
+    """One process training on the global batches that `world` ranks' loaders deliver together."""
+    out = tmp_path / f"reference{world}.json"
+    _run([sys.executable, str(SCRIPT), "reference", str(out), str(steps), str(world),
+          *_overrides(tmp_path / f"reference{world}", f"data.train={shards}")])
+    return json.loads(out.read_text())["losses"]
+
+
 def _run(cmd):
     proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -67,9 +74,8 @@ def _run(cmd):
 
 @pytest.fixture(scope="module")
 def golden(synth_small, tmp_path_factory):
-    """The single-process curve on the global batch of 16."""
-    tmp = tmp_path_factory.mktemp("golden")
-    return _curve(tmp, "single", synth_small.train_spec, 1)["losses"]
+    """The single-process curve on the global batches of 16 that two ranks' loaders deliver."""
+    return _reference(tmp_path_factory.mktemp("golden"), synth_small.train_spec, 2)
 
 
 def _assert_matches(curve, golden):
@@ -102,10 +108,22 @@ def test_deepspeed_zero_matches_single_process(tmp_path, synth_small, golden, st
 def test_deepspeed_resume_continues_the_identical_curve(tmp_path, synth_small, golden):
     ds = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
     first = _curve(tmp_path, "ds_resume", synth_small.train_spec, 2, *ds, steps=10)
-    assert (tmp_path / "ds_resume" / "checkpoints" / "deepspeed" / "step_00000010").is_dir()
+    assert (tmp_path / "ds_resume" / "checkpoints" / "step_00000010" / "deepspeed").is_dir()
     second = _curve(tmp_path, "ds_resume", synth_small.train_spec, 2, *ds, "train.resume=latest")
     assert second["first_step"] == 10
     _assert_matches(first["losses"] + second["losses"], golden)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resumed_run_equals_the_uninterrupted_run_loss_for_loss(tmp_path, synth_small, nproc):
+    """One process and DDP on 2 ranks, stopped at step 10 and resumed with train.resume=latest: every
+    loss equals the uninterrupted run's (weights, optimizer, schedule, RNG and data stream restored)."""
+    whole = _curve(tmp_path, "whole", synth_small.train_spec, nproc)["losses"]
+    first = _curve(tmp_path, "parts", synth_small.train_spec, nproc, steps=10)
+    second = _curve(tmp_path, "parts", synth_small.train_spec, nproc, "train.resume=latest")
+    assert first["first_step"] == 0 and second["first_step"] == 10
+    assert first["losses"] + second["losses"] == whole
+    assert whole[-1] < whole[0]
 
 
 def test_zero3_cli_run_consolidates_weights_that_export_and_open_clip_load(tmp_path, synth_small):
@@ -115,6 +133,9 @@ def test_zero3_cli_run_consolidates_weights_that_export_and_open_clip_load(tmp_p
     import open_clip
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from clipkit.models import create_model  # registers clipkit's architectures with open_clip
 
     run_dir = tmp_path / "z3"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clipkit",
@@ -124,13 +145,12 @@ def test_zero3_cli_run_consolidates_weights_that_export_and_open_clip_load(tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert 0.0 <= summary["zeroshot"]["acc1"] <= 1.0
-    consolidated = torch.load(summary["checkpoint"], weights_only=False)
-    assert Path(summary["checkpoint"]).name == "step_00000006.fp32.pt"
+    checkpoint = Path(summary["checkpoint"])
+    assert checkpoint == run_dir / "checkpoints" / "step_00000006"
+    ours = load_file(str(checkpoint / "model.safetensors"))
 
-    reference = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints" / "deepspeed"),
-                                                          tag="step_00000006")
-    ours = consolidated["model"]
-    fresh = open_clip.create_model("clipkit-nano").state_dict()
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")
+    fresh = create_model("clipkit-nano").state_dict()
     for name, value in reference.items():
         torch.testing.assert_close(ours[name].reshape(value.shape), value.float(), rtol=0, atol=0, msg=name)
     assert any(not torch.equal(ours[k], fresh[k]) for k in reference)  # trained, not the initial weights
@@ -180,7 +200,7 @@ def test_slurm_style_launch_matches_single_process(tmp_path, synth_small, golden
     SLURM_NTASKS and SLURM_LOCALID, the rendezvous in MASTER_ADDR/MASTER_PORT (as launch/slurm.sbatch
     exports them); no torchrun."""
     out = tmp_path / "slurm.json"
-    args = [str(out), synth_small.train_spec, str(STEPS), *_overrides(tmp_path / "slurm")]
+    args = ["fit", str(out), str(STEPS), *_overrides(tmp_path / "slurm", f"data.train={synth_small.train_spec}")]
     port = _free_port()
     procs = []
     for rank in range(2):

@@ -8,15 +8,26 @@ import pytest
 import torch
 import yaml
 
+from safetensors.torch import load_file
+
 from clipkit.config import ConfigError, load_config
-from clipkit.training import Trainer, load_checkpoint, train
+from clipkit.models import load_model
+from clipkit.run import run
+from clipkit.training import Trainer
 from clipkit.training.optim import WarmupCosine
+
+
+def _saved(checkpoint):
+    """A checkpoint's contents, read with the plain libraries (JSON, safetensors, torch in weights-only mode)."""
+    return {"trainer": json.loads((checkpoint / "trainer.json").read_text()),
+            "model": load_file(str(checkpoint / "model.safetensors")),
+            "optimizer": torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]}
 
 
 def _cfg(run_dir, synth, *extra):
     return load_config(None, [
         f"run.dir={run_dir}", f"data.train={synth.train_spec}", f"data.zeroshot={synth.eval_root}",
-        "model.name=clipkit-nano", "train.batch_size=32", "train.steps=60", "train.warmup_steps=10",
+        "model.name=clipkit-nano", "train.global_batch_size=32", "train.steps=60", "train.warmup_steps=10",
         "train.checkpoint_every=20", "train.keep_checkpoints=3", "run.log_every=10", "run.progress=false",
         "data.workers=1", "data.shuffle_buffer=100", *extra,
     ])
@@ -37,9 +48,11 @@ def test_train_checkpoint_resume_zeroshot_export(tmp_path, synth_small):
     # 1. a run interrupted at step 40 of 60
     first = Trainer(cfg)
     first.fit(until=40)
-    saved = load_checkpoint(run_dir / "checkpoints" / "step_00000040.pt")
-    assert saved["step"] == 40 and (run_dir / "checkpoints" / "step_00000020.pt").is_file()
-    assert saved["model_name"] == "clipkit-nano" and saved["config"]["train"]["steps"] == 60
+    saved = _saved(run_dir / "checkpoints" / "step_00000040")
+    info = saved["trainer"]
+    assert info["step"] == 40 and (run_dir / "checkpoints" / "step_00000020" / "manifest.json").is_file()
+    assert info["model_name"] == "clipkit-nano" and info["config"]["train"]["steps"] == 60
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [10, 20, 30, 40]
     assert all({"step", "loss", "lr", "samples_per_s"} <= r.keys() for r in logged)
@@ -59,10 +72,15 @@ def test_train_checkpoint_resume_zeroshot_export(tmp_path, synth_small):
     assert resumed.step == 60
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [10, 20, 30, 40, 50, 60]
-    final = run_dir / "checkpoints" / "step_00000060.pt"
-    assert load_checkpoint(final)["step"] == 60
+    final = run_dir / "checkpoints" / "step_00000060"
+    assert _saved(final)["trainer"]["step"] == 60
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [  # keep_checkpoints=3
+        "latest", "step_00000020", "step_00000040", "step_00000060"]
     with pytest.raises(ConfigError, match="already holds a run"):  # a fresh run would mix with this one
         Trainer(_cfg(run_dir, synth_small, "train.lr=0.5"))
+    # a resumed run trains with its own config: a changed LR is refused, naming the key
+    with pytest.raises(ConfigError, match="'train.lr' differs from the checkpoint's run"):
+        Trainer(_cfg(run_dir, synth_small, "train.lr=0.5", "train.resume=latest"))
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == cfg.train.lr  # untouched
 
     # 3. zero-shot through the CLI, result in CLIP_benchmark's schema
@@ -79,9 +97,7 @@ def test_train_checkpoint_resume_zeroshot_export(tmp_path, synth_small):
     export_dir = tmp_path / "export"
     subprocess.run([sys.executable, "-m", "clipkit", "export", "--checkpoint", str(final), "--format",
                     "open_clip", "--out", str(export_dir)], check=True, capture_output=True)
-    from clipkit.training import load_model_from_checkpoint
-
-    ours, _, _ = load_model_from_checkpoint(final)
+    ours = load_model(final).model
     ours.eval()
     images = torch.randn(4, 3, 32, 32)
     tokenizer = open_clip.get_tokenizer("clipkit-nano")
@@ -104,7 +120,7 @@ def test_train_checkpoint_resume_zeroshot_export(tmp_path, synth_small):
 
 
 def test_full_train_writes_summary_zeroshot_and_export(tmp_path, synth_small):
-    summary = train(_cfg(tmp_path / "run", synth_small, "train.steps=20"))
+    summary = run(_cfg(tmp_path / "run", synth_small, "train.steps=20"))
     run_dir = tmp_path / "run"
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["steps"] == summary["steps"] == 20
@@ -134,8 +150,18 @@ def test_normalize_on_device_trains_the_same_curve(tmp_path, synth_small):
     losses = {}
     for flag in ("false", "true"):
         run_dir = tmp_path / flag
-        train(_cfg(run_dir, synth_small, "train.steps=6", "run.log_every=2", "eval.zeroshot_at_end=false",
+        run(_cfg(run_dir, synth_small, "train.steps=6", "run.log_every=2", "eval.zeroshot_at_end=false",
                    "export.at_end=false", f"data.normalize_on_device={flag}"))
         losses[flag] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses["true"]) == 3
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-6)
+
+
+def test_own_shards_without_a_zeroshot_set_write_no_builtin_data(tmp_path, synth_small):
+    synth_out = tmp_path / "synth"
+    summary = run(load_config(None, [
+        f"run.dir={tmp_path / 'run'}", f"data.train={synth_small.train_spec}", f"data.synth.out={synth_out}",
+        "model.name=clipkit-nano", "train.global_batch_size=8", "train.steps=2", "run.progress=false",
+        "data.workers=0", "export.at_end=false"]))
+    assert summary["steps"] == 2 and "zeroshot" not in summary
+    assert not synth_out.exists()  # the built-in set is written only for a run that trains on it

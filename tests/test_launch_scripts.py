@@ -16,7 +16,7 @@ def _env(**extra):
 
 def _tiny(run_dir, synth):
     return [f"run.dir={run_dir}", "model.name=clipkit-nano", f"data.train={synth.train_spec}",
-            f"data.zeroshot={synth.eval_root}", "train.batch_size=16", "train.steps=4", "train.warmup_steps=1",
+            f"data.zeroshot={synth.eval_root}", "train.global_batch_size=16", "train.steps=4", "train.warmup_steps=1",
             "run.log_every=2", "run.progress=false", "data.workers=1"]
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import logging
 
@@ -6,6 +7,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from clipkit.config import DataConfig
 from clipkit.data import ShardSpecError, ShardStream, build_labelled_loader, build_train_loader, expand_shards
 from clipkit.data.pipeline import Tokenize
 from clipkit.models import create_model, create_transforms, get_tokenizer
@@ -37,8 +39,8 @@ def test_expand_shards_braces_lists_and_missing(tmp_path):
 
 def test_train_loader_batches(synth_small, nano_parts):
     train_tf, _, tok = nano_parts
-    loader = build_train_loader(synth_small.train_spec, train_tf, tok, batch_size=16, workers=2, seed=0,
-                                shuffle_buffer=50)
+    loader = build_train_loader(DataConfig(train=synth_small.train_spec, workers=2, shuffle_buffer=50),
+                                transform=train_tf, tokenizer=tok, local_batch_size=16, seed=0)
     it = iter(loader)
     for _ in range(3):
         batch = next(it)
@@ -114,9 +116,10 @@ def test_uint8_batches_normalised_on_device_equal_the_float_batches(synth_small)
 
     train_tf = open_clip.image_transform(32, is_train=True)
     tok = get_tokenizer("clipkit-nano")
-    kw = dict(workers=1, seed=3, shuffle_buffer=50, epochs=1)
-    plain = build_train_loader(synth_small.train_spec, train_tf, tok, 8, **kw)
-    small = build_train_loader(synth_small.train_spec, train_tf, tok, 8, normalize_on_device=True, **kw)
+    kw = dict(transform=train_tf, tokenizer=tok, local_batch_size=8, seed=3, epochs=1)
+    data = DataConfig(train=synth_small.train_spec, workers=1, shuffle_buffer=50)
+    plain = build_train_loader(data, **kw)
+    small = build_train_loader(dataclasses.replace(data, normalize_on_device=True), **kw)
     for a, b, _ in zip(plain, small, range(5)):
         assert a.images.dtype == torch.float32 and b.images.dtype == torch.uint8
         assert b.images.shape == a.images.shape and a.keys == b.keys
@@ -127,4 +130,5 @@ def test_uint8_batches_normalised_on_device_equal_the_float_batches(synth_small)
 def test_normalize_on_device_needs_the_standard_train_transform(synth_small, nano_parts):
     _, val_tf, tok = nano_parts
     with pytest.raises(ShardSpecError, match="normalize_on_device"):
-        build_train_loader(synth_small.train_spec, val_tf, tok, 8, normalize_on_device=True)
+        build_train_loader(DataConfig(train=synth_small.train_spec, normalize_on_device=True), transform=val_tf,
+                           tokenizer=tok, local_batch_size=8)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from clipkit.config import DataConfig
 from clipkit.data import build_train_loader, expand_shards
 from data_shards import keys_of, tar_keys, tokenizer, transforms, write_shards
 
@@ -66,7 +67,8 @@ def s3(tmp_path_factory):
 
 def _loader(spec, **kw):
     train_tf, _ = transforms(16)
-    return build_train_loader(spec, train_tf, tokenizer(), 5, epochs=1, seed=1, shuffle_buffer=10, **kw)
+    return build_train_loader(DataConfig(train=spec, shuffle_buffer=10, **kw), transform=train_tf,
+                              tokenizer=tokenizer(), local_batch_size=5, epochs=1, seed=1)
 
 
 def test_s3_shards_stream_every_sample_once(s3):

@@ -5,16 +5,17 @@ import torch
 from clipkit.config import load_config
 from clipkit.distributed import DistEnv
 from clipkit.losses import create_loss
-from clipkit.training.engine import TorchEngine
+from clipkit.models import get_model_config
+from clipkit.training.engine import build_engine
 from clipkit.training.step import ContrastiveStep
 from clipkit.training.trainer import build_model
 
 
 def _setup(*overrides, loss="infonce"):
-    cfg = load_config(None, ["model.name=clipkit-nano", "train.batch_size=16", f"train.loss={loss}", *overrides])
+    cfg = load_config(None, ["model.name=clipkit-nano", "train.global_batch_size=16", f"train.loss={loss}", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg, torch.device("cpu"))
-    engine = TorchEngine(model, cfg, DistEnv())
+    engine = build_engine(cfg, model, DistEnv(), "clipkit-nano", get_model_config("clipkit-nano"))
     return cfg, model, engine
 
 
@@ -121,7 +122,8 @@ def test_bf16_autocast_step_runs_and_stays_close_to_fp32():
     _, model, engine = _setup()
     fp32 = ContrastiveStep(engine, create_loss("infonce")).compute_gradients(images, tokens)
     _, model16, engine16 = _setup("train.precision=bf16")
-    bf16 = ContrastiveStep(engine16, create_loss("infonce"), autocast_dtype=torch.bfloat16).compute_gradients(images, tokens)
+    bf16 = ContrastiveStep(engine16, create_loss("infonce")).compute_gradients(images, tokens)  # the engine autocasts
+    assert bf16 != fp32  # the engine really ran the forward under bf16 autocast
     assert abs(bf16 - fp32) < 0.05 * fp32
     assert all(p.dtype == torch.float32 for p in model16.parameters())  # fp32 master weights
 
@@ -138,7 +140,7 @@ def test_fp16_autocast_with_loss_scaling_steps_and_checkpoints_its_scale(tmp_pat
     ContrastiveStep(engine, create_loss("infonce"))(images, tokens)
     _, model16, engine16 = _setup("train.precision=fp16", "train.lr=1e-3", "train.warmup_steps=0")
     assert engine16.scaler is not None and engine16.scaler.get_scale() == 2.0 ** 16
-    step = ContrastiveStep(engine16, create_loss("infonce"), autocast_dtype=torch.float16)
+    step = ContrastiveStep(engine16, create_loss("infonce"))
     scales = []
     with warnings.catch_warnings():  # torch notes the schedule stepping while an overflow skips the update
         warnings.filterwarnings("ignore", message="Detected call of")
@@ -156,11 +158,8 @@ def test_fp16_autocast_with_loss_scaling_steps_and_checkpoints_its_scale(tmp_pat
     update32 = torch.cat([(ref[n].detach() - start[n]).flatten() for n in names])
     assert torch.nn.functional.cosine_similarity(update16, update32, dim=0) > 0.9
     assert all(p.dtype == torch.float32 for p in model16.parameters())  # fp32 master weights
-    from clipkit.models import get_model_config
-
-    path = engine16.save(tmp_path, 1, {"step": 1, "model_name": "clipkit-nano",
-                                       "model_cfg": get_model_config("clipkit-nano")})
-    assert torch.load(path, weights_only=False)["grad_scaler"]["scale"] == engine16.scaler.get_scale()
+    engine16.save_state(tmp_path)
+    assert torch.load(tmp_path / "optimizer.pt", weights_only=True)["grad_scaler"]["scale"] == engine16.scaler.get_scale()
     _, _, fresh = _setup("train.precision=fp16")
-    fresh.load(path)
+    fresh.load_state(tmp_path)
     assert fresh.scaler.get_scale() == engine16.scaler.get_scale()

@@ -142,8 +142,10 @@ def _loader(method: str, spec: str, images: int, batch_size: int, workers: int):
     if method == "clipkit":
         from clipkit.data import build_train_loader
 
-        return build_train_loader(spec, transform, tokenizer, batch_size, workers=workers, seed=0,
-                                  shuffle_buffer=1000)
+        from clipkit.config import DataConfig
+
+        return build_train_loader(DataConfig(train=spec, workers=workers, shuffle_buffer=1000), transform=transform,
+                                  tokenizer=tokenizer, local_batch_size=batch_size, seed=0)
     from open_clip_train.data import get_wds_dataset
 
     args = argparse.Namespace(train_data=spec, val_data=None, train_num_samples=images, dataset_resampled=False,

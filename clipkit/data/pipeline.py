@@ -65,7 +65,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], transform: Callable, target: Callable[[str], torch.Tensor],
                  batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, image_keys: str = "jpg;png;webp;jpeg", text_key: str = "txt",
+                 shuffle_buffer: int = 0, image_keys: str = "jpg;png;webp;jpeg", text_key: str = "txt",
                  shuffle: bool = True, epochs: int | None = None, *, factors: list[float] | None = None,
                  resampled: bool = False, num_workers: int | None = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resume_state: dict | None = None,
@@ -272,33 +272,34 @@ def make_loader(stream: ShardStream, workers: int, prefetch: int = 2) -> DataLoa
                       persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
 
 
-def build_train_loader(spec: str | list[str], transform: Callable, tokenizer: Callable, batch_size: int, *,
-                       rank: int = 0, world_size: int = 1, workers: int = 2, seed: int = 0,
-                       shuffle_buffer: int = 1000, image_keys: str = "jpg;png;webp;jpeg",
-                       caption_key: str = "txt", weights: str | list[float] | None = None,
-                       resampled: bool = False, epochs: int | None = None,
-                       max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, prefetch: int = 2,
-                       resume_state: dict | None = None, normalize_on_device: bool = False) -> DataLoader:
-    """A loader of per-rank (images, caption tokens) batches; batch_size is per rank.
+def build_train_loader(cfg, *, transform: Callable, tokenizer: Callable, local_batch_size: int,
+                       rank: int = 0, world_size: int = 1, seed: int = 0, resume_state: dict | None = None,
+                       epochs: int | None = None) -> DataLoader:
+    """A loader of this rank's (images, caption tokens) batches of local_batch_size, from cfg.train.
 
-    weights: OpenCLIP-style upsampling factors, one per "::" source ("1::2"). resampled: draw shards
-    with replacement (OpenCLIP's --dataset-resampled). epochs: None streams forever. resume_state:
-    a StreamState.state_dict() from this rank's checkpoint (same spec, seed, ranks and workers).
-    normalize_on_device: batches hold uint8 images; apply `loader.dataset.normalize` to them where they
-    arrive (on the GPU), which moves a quarter of the bytes between processes and to the device."""
-    urls, factors = expand_sources(spec, weights)
-    plan = ShardPlan(tuple(urls), tuple(factors) if factors else None, seed, resampled, True, rank, world_size,
+    cfg is the run config's `data` section (a clipkit.config.DataConfig; data does not import the config
+    module, which sits above it): the spec, its upsampling factors (train_weights), resampled or epoch
+    mode, workers, shuffle buffer, member keys, image size limit and normalize_on_device. The rest are
+    runtime facts: where this rank stands, the seed, the stream state from this rank's checkpoint (same
+    spec, seed, ranks and workers), and epochs (None streams forever). With normalize_on_device, batches
+    hold uint8 images: apply `loader.dataset.normalize` to them where they arrive (on the GPU), which moves
+    a quarter of the bytes between processes and to the device."""
+    if cfg.train is None:
+        raise ShardSpecError("data.train names no shards")
+    urls, factors = expand_sources(cfg.train, cfg.train_weights)
+    workers = cfg.workers
+    plan = ShardPlan(tuple(urls), tuple(factors) if factors else None, seed, cfg.resampled, True, rank, world_size,
                      max(1, workers))
-    if not resampled and plan.epoch_length() < world_size * max(1, workers):
+    if not cfg.resampled and plan.epoch_length() < world_size * max(1, workers):
         raise ShardSpecError(f"{plan.epoch_length()} shards per epoch cannot be dealt to {world_size} ranks x "
                              f"{max(1, workers)} loader workers without leaving some idle: use more shards, "
                              f"fewer data.workers, or data.resampled=true")
-    stream = ShardStream(urls, transform, Tokenize(tokenizer), batch_size, rank=rank, world_size=world_size,
-                         seed=seed, shuffle_buffer=shuffle_buffer, image_keys=image_keys, text_key=caption_key,
-                         epochs=epochs, factors=factors, resampled=resampled, num_workers=workers,
-                         max_image_pixels=max_image_pixels, resume_state=resume_state,
-                         normalize_on_device=normalize_on_device)
-    return make_loader(stream, workers, prefetch)
+    stream = ShardStream(urls, transform, Tokenize(tokenizer), local_batch_size, rank=rank, world_size=world_size,
+                         seed=seed, shuffle_buffer=cfg.shuffle_buffer, image_keys=cfg.image_key,
+                         text_key=cfg.caption_key, epochs=epochs, factors=factors, resampled=cfg.resampled,
+                         num_workers=workers, max_image_pixels=cfg.max_image_pixels, resume_state=resume_state,
+                         normalize_on_device=cfg.normalize_on_device)
+    return make_loader(stream, workers, cfg.prefetch)
 
 
 def build_labelled_loader(spec: str, transform: Callable, batch_size: int, *, workers: int = 1,

@@ -57,3 +57,12 @@ def init_distributed() -> DistEnv:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in one process."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..models import load_model
+
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
 
@@ -35,9 +37,10 @@ def export_open_clip(model, model_name: str, model_cfg: dict, out: str | Path) -
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "open_clip") -> dict[str, Path]:
-    from ..training.checkpoint import load_model_from_checkpoint
+    """Export a checkpoint directory or weights file (see clipkit.models.load_model)."""
+    from . import EXPORT_FORMATS
 
-    if fmt != "open_clip":
-        raise ValueError(f"unknown export format {fmt!r} (available: open_clip)")
-    model, _, state = load_model_from_checkpoint(checkpoint)
-    return export_open_clip(model, state["model_name"], state["model_cfg"], out)
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (available: {', '.join(EXPORT_FORMATS)})")
+    loaded = load_model(checkpoint)
+    return EXPORT_FORMATS[fmt](loaded.model, loaded.model_name, loaded.model_cfg, out)

@@ -9,8 +9,11 @@ from .factory import (
     list_models,
     register_model_config,
 )
+from .weights import WEIGHTS_FILE, LoadedModel, load_model, save_weights
 
 __all__ = [
+    "WEIGHTS_FILE",
+    "LoadedModel",
     "MODEL_CONFIG_DIR",
     "ModelNotFoundError",
     "create_model",
@@ -18,5 +21,7 @@ __all__ = [
     "get_model_config",
     "get_tokenizer",
     "list_models",
+    "load_model",
     "register_model_config",
+    "save_weights",
 ]

@@ -8,6 +8,7 @@ trained here, or loaded from a local file.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import tempfile
@@ -86,7 +87,8 @@ def register_model_config(name: str, model_cfg: dict) -> str:
     if existing == model_cfg:
         return name
     if existing is not None:
-        name = f"{name}-ckpt{abs(hash(json.dumps(model_cfg, sort_keys=True))) % 10**8}"
+        digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
+        name = f"{name}-ckpt{digest}"  # the same name for the same architecture in every process
     path = Path(tempfile.mkdtemp(prefix="clipkit-cfg-")) / f"{name}.json"
     path.write_text(json.dumps(model_cfg))
     open_clip.add_model_config(path)

@@ -1,6 +1,8 @@
-"""Training: the loop, optimizer and schedule, checkpoints, metrics."""
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_from_checkpoint
-from .trainer import Trainer, train
+"""Training: the loop, engines, exact accumulation, the checkpoint manager, optimizer and metrics.
 
-__all__ = ["CheckpointError", "Trainer", "latest_checkpoint", "load_checkpoint", "load_model_from_checkpoint",
-           "train"]
+Evaluation and export are not here: clipkit.run composes them with training."""
+from ..checkpoint import CheckpointError
+from .checkpoint import CheckpointManager
+from .trainer import Trainer
+
+__all__ = ["CheckpointError", "CheckpointManager", "Trainer"]

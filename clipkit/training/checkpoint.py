@@ -1,96 +1,211 @@
-"""Checkpoints: everything needed to rebuild the model and continue the run exactly where it stopped."""
+"""The checkpoint manager: when to save, what goes in, retention, the latest pointer, verification
+and fallback on resume. The loop only says `checkpoints.maybe_save(step)`.
+
+What a checkpoint holds (see docs/checkpoints.md):
+    step_00000600/model.safetensors   fp32 weights + architecture (torch engine; DeepSpeed: final step)
+    step_00000600/optimizer.pt        optimizer, schedule, loss scale: tensors and numbers only
+    step_00000600/deepspeed/          DeepSpeed's own sharded files (DeepSpeed engine)
+    step_00000600/trainer.json        step, engine, world size, model name and architecture, run config
+    step_00000600/ranks.json          per rank: each state provider's JSON (RNG, data stream, skip counts)
+    step_00000600/manifest.json       sha256 of every file above, signed; written last
+"""
 from __future__ import annotations
 
-import os
+import base64
+import json
+import logging
 import random
-import re
+import shutil
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-CHECKPOINT_RE = re.compile(r"step_(\d+)\.pt")  # full name only: not step_N.fp32.pt (weights only)
+from ..checkpoint import (
+    CheckpointError,
+    commit,
+    disk_full_error,
+    is_disk_full,
+    list_steps,
+    remove_stale_temporaries,
+    step_dir,
+    verify,
+    write_json,
+)
+from ..distributed import DistEnv, gather_objects
+from ..models import WEIGHTS_FILE, save_weights
 
+log = logging.getLogger("clipkit.training")
 
-class CheckpointError(ValueError):
-    pass
-
-
-def checkpoint_path(directory: str | Path, step: int) -> Path:
-    return Path(directory) / f"step_{step:08d}.pt"
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
+TRAINER_FILE = "trainer.json"
+RANKS_FILE = "ranks.json"
 
 
-def rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+class StateProvider(Protocol):
+    """Per-rank state that a checkpoint carries as JSON."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class RNGState:
+    """Python, numpy, torch and CUDA generators, as JSON (no pickled objects)."""
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        cuda = [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
+        return {"python": [version, list(internal), gauss],
+                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                "torch": _b64(torch.get_rng_state()), "cuda": cuda}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(_unb64(state["torch"]))
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
 
 
-def save_checkpoint(state: dict, directory: str | Path, step: int, keep: int = 0) -> Path:
-    """Write atomically (temp file + rename) so a preempted save never leaves a truncated 'latest'."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(directory, step)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    if keep > 0:
-        for old in list_checkpoints(directory)[:-keep]:
-            old.unlink()
-    return path
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
 
 
-REQUIRED_KEYS = ("model", "step", "model_name", "model_cfg")
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        # RNG states hold numpy arrays and tuples: weights_only loading would refuse them.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} could not be read (truncated or not a torch file?): {e}") from e
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
-        raise CheckpointError(f"{path} is not a clipkit checkpoint (missing {', '.join(missing)})")
-    return state
+def _agree(error: str | None, env: DistEnv) -> None:
+    """Raise the same CheckpointError on every rank if any rank failed (none is left waiting)."""
+    errors = [e for e in gather_objects(error, env) if e]
+    if errors:
+        raise CheckpointError(errors[0])
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, model_name, state): the architecture is rebuilt from the config stored in the checkpoint."""
-    from ..models import create_model, register_model_config
+class CheckpointManager:
+    def __init__(self, directory: str | Path, env: DistEnv, engine, providers: dict[str, StateProvider], *,
+                 every: int, keep: int, meta: dict) -> None:
+        """meta: what identifies the run in trainer.json (model_name, model_cfg, config)."""
+        self.directory, self.env, self.engine = Path(directory), env, engine
+        self.providers, self.every, self.keep, self.meta = providers, every, keep, meta
+        self.last: Path | None = None
 
-    state = load_checkpoint(path)
-    name = register_model_config(state["model_name"], state["model_cfg"])
-    model = create_model(name, device=device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {path} do not fit architecture {state['model_name']}: {e}") from e
-    return model, name, state
+    def existing(self) -> Path | None:
+        """The newest checkpoint directory, complete or not (a run.dir holding one holds a run)."""
+        found = list_steps(self.directory)
+        return found[-1] if found else None
+
+    def holds_weights(self, step: int) -> bool:
+        """Whether the checkpoint last saved or loaded is this step's and carries full weights."""
+        return (self.last is not None and self.last.name == step_dir(self.directory, step).name
+                and (self.last / WEIGHTS_FILE).is_file())
+
+    def remove_stale(self) -> None:
+        if self.env.is_main:
+            for path in remove_stale_temporaries(self.directory):
+                log.warning("removed %s, left by an interrupted save", path)
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def maybe_save(self, step: int) -> Path | None:
+        return self.save(step) if step % self.every == 0 else None
+
+    def save(self, step: int, *, final: bool = False) -> Path:
+        """Write step_N; the final checkpoint also carries full fp32 weights (consolidated under ZeRO)."""
+        final_dir = step_dir(self.directory, step)
+        tmp = final_dir.with_name(final_dir.name + ".tmp")
+        ranks = gather_objects({name: p.state_dict() for name, p in self.providers.items()}, self.env)
+        error = None
+        if self.env.is_main:
+            error = self._attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)), tmp)
+        _agree(error, self.env)
+        error = self._attempt(lambda: self.engine.save_state(tmp), tmp)
+        _agree(error, self.env)
+        weights = self.engine.full_state_dict() if final and not self.engine.writes_full_weights else None
+        if self.env.is_main:
+            error = self._attempt(lambda: self._seal(tmp, step, ranks, weights), tmp)
+        _agree(error, self.env)
+        self.last = final_dir
+        return final_dir
+
+    def _attempt(self, write, tmp: Path) -> str | None:
+        try:
+            write()
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):
+                return str(disk_full_error(tmp.parent, e))
+            if isinstance(e, CheckpointError):
+                return str(e)
+            return f"writing checkpoint {tmp.name[:-4]} in {tmp.parent} failed: {type(e).__name__}: {e}"
+        return None
+
+    def _seal(self, tmp: Path, step: int, ranks: list, weights: dict | None) -> None:
+        if weights is not None:
+            save_weights(weights, tmp / WEIGHTS_FILE, self.meta["model_name"], self.meta["model_cfg"])
+        write_json(tmp / TRAINER_FILE, {"step": step, "engine": self.engine.name, "world_size": self.env.world_size,
+                                        **self.meta})
+        write_json(tmp / RANKS_FILE, ranks)
+        commit(tmp, {"step": step, "engine": self.engine.name})
+        if self.keep > 0:
+            for old in list_steps(self.directory)[:-self.keep]:
+                shutil.rmtree(old)
+
+    # -- resuming -------------------------------------------------------------------------------------
+
+    def resume(self, spec: str) -> tuple[int, dict] | None:
+        """Load 'latest' (the newest checkpoint that verifies) or a given checkpoint directory into the
+        engine and providers; returns (step, trainer.json) or None when 'latest' finds nothing."""
+        path, error = None, None
+        if self.env.is_main:
+            try:
+                path = self._choose(spec)
+            except CheckpointError as e:
+                error = str(e)
+        _agree(error, self.env)
+        if self.env.distributed:
+            box = [str(path) if path else None]
+            dist.broadcast_object_list(box, src=0)
+            path = Path(box[0]) if box[0] else None
+        if path is None:
+            return None
+        info = json.loads((path / TRAINER_FILE).read_text())
+        self._check_compatible(path, info)
+        self.engine.load_state(path)
+        mine = json.loads((path / RANKS_FILE).read_text())[self.env.rank]
+        for name, provider in self.providers.items():
+            provider.load_state_dict(mine[name])
+        self.last = path
+        return info["step"], info
+
+    def _choose(self, spec: str) -> Path | None:
+        signed = self.engine.unpickles_on_load
+        if spec != "latest":
+            verify(spec, signed=signed)
+            return Path(spec)
+        for candidate in reversed(list_steps(self.directory)):
+            try:
+                verify(candidate, signed=signed)
+                return candidate
+            except CheckpointError as e:
+                print(f"clipkit: skipping checkpoint {candidate}: {e}", flush=True)
+        if list_steps(self.directory):
+            raise CheckpointError(f"no checkpoint in {self.directory} verifies (see the reasons above)")
+        return None
+
+    def _check_compatible(self, path: Path, info: dict) -> None:
+        if info["engine"] != self.engine.name:
+            raise CheckpointError(f"checkpoint {path} was written by the {info['engine']} engine; this run uses "
+                                  f"{self.engine.name}: resume it with the same deepspeed.enabled / "
+                                  "deepspeed.zero_stage settings")
+        if info["model_cfg"] != self.meta["model_cfg"]:
+            raise CheckpointError(f"checkpoint {path} holds architecture {info['model_name']}, which differs from "
+                                  f"model.name={self.meta['model_name']}")
+        if info["world_size"] != self.env.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by {info['world_size']} ranks; this run has "
+                                  f"{self.env.world_size}: resume with the same world size")

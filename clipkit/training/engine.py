@@ -1,51 +1,79 @@
-"""Engines: how a model is wrapped, stepped and checkpointed across processes.
+"""Engines: how a model is wrapped, stepped, kept in precision and checkpointed across processes.
 
-`TorchEngine` covers one process and DDP; `DeepSpeedEngine` covers ZeRO stages 1-3. Both expose the
-same small API, so the training step and loop never ask which one they have:
+The engine is chosen once, by `build_engine(cfg, module, env)`; the step and the loop never ask which
+one they have. Every engine exposes:
 
-    engine.model            the module to call (DDP- or DeepSpeed-wrapped)
-    engine.input_dtype      the dtype images must have (None: as loaded, fp32)
-    engine.module           the plain open_clip model
-    engine.backward(loss)   engine.step()   engine.no_sync()   engine.lr
-    engine.save(dir, step, client_state)   engine.load(path_or_dir) -> client_state
-    engine.full_state_dict()  fp32 weights of the whole model, on rank 0 (for export/eval)
+    engine.name              "torch" or "deepspeed-zero{N}" (recorded in checkpoints; resume must match)
+    engine.model             the module to call (DDP- or DeepSpeed-wrapped)
+    engine.module            the plain open_clip model
+    engine.input_dtype       the dtype images must have (None: as loaded, fp32)
+    engine.autocast()        the context the forward runs in (bf16/fp16 autocast, or nothing)
+    engine.no_sync()         skip the gradient all-reduce (all but the last backward of a step)
+    engine.backward(loss)    gradients only: parameters change in engine.step()
+    engine.step()            clip, update, schedule, zero the gradients
+    engine.lr
+    engine.save_state(dir)   write its own files into a checkpoint directory (every rank calls it)
+    engine.load_state(dir)   read them back
+    engine.full_state_dict() fp32 weights of the whole model on rank 0 (collective under ZeRO-3)
+    engine.unpickles_on_load the loader of its files unpickles: load only checkpoints clipkit signed
+    Engine.model_kwargs(cfg) what the engine needs from create_model
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import CheckpointError
 from ..config import Config
 from ..distributed import DistEnv
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..models import WEIGHTS_FILE, save_weights
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger("clipkit.training")
 
+OPTIMIZER_FILE = "optimizer.pt"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class TorchEngine:
-    def __init__(self, module: nn.Module, cfg: Config, env: DistEnv) -> None:
+    """One process or DDP; autocast with fp32 master weights, GradScaler loss scaling for fp16."""
+
+    name = "torch"
+    unpickles_on_load = False
+    writes_full_weights = True  # model.safetensors is in every checkpoint
+
+    @staticmethod
+    def model_kwargs(cfg: Config) -> dict:
+        return {}
+
+    def __init__(self, module: nn.Module, cfg: Config, env: DistEnv, model_name: str, model_cfg: dict) -> None:
         t = cfg.train
         self.module, self.env, self.grad_clip = module, env, t.grad_clip
+        self.model_name, self.model_cfg = model_name, model_cfg
         self.model = module
         if env.distributed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
             self.model = DistributedDataParallel(module, device_ids=device_ids)
         self.optimizer = build_optimizer(module, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.steps)
-        self.keep = t.keep_checkpoints
-        self.input_dtype = None  # fp32 weights; bf16/fp16 run under autocast (see ContrastiveStep)
+        self.input_dtype = None  # fp32 weights; bf16/fp16 run under autocast
+        self.autocast_dtype = AUTOCAST_DTYPES.get(t.precision)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(env.device.type) if t.precision == "fp16" else None
 
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
     def no_sync(self):
-        """Skip DDP's gradient all-reduce (for all but the last backward of an accumulated step)."""
         return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -68,29 +96,28 @@ class TorchEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def save(self, directory: Path, step: int, client_state: dict) -> Path | None:
-        if not self.env.is_main:
-            return None
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), **client_state}
+    def save_state(self, directory: Path) -> None:
+        if not self.env.is_main:  # DDP replicas are identical: rank 0 writes for all
+            return
+        save_weights(self.module.state_dict(), directory / WEIGHTS_FILE, self.model_name, self.model_cfg)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
-        return save_checkpoint(state, directory, step, keep=self.keep)
+        torch.save(state, directory / OPTIMIZER_FILE)
 
-    def find_latest(self, directory: Path) -> Path | None:
-        return latest_checkpoint(directory)
+    def load_state(self, directory: Path) -> None:
+        from safetensors.torch import load_file
 
-    def load(self, path: Path) -> dict:
-        state = load_checkpoint(path)
-        if "optimizer" not in state:
-            raise CheckpointError(f"{path} holds weights only (an exported or consolidated file): it can "
-                                  "start a new run's weights but not resume one")
-        self.module.load_state_dict(state["model"])
+        self.module.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        try:  # tensors, numbers and lists only: a file that needs anything else is refused unread
+            state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{directory / OPTIMIZER_FILE} was refused: it holds more than tensors and "
+                                  f"plain values ({type(e).__name__}); clipkit does not unpickle objects") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
-        return state
 
     def full_state_dict(self) -> dict | None:
         return self.module.state_dict() if self.env.is_main else None
@@ -99,37 +126,45 @@ class TorchEngine:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO with DeepSpeed's own optimizer; clipkit's schedule, clipping and precision."""
 
-    TAG_PREFIX = "step_"
+    unpickles_on_load = True  # DeepSpeed's load_checkpoint calls torch.load(weights_only=False)
+    writes_full_weights = False  # sharded state; consolidated weights are added to the final checkpoint
+    STATE_DIR = "deepspeed"
 
-    def __init__(self, module: nn.Module, cfg: Config, env: DistEnv, micro_batch: int) -> None:
+    @staticmethod
+    def model_kwargs(cfg: Config) -> dict:
+        # DeepSpeed's initial broadcast views every parameter as bytes, which fails on 0-d tensors:
+        # open_clip can hold the temperature (and bias) as 1-element vectors instead.
+        return {"nonscalar_logit_scale": True}
+
+    def __init__(self, module: nn.Module, cfg: Config, env: DistEnv, model_name: str, model_cfg: dict) -> None:
         import deepspeed
 
         self.module, self.env, self.cfg = module, env, cfg
-        if not torch.distributed.is_initialized():
-            # One process (plain `clipkit train`, or torchrun with one rank): DeepSpeed still needs a
-            # process group, and a one-member group needs no rendezvous.
-            on_gpu = env.device.type == "cuda"
-            torch.distributed.init_process_group("nccl" if on_gpu else "gloo", store=torch.distributed.HashStore(),
-                                                 rank=0, world_size=1, device_id=env.device if on_gpu else None)
+        self.name = f"deepspeed-zero{cfg.deepspeed.zero_stage}"
+        t = cfg.train
+        _join_one_process_group(env)
+        micro_batch = t.global_batch_size // env.world_size // t.accum_steps
         ds_config = deepspeed_config(cfg, env, micro_batch)
-        if cfg.train.precision != "fp32" and env.device.type != "cuda":
-            log.warning("train.precision=%s: DeepSpeed on CPU trains in fp32", cfg.train.precision)
-        schedule = WarmupCosine(cfg.train.warmup_steps, cfg.train.steps)
+        if t.precision != "fp32" and env.device.type != "cuda":
+            log.warning("train.precision=%s: DeepSpeed on CPU trains in fp32", t.precision)
+        schedule = WarmupCosine(t.warmup_steps, t.steps)
 
         def lr_lambda(step: int) -> float:
             return schedule(step)
 
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module,
-            model_parameters=param_groups(module, cfg.train.weight_decay),
+            model_parameters=param_groups(module, t.weight_decay),
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
             dist_init_required=False,
         )
-        self.accum = ds_config["gradient_accumulation_steps"]
         # DeepSpeed's bf16/fp16 modes cast the model itself (no autocast): inputs must follow.
         self.input_dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"]
                             else torch.float16 if ds_config["fp16"]["enabled"] else None)
+
+    def autocast(self):
+        return contextlib.nullcontext()
 
     def no_sync(self):
         # DeepSpeed reduces gradients at its own accumulation boundary (gradient_accumulation_steps).
@@ -138,40 +173,27 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         # Contrastive accumulation already produces the exact full-batch gradient: no 1/K scaling.
         self.model.backward(loss, scale_wrt_gas=False)
-        # DeepSpeed wants step() after every backward; it updates only at the accumulation boundary
-        # (clipping, optimizer, schedule, zeroing the gradients).
-        self.model.step()
+        if not self.model.is_gradient_accumulation_boundary():
+            # DeepSpeed counts micro-batches in step(): off the boundary it only advances that count
+            # (no update), and it must, or the next backward would not know it closes the step.
+            self.model.step()
 
     def step(self) -> None:
-        """Nothing left to do: the boundary step ran inside the last backward."""
+        """At the boundary: clipping, optimizer, schedule, zeroing the gradients."""
+        self.model.step()
 
     @property
     def lr(self) -> float:
         return self.model.get_lr()[0]
 
-    @staticmethod
-    def _ds_dir(directory: Path) -> Path:
-        return Path(directory) / "deepspeed"
+    def save_state(self, directory: Path) -> None:
+        self.model.save_checkpoint(str(directory / self.STATE_DIR), tag="state", save_latest=False)
 
-    def save(self, directory: Path, step: int, client_state: dict) -> Path:
-        ds_dir = self._ds_dir(directory)
-        self.model.save_checkpoint(str(ds_dir), tag=f"{self.TAG_PREFIX}{step:08d}", client_state=client_state)
-        return ds_dir / f"{self.TAG_PREFIX}{step:08d}"
-
-    @classmethod
-    def find_latest(cls, directory: Path) -> Path | None:
-        latest = cls._ds_dir(directory) / "latest"
-        return cls._ds_dir(directory) / latest.read_text().strip() if latest.is_file() else None
-
-    def load(self, path: Path) -> dict:
-        path = Path(path)
-        if not (path.is_dir() and path.parent.is_dir()):
-            raise CheckpointError(f"DeepSpeed checkpoint not found: {path} (expected run.dir/checkpoints/"
-                                  "deepspeed/step_XXXXXXXX)")
-        loaded, client_state = self.model.load_checkpoint(str(path.parent), tag=path.name)
+    def load_state(self, directory: Path) -> None:
+        # Only ever called on a checkpoint whose manifest signature and checksums were verified.
+        loaded, _ = self.model.load_checkpoint(str(directory / self.STATE_DIR), tag="state")
         if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
-        return client_state
+            raise CheckpointError(f"DeepSpeed could not load {directory / self.STATE_DIR}")
 
     def full_state_dict(self) -> dict | None:
         """Gather the whole fp32 model: ZeRO-3 partitions parameters, so every rank takes part."""
@@ -193,6 +215,29 @@ class DeepSpeedEngine:
             state[name] = buf.detach().cpu().clone()
         full = self.module.state_dict()
         return {k: state[k] for k in full if k in state}
+
+
+def _join_one_process_group(env: DistEnv) -> None:
+    """One process (plain `clipkit train`, or torchrun with one rank): DeepSpeed still needs a process
+    group and the variables torchrun would set; a one-member group needs no rendezvous."""
+    if torch.distributed.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    on_gpu = env.device.type == "cuda"
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo", store=torch.distributed.HashStore(),
+                                         rank=0, world_size=1, device_id=env.device if on_gpu else None)
+
+
+ENGINES = {"torch": TorchEngine, "deepspeed": DeepSpeedEngine}
+
+
+def engine_class(cfg: Config) -> type:
+    return ENGINES["deepspeed" if cfg.deepspeed.enabled else "torch"]
+
+
+def build_engine(cfg: Config, module: nn.Module, env: DistEnv, model_name: str, model_cfg: dict):
+    return engine_class(cfg)(module, cfg, env, model_name, model_cfg)
 
 
 def deepspeed_config(cfg: Config, env: DistEnv, micro_batch: int) -> dict:
@@ -217,9 +262,5 @@ def deepspeed_config(cfg: Config, env: DistEnv, micro_batch: int) -> dict:
     if t.grad_clip is not None:
         config["gradient_clipping"] = t.grad_clip
     if cfg.deepspeed.config:
-        path = Path(cfg.deepspeed.config)
-        if not path.is_file():
-            raise CheckpointError(f"deepspeed.config file not found: {path}")
-        user = json.loads(path.read_text())
-        config = {**config, **user}
+        config = {**config, **json.loads(Path(cfg.deepspeed.config).read_text())}
     return config

@@ -32,23 +32,18 @@ def _rng_restore(state: tuple, device: torch.device) -> None:
 
 
 class ContrastiveStep:
-    def __init__(self, engine, loss_fn: Callable, accum_steps: int = 1,
-                 autocast_dtype: torch.dtype | None = None, device: torch.device | None = None,
+    """Precision is the engine's: the forward runs in engine.autocast(), images take engine.input_dtype."""
+
+    def __init__(self, engine, loss_fn: Callable, accum_steps: int = 1, device: torch.device | None = None,
                  normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.engine = engine
         self.normalize = normalize  # for uint8 batches: normalised here, on the device
         self.loss_fn = loss_fn
         self.accum_steps = accum_steps
-        self.autocast_dtype = autocast_dtype
         self.device = device or torch.device("cpu")
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
-        with self._autocast():
+        with self.engine.autocast():
             return self.engine.model(images, tokens)
 
     def _loss(self, out: dict, image_features=None, text_features=None, logit_scale=None, logit_bias=None):
