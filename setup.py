@@ -11,20 +11,28 @@ INSTALL_REQUIRES = [
     "webdataset==1.0.2",
     "deepspeed==0.19.8",
     "timm>=1.0",
-    "transformers>=4.40",
+    "transformers>=5.0",  # the HF export uses the 5.x tokenizer and processor API
     "fsspec>=2024.1",
     "safetensors>=0.4",
     "tensorboard>=2.15",
     "tqdm>=4.60",
     "pyyaml>=6.0",
     "braceexpand>=0.1.7",
-    "pyarrow>=14",  # parquet: make-shards input, img2dataset-style per-shard metadata
+    "pyarrow>=14",  # parquet: make-shards input, img2dataset-style per-shard metadata, embedding metadata
+    # using what was trained: indexes, the retrieval service, ONNX export
+    "faiss-cpu>=1.8",
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "onnx>=1.16",
+    "onnxruntime>=1.18",
+    "onnxscript>=0.5",  # torch.onnx's (dynamo) exporter
 ]
 
 BENCH = ["scikit-image>=0.22"]  # its sample photographs build the realistic shards of `clipkit bench data`
 EXTRAS = {
     "bench": BENCH,
-    "test": ["pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0", *BENCH],
+    # clip-benchmark: the independent reference for zero-shot and retrieval evaluation
+    "test": ["pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0", "httpx>=0.27", "clip-benchmark==1.6.2", *BENCH],
 }
 
 setup(

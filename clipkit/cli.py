@@ -42,8 +42,14 @@ def _print_summary(summary: dict) -> None:
         print(f"zero-shot     : top-1 {z['acc1']:.3f}, top-5 {z['acc5']:.3f}, mean per-class recall "
               f"{z['mean_per_class_recall']:.3f} over {z['num_classes']} classes "
               f"(chance {z['chance_acc1']:.3f}) -> {z['result_file']}")
+    if "retrieval" in summary:
+        r = summary["retrieval"]
+        print(f"retrieval     : image R@1/5/10 {r['image_retrieval_recall@1']:.3f}/{r['image_retrieval_recall@5']:.3f}/"
+              f"{r['image_retrieval_recall@10']:.3f}, text R@1/5/10 {r['text_retrieval_recall@1']:.3f}/"
+              f"{r['text_retrieval_recall@5']:.3f}/{r['text_retrieval_recall@10']:.3f} over {r['num_images']} "
+              f"images -> {r['result_file']}")
     if "export" in summary:
-        print(f"exported      : {Path(summary['export']['weights']).parent} (open_clip format)")
+        print(f"exported      : {Path(next(iter(summary['export'].values()))).parent} ({summary['export_format']} format)")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -54,23 +60,30 @@ def _synth(args: argparse.Namespace) -> int:
                              seed=args.seed, workers=args.workers)
     print(f"train shards : {ds.train_spec} ({ds.num_train} samples)")
     print(f"zero-shot set: {ds.eval_root} ({ds.num_eval} samples)")
+    print(f"retrieval set: {ds.retrieval_root} ({ds.num_retrieval} images)")
     return 0
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
+    import torch
+
     from .evaluation import evaluate_zeroshot, load_zeroshot_set, write_result
     from .models import create_transforms, get_tokenizer, load_model
 
-    zs = load_zeroshot_set(args.data, args.classnames, args.templates)
-    loaded = load_model(args.checkpoint)
+    zs = load_zeroshot_set(args.data, args.classnames, args.templates)  # bad data fails before the model loads
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.checkpoint, device=device)
     _, val_transform = create_transforms(loaded.model)
     metrics = evaluate_zeroshot(loaded.model, get_tokenizer(loaded.name), val_transform, zs,
-                                batch_size=args.batch_size, workers=args.workers)
+                                batch_size=args.batch_size, workers=args.workers, device=device,
+                                predictions_csv=args.dump_predictions)
     checkpoint = Path(args.checkpoint)
     out = args.out or str(checkpoint.with_suffix("").as_posix() + f"_zeroshot_{zs.name}.json")
     result = write_result(out, metrics, zs.name, loaded.model_name, str(checkpoint))
     print(json.dumps(result, indent=2))
     print(f"written to {out}")
+    if args.dump_predictions:
+        print(f"per-image predictions: {args.dump_predictions}")
     return 0
 
 
@@ -150,12 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--checkpoint", required=True,
                    help="a checkpoint directory (run.dir/checkpoints/step_N), a .safetensors weights file or an "
                         "open_clip model directory")
-    z.add_argument("--data", required=True, help="CLIP_benchmark wds root, or a shard spec")
-    z.add_argument("--classnames", default=None)
-    z.add_argument("--templates", default=None)
+    z.add_argument("--data", required=True,
+                   help="CLIP_benchmark wds root, an image folder with one sub-folder per class, or a shard spec of "
+                        "KEY.jpg + KEY.cls samples (with --classnames)")
+    z.add_argument("--classnames", default=None,
+                   help="class names, one per line in label order (for a folder: sorted folder-name order); "
+                        "default: the root's classnames.txt or the folder names")
+    z.add_argument("--templates", default=None,
+                   help="prompt templates with {c}, one per line; default: the root's templates file, else the "
+                        "80 OpenAI ImageNet templates")
     z.add_argument("--out", default=None, help="result JSON (CLIP_benchmark schema)")
+    z.add_argument("--dump-predictions", default=None, metavar="FILE.csv",
+                   help="per-image predictions: key or path, true and predicted label, score, top-5")
     z.add_argument("--batch-size", type=int, default=256)
     z.add_argument("--workers", type=int, default=1)
+    z.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     z.set_defaults(func=_zeroshot)
 
     e = sub.add_parser("export", help="export a checkpoint")
@@ -164,10 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
 
+    # Commands whose options live with their implementation (each module has main(argv)).
+    for name, module, help_text in [
+        ("retrieval", "clipkit.evaluation.retrieval", "image-text retrieval recall@k of a checkpoint"),
+        ("embed", "clipkit.retrieval.embed", "image and text embeddings of shards, in clip-retrieval's layout"),
+        ("index", "clipkit.retrieval.index", "a faiss index over exported embeddings"),
+        ("search", "clipkit.retrieval.search", "nearest neighbours of a text or image query in an index"),
+        ("serve", "clipkit.retrieval.serve", "an HTTP retrieval service over an index"),
+    ]:
+        sub.add_parser(name, add_help=False, help=help_text).set_defaults(func=_delegate(module))
+
     b = sub.add_parser("bench", help="benchmarks (results written as JSON)")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     for name, help_text in [("loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP"),
-                            ("data", "data loading samples/s per core, clipkit vs OpenCLIP")]:
+                            ("data", "data loading samples/s per core, clipkit vs OpenCLIP"),
+                            ("embed", "embedding images/s per core, clipkit embed vs a plain open_clip loop"),
+                            ("onnx", "ONNX Runtime fp32 and int8 exports: zero-shot accuracy and speed vs torch")]:
         bp = bsub.add_parser(name, add_help=False, help=help_text)
         bp.set_defaults(func=_delegate(f"clipkit.bench.{name}"))
 
@@ -192,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import ZeroShotDataError
     from .models import ModelNotFoundError
     from .checkpoint import CheckpointError
+    from .errors import UserError
 
     try:
         return args.func(args)
-    except (ConfigError, ShardSpecError, ZeroShotDataError, ModelNotFoundError, CheckpointError) as e:
+    except (ConfigError, ShardSpecError, ZeroShotDataError, ModelNotFoundError, CheckpointError, UserError) as e:
         print(f"clipkit: error: {e}", file=sys.stderr)
         return 2
 

@@ -52,6 +52,9 @@ class DataConfig:
     # A CLIP_benchmark-style zero-shot set root (test/*.tar, classnames.txt, templates). None means the
     # held-out split of the built-in set when training on it, and no zero-shot evaluation otherwise.
     zeroshot: Optional[str] = None
+    # A CLIP_benchmark-style retrieval root (several captions per image) or caption shards; None means the
+    # held-out retrieval split of the built-in set when training on it, and no retrieval evaluation otherwise.
+    retrieval: Optional[str] = None
     # OpenCLIP's upsampling factors, one per "::" source of data.train ("1::2"); None weighs sources by size.
     train_weights: Optional[str] = None
     # Draw shards with replacement, endlessly (OpenCLIP's --dataset-resampled); else epoch after epoch,
@@ -114,6 +117,10 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 256
     zeroshot_at_end: bool = True
+    retrieval_at_end: bool = True
+    # Evaluate on the held-out sets (data.zeroshot) every N steps during training, logged to metrics.jsonl
+    # and TensorBoard under "eval"; 0: only at the end.
+    every: int = 0
 
 
 @dataclass
@@ -318,6 +325,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be 0 or more")
     _check(cfg.model.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be 0 or more")
     _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be positive")
+    _check(cfg.eval.every >= 0, "eval.every", "must be 0 (only at the end) or more")
     _check(cfg.export.format in EXPORT_FORMATS, "export.format",
            f"must be one of {', '.join(EXPORT_FORMATS)} (got {cfg.export.format!r})")
     _check(r.log_every > 0, "run.log_every", "must be positive")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,40 +21,60 @@ import torch.distributed as dist
 from .config import Config
 from .data import ensure_synth_dataset
 from .distributed import DistEnv, cleanup, init_distributed
-from .evaluation import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, write_result
+from .evaluation import (
+    RetrievalSet,
+    ZeroShotSet,
+    evaluate_retrieval,
+    evaluate_zeroshot,
+    load_retrieval_set,
+    load_zeroshot_set,
+    write_result,
+)
 from .export import EXPORT_FORMATS
-from .models import create_transforms, get_tokenizer, load_model
+from .models import create_model, create_transforms, get_tokenizer, load_model
 from .training import Trainer
 
 
-def resolve_data(cfg: Config, env: DistEnv) -> tuple[Config, str | None]:
-    """(cfg with data.train filled in, the zero-shot root or None). The built-in set is written (rank 0,
-    first use only) when the run trains on it; a run on its own shards evaluates zero-shot only on a set
-    it names."""
-    zeroshot = cfg.data.zeroshot
-    if cfg.data.train is not None:
-        return cfg, zeroshot
-    s = cfg.data.synth
-    params = dict(train_samples=s.train_samples, eval_samples=s.eval_samples, samples_per_shard=s.samples_per_shard,
-                  image_size=s.image_size, seed=s.seed)
-    if env.is_main:
-        ensure_synth_dataset(s.out, **params)
-    if env.distributed:
-        dist.barrier()
-    synth = ensure_synth_dataset(s.out, **params)  # present now: only reads the manifest
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=synth.train_spec))
-    return cfg, zeroshot if zeroshot is not None else str(synth.eval_root)
+@dataclass
+class HeldOut:
+    """The held-out sets a run evaluates on (None: not evaluated)."""
+
+    zeroshot: ZeroShotSet | None = None
+    retrieval: RetrievalSet | None = None
+
+
+def resolve_data(cfg: Config, env: DistEnv) -> tuple[Config, HeldOut]:
+    """(cfg with data.train filled in, the held-out sets). The built-in set is written (rank 0, first use
+    only) when the run trains on it, and its held-out splits are evaluated; a run on its own shards
+    evaluates only on the sets it names. The sets are read here, so a bad one fails before training."""
+    d, zeroshot, retrieval = cfg.data, cfg.data.zeroshot, cfg.data.retrieval
+    if d.train is None:
+        s = d.synth
+        params = dict(train_samples=s.train_samples, eval_samples=s.eval_samples,
+                      samples_per_shard=s.samples_per_shard, image_size=s.image_size, seed=s.seed)
+        if env.is_main:
+            ensure_synth_dataset(s.out, **params)
+        if env.distributed:
+            dist.barrier()
+        synth = ensure_synth_dataset(s.out, **params)  # present now: only reads the manifest
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, train=synth.train_spec))
+        zeroshot = zeroshot if zeroshot is not None else str(synth.eval_root)
+        retrieval = retrieval if retrieval is not None else str(synth.retrieval_root)
+    wanted = cfg.eval.every > 0
+    return cfg, HeldOut(
+        load_zeroshot_set(zeroshot) if zeroshot and (wanted or cfg.eval.zeroshot_at_end) else None,
+        load_retrieval_set(retrieval) if retrieval and (wanted or cfg.eval.retrieval_at_end) else None)
 
 
 def run(cfg: Config) -> dict:
-    """Train, then (rank 0) evaluate zero-shot and export as configured; returns the run summary."""
+    """Train, then (rank 0) evaluate and export as configured; returns the run summary."""
     env = init_distributed()
     try:
-        cfg, zeroshot = resolve_data(cfg, env)
-        zs = load_zeroshot_set(zeroshot) if cfg.eval.zeroshot_at_end and zeroshot else None  # fails before training
+        cfg, held_out = resolve_data(cfg, env)
         trainer = Trainer(cfg, env)
         started, start_step = time.perf_counter(), trainer.step
-        checkpoint = trainer.fit()
+        periodic = PeriodicEval(cfg, trainer, held_out) if cfg.eval.every else None
+        checkpoint = trainer.fit(after_step=periodic)
         summary = {"steps": trainer.step, "start_step": start_step, "train_seconds": time.perf_counter() - started,
                    "model": trainer.model_name, "run_dir": str(trainer.run_dir), "world_size": env.world_size,
                    "checkpoint": str(checkpoint), "skipped_samples": trainer.global_skipped(),
@@ -61,7 +82,7 @@ def run(cfg: Config) -> dict:
         if env.device.type == "cuda":
             summary["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
         if env.is_main:
-            summary.update(evaluate_and_export(cfg, checkpoint, zs, env.device))
+            summary.update(evaluate_and_export(cfg, checkpoint, held_out, env.device))
             (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if env.distributed:
             dist.barrier()
@@ -70,20 +91,65 @@ def run(cfg: Config) -> dict:
         cleanup()
 
 
-def evaluate_and_export(cfg: Config, checkpoint: Path, zs: ZeroShotSet | None, device: torch.device) -> dict:
+def evaluate(model, tokenizer, transform, held_out: HeldOut, cfg: Config, device, workers: int) -> dict:
+    """{"zeroshot": metrics, "retrieval": metrics} for the held-out sets present."""
+    out = {}
+    if held_out.zeroshot is not None:
+        zs = held_out.zeroshot
+        out["zeroshot"] = {**evaluate_zeroshot(model, tokenizer, transform, zs, batch_size=cfg.eval.batch_size,
+                                               workers=workers, device=device),
+                           "num_classes": len(zs.classnames), "chance_acc1": 1.0 / len(zs.classnames)}
+    if held_out.retrieval is not None:
+        out["retrieval"] = evaluate_retrieval(model, tokenizer, transform, held_out.retrieval,
+                                              batch_size=cfg.eval.batch_size, device=device, workers=workers)
+    return out
+
+
+class PeriodicEval:
+    """Evaluation every eval.every steps during training, on every engine.
+
+    Rank 0 evaluates a plain copy of the model loaded with the engine's full fp32 weights, which under
+    ZeRO-3 every rank helps gather; no rank runs a collective the others do not, so none can wait on
+    another forever (the deadlock of evaluating a sharded or DDP-wrapped model on one rank)."""
+
+    def __init__(self, cfg: Config, trainer: Trainer, held_out: HeldOut) -> None:
+        self.cfg, self.trainer, self.held_out = cfg, trainer, held_out
+        self.model = None
+
+    def __call__(self, step: int) -> dict | None:
+        if step % self.cfg.eval.every or (self.held_out.zeroshot is None and self.held_out.retrieval is None):
+            return None
+        trainer = self.trainer
+        state = trainer.engine.full_state_dict()  # collective under ZeRO-3: every rank is here
+        if not trainer.env.is_main:
+            return None
+        if self.model is None:
+            self.model = create_model(trainer.model_name, device=trainer.device)
+        shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict({k: v.reshape(shapes[k]) for k, v in state.items()})
+        results = evaluate(self.model, trainer.tokenizer, trainer.val_transform, self.held_out, self.cfg,
+                           trainer.device, workers=0)
+        return {f"{task}_{name}": value for task, metrics in results.items() for name, value in metrics.items()
+                if not name.startswith("num_") and name != "chance_acc1"}
+
+
+def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device: torch.device) -> dict:
     run_dir, out = Path(cfg.run.dir), {}
     loaded = load_model(checkpoint, device=device)
-    if zs is not None:
-        _, val_transform = create_transforms(loaded.model)
-        metrics = evaluate_zeroshot(loaded.model, get_tokenizer(loaded.name), val_transform, zs,
-                                    batch_size=cfg.eval.batch_size, workers=min(1, cfg.data.workers), device=device)
-        metrics["num_classes"] = len(zs.classnames)
-        metrics["chance_acc1"] = 1.0 / len(zs.classnames)
-        path = run_dir / "zeroshot.json"
-        write_result(path, metrics, zs.name, loaded.model_name, str(checkpoint))
-        out["zeroshot"] = {**metrics, "result_file": str(path)}
+    at_end = HeldOut(held_out.zeroshot if cfg.eval.zeroshot_at_end else None,
+                     held_out.retrieval if cfg.eval.retrieval_at_end else None)
+    _, transform = create_transforms(loaded.model)
+    results = evaluate(loaded.model, get_tokenizer(loaded.name), transform, at_end, cfg, device,
+                       workers=min(1, cfg.data.workers))
+    for task, metrics in results.items():
+        data = getattr(at_end, task)
+        path = run_dir / f"{task}.json"
+        write_result(path, metrics, data.name, loaded.model_name, str(checkpoint),
+                     task="zeroshot_classification" if task == "zeroshot" else "zeroshot_retrieval")
+        out[task] = {**metrics, "result_file": str(path)}
     if cfg.export.at_end:
         files = EXPORT_FORMATS[cfg.export.format](loaded.model.cpu(), loaded.model_name, loaded.model_cfg,
                                                   run_dir / "export")
         out["export"] = {k: str(v) for k, v in files.items()}
+        out["export_format"] = cfg.export.format
     return out

@@ -141,10 +141,16 @@ def test_zero3_cli_run_consolidates_weights_that_export_and_open_clip_load(tmp_p
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clipkit",
           "train", *_overrides(run_dir, "deepspeed.enabled=true", "deepspeed.zero_stage=3", "train.steps=6",
                                f"data.train={synth_small.train_spec}", f"data.zeroshot={synth_small.eval_root}",
-                               "data.workers=1")])
+                               "data.workers=1", "eval.every=3")])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert 0.0 <= summary["zeroshot"]["acc1"] <= 1.0
+    # evaluation during training on the gathered ZeRO-3 weights (both ranks took part, neither hung): at
+    # the last step it scores exactly what the end of the run scores from the saved weights
+    evals = {r["step"]: r["eval"] for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if "eval" in r}
+    assert sorted(evals) == [3, 6]
+    assert evals[6]["zeroshot_acc1"] == summary["zeroshot"]["acc1"]
+    assert evals[6]["zeroshot_mean_per_class_recall"] == summary["zeroshot"]["mean_per_class_recall"]
     checkpoint = Path(summary["checkpoint"])
     assert checkpoint == run_dir / "checkpoints" / "step_00000006"
     ours = load_file(str(checkpoint / "model.safetensors"))

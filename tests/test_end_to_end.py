@@ -120,8 +120,19 @@ def test_train_checkpoint_resume_zeroshot_export(tmp_path, synth_small):
 
 
 def test_full_train_writes_summary_zeroshot_and_export(tmp_path, synth_small):
-    summary = run(_cfg(tmp_path / "run", synth_small, "train.steps=20"))
+    summary = run(_cfg(tmp_path / "run", synth_small, "train.steps=20", "eval.every=10",
+                       f"data.retrieval={synth_small.retrieval_root}"))
     run_dir = tmp_path / "run"
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval"] for r in logged if "eval" in r}
+    assert sorted(evals) == [10, 20]
+    assert evals[20]["zeroshot_acc1"] == summary["zeroshot"]["acc1"]  # live weights = the saved final weights
+    for k in (1, 5, 10):
+        assert evals[20][f"retrieval_text_retrieval_recall@{k}"] == summary["retrieval"][f"text_retrieval_recall@{k}"]
+    retrieval = json.loads((run_dir / "retrieval.json").read_text())
+    assert retrieval["task"] == "zeroshot_retrieval" and retrieval["metrics"]["num_images"] == 120
+    assert evals[10] != evals[20]  # each evaluated the weights of its own step
+    assert any((run_dir / "tensorboard").iterdir())
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["steps"] == summary["steps"] == 20
     assert on_disk["zeroshot"]["num_classes"] == 30

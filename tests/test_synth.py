@@ -1,13 +1,15 @@
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 from PIL import Image
 
-from clipkit.data import expand_shards, write_synth_dataset
-from clipkit.data.synth import COLOURS, SHAPES, class_names, is_held_out
+from clipkit.data import SynthDataset, ensure_synth_dataset, expand_shards, write_synth_dataset
+from clipkit.data.synth import CAPTIONS_PER_IMAGE, COLOURS, MAX_RETRIEVAL, SHAPES, class_names, is_held_out
 
 
 def _members(path):
@@ -82,3 +84,77 @@ def test_writer_is_deterministic_for_a_seed(tmp_path):
     pa, pb, pc = (_members(expand_shards(d.train_spec)[0]) for d in (a, b, c))
     assert pa == pb
     assert pa != pc
+
+
+def test_retrieval_split_uses_clip_benchmark_retrieval_layout(synth_small):
+    """Several captions per image, one per line, readable by CLIP_benchmark's own wds reader."""
+    from clip_benchmark.datasets.builder import build_wds_dataset
+
+    root = synth_small.retrieval_root
+    assert root == synth_small.root / "retrieval" and synth_small.num_retrieval == 120  # default: as many as eval
+    assert (root / "dataset_type.txt").read_text().strip() == "retrieval"
+    assert (root / "test" / "nshards.txt").read_text().strip() == "1"
+    members = _members(root / "test" / "0.tar")
+    keys = sorted({name.split(".")[0] for name in members})
+    assert len(keys) == 120 and not any(name.endswith(".cls") for name in members)
+    every_caption = []
+    for key in keys:
+        meta = json.loads(members[f"{key}.json"])
+        captions = members[f"{key}.txt"].decode().split("\n")
+        assert len(captions) == CAPTIONS_PER_IMAGE and captions[0] == meta["caption"]
+        for attribute in ("colour", "size", "background", "position"):
+            assert all(meta[attribute] in c for c in captions), (attribute, captions)
+        assert all(meta["shape"][:4] in c for c in captions)
+        assert is_held_out(meta["background"], meta["position"])
+        every_caption += captions
+    # no caption is shared, within an image or across images: identical captions would tie exactly
+    assert len(set(every_caption)) == len(every_caption) == 600
+    ds = build_wds_dataset("retrieval", transform=lambda img: img.size, data_dir=str(root))
+    read = list(ds)
+    assert len(read) == 120 and all(size == (32, 32) and len(texts) == CAPTIONS_PER_IMAGE for size, texts in read)
+
+
+def _contents(root: Path, split: str) -> dict:
+    return {p.relative_to(root).as_posix(): _members(p) for p in sorted((root / split).rglob("*.tar"))}
+
+
+def test_retrieval_split_leaves_the_other_splits_unchanged(tmp_path):
+    small = dict(train_samples=30, eval_samples=10, samples_per_shard=15, seed=5, workers=1)
+    a = write_synth_dataset(tmp_path / "a", retrieval_samples=4, **small)
+    b = write_synth_dataset(tmp_path / "b", retrieval_samples=20, **small)
+    for split in ("train", "eval"):
+        assert _contents(a.root, split) == _contents(b.root, split)
+    assert a.num_retrieval == 4 and b.num_retrieval == 20
+    assert (b.root / "retrieval" / "test" / "nshards.txt").read_text().strip() == "2"
+    first_a, first_b = (_contents(d.root, "retrieval")["retrieval/test/0.tar"] for d in (a, b))
+    assert all(first_b[name] == data for name, data in first_a.items())  # a sample does not depend on the total
+    with pytest.raises(ValueError, match=f"at most {MAX_RETRIEVAL} distinct scenes"):
+        write_synth_dataset(tmp_path / "c", retrieval_samples=MAX_RETRIEVAL + 1, **small)
+
+
+def test_ensure_completes_a_dataset_written_before_the_retrieval_split(tmp_path):
+    params = dict(train_samples=30, eval_samples=10, samples_per_shard=15, seed=5, image_size=32)
+    fresh = write_synth_dataset(tmp_path / "fresh", workers=1, **params)
+    old = write_synth_dataset(tmp_path / "old", workers=1, **params)
+    # what the writer made before: no retrieval split, a v2 manifest without its param
+    shutil.rmtree(old.root / "retrieval")
+    manifest = json.loads((old.root / "manifest.json").read_text())
+    manifest["format"] = "clipkit-synth-v2"
+    for key in ("retrieval", "captions_per_image"):
+        del manifest[key]
+    del manifest["params"]["retrieval_samples"]
+    (old.root / "manifest.json").write_text(json.dumps(manifest))
+    stamps = {p: p.stat().st_mtime_ns for p in old.root.rglob("*.tar")}
+
+    done = ensure_synth_dataset(old.root, workers=1, **params)
+    assert done == SynthDataset(old.root, old.train_spec, old.eval_root, 30, 10, old.root / "retrieval", 10)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the existing shards were not rewritten
+    assert _contents(old.root, "retrieval") == _contents(fresh.root, "retrieval")
+    manifests = [json.loads((d.root / "manifest.json").read_text()) for d in (old, fresh)]
+    assert manifests[0] == manifests[1]
+
+    # complete now: reused as it is; other params: written again
+    stamps = {p: p.stat().st_mtime_ns for p in old.root.rglob("*.tar")}
+    assert ensure_synth_dataset(old.root, **params) == done
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert ensure_synth_dataset(old.root, workers=1, retrieval_samples=3, **params).num_retrieval == 3

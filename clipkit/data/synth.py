@@ -3,22 +3,28 @@
 Training shards use img2dataset's layout (KEY.jpg, KEY.txt, KEY.json in 00000.tar, 00001.tar, ...).
 The evaluation split uses CLIP_benchmark's webdataset layout (test/N.tar with KEY.jpg + KEY.cls,
 test/nshards.txt, classnames.txt, zeroshot_classification_templates.txt), so the same directory
-works with `clip_benchmark eval --dataset wds/... --dataset_root DIR/eval`.
+works with `clip_benchmark eval --dataset wds/... --dataset_root DIR/eval`. The retrieval split uses
+CLIP_benchmark's retrieval layout (retrieval/test/N.tar with KEY.jpg + KEY.txt holding several captions
+of the image, one per line; retrieval/dataset_type.txt = "retrieval").
 
 The zero-shot task is "which coloured shape is this" (len(COLOURS) x len(SHAPES) classes). A fixed set
 of (background, position) combinations is held out of training for every class alike: evaluation
 images use only those combinations, so accuracy measures generalisation to scenes unlike any seen in
 training, not memorisation. The held-out set does not depend on the class, so the background or
 position carries no information about the label (holding out a background per class would let a
-model learn "this background never goes with that shape" and score below chance).
+model learn "this background never goes with that shape" and score below chance). The retrieval split
+is drawn from the same held-out combinations, each scene description at most once, and its captions name
+every attribute: no two of its images share a caption.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +58,15 @@ ZEROSHOT_TEMPLATES = [
     "an image with a {c} in it.",
 ]
 
+# The retrieval split's captions name every attribute of the scene (see retrieval_scene).
+RETRIEVAL_TEMPLATES = [
+    "{count} {size} {colour} {shape} at the {pos} on a {bg} background",
+    "a {bg} background with {count} {size} {colour} {shape} in the {pos}",
+    "there {be} {count} {size} {colour} {shape} at the {pos}, {bg} background",
+    "a photo of {count} {size} {colour} {shape} on {bg}, placed at the {pos}",
+    "the {pos} of the picture shows {count} {size} {colour} {shape} over a {bg} background",
+]
+
 CAPTION_TEMPLATES = [
     "{count} {size} {colour} {shape} on a {bg} background",
     "a photo of {count} {colour} {shape} at the {pos}",
@@ -72,6 +87,8 @@ def is_held_out(background: str, position: str) -> bool:
 
 
 HELD_OUT = [(b, p) for b in BACKGROUNDS for p in POSITIONS if is_held_out(b, p)]
+# distinct scene descriptions of the retrieval split (see retrieval_scene)
+MAX_RETRIEVAL = len(COLOURS) * len(SHAPES) * len(SIZES) * len(HELD_OUT) * len(COUNTS)
 TRAIN_COMBOS = [(b, p) for b in BACKGROUNDS for p in POSITIONS if not is_held_out(b, p)]
 
 
@@ -84,6 +101,11 @@ class SceneSpec:
     background: str
     count: int
     template: int
+
+
+CAPTIONS_PER_IMAGE = 5  # retrieval split: as many as COCO and Flickr30k give each image
+RETRIEVAL_DIR = "retrieval"
+FORMAT = "clipkit-synth-v3"  # v2 had no retrieval split
 
 
 def sample_scene(rng: random.Random, split: str) -> SceneSpec:
@@ -101,16 +123,16 @@ def sample_scene(rng: random.Random, split: str) -> SceneSpec:
     )
 
 
-def caption(scene: SceneSpec) -> str:
+def caption(scene: SceneSpec, templates: list[str] = CAPTION_TEMPLATES) -> str:
     shape = scene.shape + ("es" if scene.shape == "cross" else "s") if scene.count > 1 else scene.shape
     count = COUNTS[scene.count]
     if scene.count == 1:
         # the article agrees with the word that follows it in this template
-        template = CAPTION_TEMPLATES[scene.template]
+        template = templates[scene.template]
         after = template.split("{count}", 1)[1].split()[0]
         first = {"{size}": scene.size, "{colour}": scene.colour}.get(after, after)
         count = "an" if first[:1] in "aeiou" else "a"
-    return CAPTION_TEMPLATES[scene.template].format(
+    return templates[scene.template].format(
         count=count,
         size=scene.size,
         colour=scene.colour,
@@ -208,23 +230,56 @@ def _sample_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"clipkit-synth/{seed}/{split}/{index}")
 
 
+def retrieval_scene(seed: int, index: int, rng: random.Random) -> SceneSpec:
+    """The index-th scene of the retrieval split: every scene description (colour, shape, size, count,
+    held-out background and position) at most once, in an order fixed by the seed. Two images with the
+    same description would have identical captions, which tie exactly in text retrieval."""
+    scenes = _retrieval_scenes(seed)
+    if index >= len(scenes):
+        raise ValueError(f"the retrieval split holds at most {len(scenes)} distinct scenes")
+    colour, shape, size, (background, position), count = scenes[index]
+    return SceneSpec(colour, shape, size, position, background, count, rng.randrange(len(RETRIEVAL_TEMPLATES)))
+
+
+@lru_cache(maxsize=4)
+def _retrieval_scenes(seed: int) -> list[tuple]:
+    scenes = list(itertools.product(COLOURS, SHAPES, SIZES, HELD_OUT, COUNTS))
+    random.Random(f"clipkit-synth/{seed}/retrieval-scenes").shuffle(scenes)
+    return scenes
+
+
+def retrieval_captions(scene: SceneSpec) -> list[str]:
+    """CAPTIONS_PER_IMAGE captions of the scene in different phrasings (its drawn one first), each naming
+    every attribute, so no two images of the split share a caption."""
+    order = [scene.template] + [t for t in range(len(RETRIEVAL_TEMPLATES)) if t != scene.template]
+    return [caption(replace(scene, template=t), RETRIEVAL_TEMPLATES) for t in order[:CAPTIONS_PER_IMAGE]]
+
+
+def _sample(job: _ShardJob, index: int, classes: list[str]) -> dict:
+    rng = _sample_rng(job.seed, job.split, index)
+    if job.split == "retrieval":
+        scene = retrieval_scene(job.seed, index, rng)
+        texts = retrieval_captions(scene)
+    else:
+        scene = sample_scene(rng, job.split)
+        texts = [caption(scene)]
+    img = render(scene, job.image_size, rng)
+    key = f"{index:09d}"
+    meta = {"key": key, "caption": texts[0], "width": job.image_size, "height": job.image_size,
+            "status": "success", "url": None, **asdict(scene)}
+    sample = {"__key__": key, "jpg": _jpeg(img), "txt": "\n".join(texts), "json": json.dumps(meta).encode()}
+    if job.split == "eval":
+        sample["cls"] = str(classes.index(f"{scene.colour} {scene.shape}"))
+    return sample
+
+
 def _write_shard(job: _ShardJob) -> int:
     import webdataset as wds
 
     classes = class_names()
     with wds.TarWriter(job.path) as sink:
         for index in range(job.start, job.start + job.count):
-            rng = _sample_rng(job.seed, job.split, index)
-            scene = sample_scene(rng, job.split)
-            img = render(scene, job.image_size, rng)
-            key = f"{index:09d}"
-            text = caption(scene)
-            meta = {"key": key, "caption": text, "width": job.image_size, "height": job.image_size,
-                    "status": "success", "url": None, **asdict(scene)}
-            sample = {"__key__": key, "jpg": _jpeg(img), "txt": text, "json": json.dumps(meta).encode()}
-            if job.split == "eval":
-                sample["cls"] = str(classes.index(f"{scene.colour} {scene.shape}"))
-            sink.write(sample)
+            sink.write(_sample(job, index, classes))
     if job.split == "train":
         stats = {"count": job.count, "successes": job.count, "failed_to_download": 0, "failed_to_resize": 0}
         Path(job.path).with_name(Path(job.path).stem + "_stats.json").write_text(json.dumps(stats))
@@ -238,6 +293,8 @@ class SynthDataset:
     eval_root: Path  # CLIP_benchmark-style zero-shot root
     num_train: int
     num_eval: int
+    retrieval_root: Path | None = None  # CLIP_benchmark-style retrieval root
+    num_retrieval: int = 0  # images in it (CAPTIONS_PER_IMAGE captions each)
 
 
 def _shard_jobs(directory: Path, split: str, total: int, per_shard: int, seed: int, size: int,
@@ -249,51 +306,103 @@ def _shard_jobs(directory: Path, split: str, total: int, per_shard: int, seed: i
     return jobs
 
 
+def _run_jobs(jobs: list[_ShardJob], workers: int) -> None:
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_shard, jobs))
+    else:
+        for job in jobs:
+            _write_shard(job)
+
+
+def _retrieval_jobs(root: Path, params: dict) -> list[_ShardJob]:
+    test_dir = root / RETRIEVAL_DIR / "test"
+    test_dir.mkdir(parents=True, exist_ok=True)
+    return _shard_jobs(test_dir, "retrieval", params["retrieval_samples"], params["samples_per_shard"],
+                       params["seed"], params["image_size"], "{}.tar")
+
+
+def _write_retrieval_files(root: Path, nshards: int) -> None:
+    (root / RETRIEVAL_DIR / "test" / "nshards.txt").write_text(f"{nshards}\n")
+    (root / RETRIEVAL_DIR / "dataset_type.txt").write_text("retrieval\n")
+
+
 def write_synth_dataset(out: str | Path, train_samples: int = 20000, eval_samples: int = 1500,
                         samples_per_shard: int = 1000, image_size: int = 64, seed: int = 0,
-                        workers: int = 2) -> SynthDataset:
-    """Write the dataset under OUT (train/, eval/, manifest.json). Deterministic for a seed."""
-    if train_samples <= 0 or eval_samples <= 0 or samples_per_shard <= 0:
-        raise ValueError("train_samples, eval_samples and samples_per_shard must be positive")
+                        workers: int = 2, retrieval_samples: int | None = None) -> SynthDataset:
+    """Write the dataset under OUT (train/, eval/, retrieval/, manifest.json). Deterministic for a seed.
+    The retrieval split has `retrieval_samples` images (default: as many as the zero-shot split, up to
+    its MAX_RETRIEVAL distinct scenes)."""
+    retrieval_samples = _retrieval_size(retrieval_samples, eval_samples)
+    if min(train_samples, eval_samples, retrieval_samples, samples_per_shard) <= 0:
+        raise ValueError("train_samples, eval_samples, retrieval_samples and samples_per_shard must be positive")
+    if retrieval_samples > MAX_RETRIEVAL:
+        raise ValueError(f"retrieval_samples: the retrieval split holds at most {MAX_RETRIEVAL} distinct scenes")
     root = Path(out)
     train_dir, eval_dir = root / "train", root / "eval"
     (eval_dir / "test").mkdir(parents=True, exist_ok=True)
     train_dir.mkdir(parents=True, exist_ok=True)
+    params = dict(train_samples=train_samples, eval_samples=eval_samples, samples_per_shard=samples_per_shard,
+                  image_size=image_size, seed=seed, retrieval_samples=retrieval_samples)
     jobs = _shard_jobs(train_dir, "train", train_samples, samples_per_shard, seed, image_size, "{:05d}.tar")
     eval_jobs = _shard_jobs(eval_dir / "test", "eval", eval_samples, samples_per_shard, seed, image_size, "{}.tar")
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_shard, jobs + eval_jobs))
-    else:
-        for job in jobs + eval_jobs:
-            _write_shard(job)
+    retrieval_jobs = _retrieval_jobs(root, params)
+    _run_jobs(jobs + eval_jobs + retrieval_jobs, workers)
     (eval_dir / "test" / "nshards.txt").write_text(f"{len(eval_jobs)}\n")
     (eval_dir / "classnames.txt").write_text("\n".join(class_names()) + "\n")
     (eval_dir / "zeroshot_classification_templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
-    params = dict(train_samples=train_samples, eval_samples=eval_samples,
-                  samples_per_shard=samples_per_shard, image_size=image_size, seed=seed)
+    _write_retrieval_files(root, len(retrieval_jobs))
     # Paths in the manifest are relative to the root, so the directory can be moved.
-    manifest = {"format": "clipkit-synth-v2", "params": params,
-                "train": f"train/{{00000..{len(jobs) - 1:05d}}}.tar", "eval": "eval",
-                "num_classes": len(class_names())}
-    # The manifest is written last: its presence marks a complete dataset.
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest = {"format": FORMAT, "params": params,
+                "train": f"train/{{00000..{len(jobs) - 1:05d}}}.tar", "eval": "eval", "retrieval": RETRIEVAL_DIR,
+                "num_classes": len(class_names()), "captions_per_image": CAPTIONS_PER_IMAGE}
+    _write_manifest(root, manifest)
     return _from_manifest(root, manifest)
+
+
+def _retrieval_size(requested: int | None, eval_samples: int) -> int:
+    return min(eval_samples, MAX_RETRIEVAL) if requested is None else requested
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    # The manifest is written last, and atomically: its presence marks a complete dataset.
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(root / "manifest.json")
 
 
 def _from_manifest(root: Path, manifest: dict) -> SynthDataset:
     p = manifest["params"]
+    retrieval = manifest.get("retrieval")
     return SynthDataset(root, str(root / manifest["train"]), root / manifest["eval"], p["train_samples"],
-                        p["eval_samples"])
+                        p["eval_samples"], root / retrieval if retrieval else None, p.get("retrieval_samples", 0))
+
+
+def _add_retrieval_split(root: Path, manifest: dict, retrieval_samples: int | None, workers: int) -> dict:
+    """Complete a dataset written before the retrieval split existed; its other splits stay as they are
+    (they are what this version would write for the same params anyway)."""
+    params = dict(manifest["params"])
+    params["retrieval_samples"] = _retrieval_size(retrieval_samples, params["eval_samples"])
+    jobs = _retrieval_jobs(root, params)
+    _run_jobs(jobs, workers)
+    _write_retrieval_files(root, len(jobs))
+    manifest = {**manifest, "format": FORMAT, "params": params, "retrieval": RETRIEVAL_DIR,
+                "captions_per_image": CAPTIONS_PER_IMAGE}
+    _write_manifest(root, manifest)
+    return manifest
 
 
 def ensure_synth_dataset(out: str | Path, **params) -> SynthDataset:
-    """Return the dataset at OUT, writing it first if it is missing or was made with other params."""
+    """Return the dataset at OUT, writing it first if it is missing or was made with other params (a param
+    left out or None matches any value). A dataset from before the retrieval split gains that split."""
     root = Path(out)
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        wanted = {k: params[k] for k in manifest["params"] if k in params}
+        wanted = {k: v for k, v in params.items() if k in manifest["params"] and v is not None}
         if all(manifest["params"][k] == v for k, v in wanted.items()):
+            if "retrieval" not in manifest:
+                manifest = _add_retrieval_split(root, manifest, params.get("retrieval_samples"),
+                                                params.get("workers", 2))
             return _from_manifest(root, manifest)
     return write_synth_dataset(root, **params)

@@ -39,7 +39,7 @@ class MetricsLogger:
             elif isinstance(value, dict):
                 for sub, v in value.items():
                     self.writer.add_scalar(f"{key}/{sub}", v, step)
-        if self.bar is not None:
+        if self.bar is not None and "loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics.get('lr', 0):.2e}")
 
     def write(self, message: str) -> None:

@@ -18,6 +18,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 # Keys a resumed run may change: how it is observed, saved, evaluated and exported, and how far it goes.
 # Any other difference from the checkpoint's config would silently not apply (or apply halfway).
 RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "train.steps", "train.resume",
-                     "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot",
+                     "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
                      "eval.", "export.")
 
 
@@ -218,9 +219,12 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept))
         return open(path, "a", buffering=1)
 
-    def fit(self, until: int | None = None) -> Path:
+    def fit(self, until: int | None = None, after_step: Callable[[int], dict | None] | None = None) -> Path:
         """Train up to train.steps (or to step `until`, e.g. to run a schedule in slices); returns the
-        checkpoint written at the end (at train.steps it holds full fp32 weights for every engine)."""
+        checkpoint written at the end (at train.steps it holds full fp32 weights for every engine).
+
+        after_step(step) runs on every rank after each step (the run layer evaluates there); metrics it
+        returns are logged under "eval". It may use collectives: every rank calls it at the same step."""
         c = self.cfg
         last = c.train.steps if until is None else min(until, c.train.steps)
         start = self.step
@@ -232,7 +236,7 @@ class Trainer:
         keys_log = self._sample_keys_log()
         try:
             if self.step < last:
-                self._run_steps(last, logger, keys_log)
+                self._run_steps(last, logger, keys_log, after_step)
         finally:
             logger.close()
             if keys_log is not None:
@@ -241,7 +245,7 @@ class Trainer:
             return self.checkpoints.last  # nothing trained since the checkpoint this run resumed from
         return self.checkpoints.save(self.step, final=self.step >= c.train.steps)
 
-    def _run_steps(self, last: int, logger: MetricsLogger, keys_log) -> None:
+    def _run_steps(self, last: int, logger: MetricsLogger, keys_log, after_step) -> None:
         c = self.cfg
         batches = iter(self._loader())
         window_start, window_samples, losses = time.perf_counter(), 0, []
@@ -259,6 +263,10 @@ class Trainer:
                 logger.log(self.step, self._metrics(losses, window_samples, elapsed))
                 self.throughput.add(window_samples, elapsed)
                 window_start, window_samples, losses = time.perf_counter(), 0, []
+            evaluated = after_step(self.step) if after_step is not None else None
+            if evaluated:
+                logger.log(self.step, {"eval": evaluated})
+                window_start = time.perf_counter()  # evaluation time is not training throughput
             if self.step < last:
                 self.checkpoints.maybe_save(self.step)
 
