@@ -1,0 +1,306 @@
+"""Embedding speed: photo shards -> L2-normalised embeddings, `clipkit embed` against a plain open_clip loop.
+
+    clipkit bench embed [--model clipkit-tiny] [--images 1200] [--per-shard 100] [--batch-size 64] [--workers 1]
+                        [--threads 1] [--repeats 3] [--shards DIR] [--out bench_embed.json]
+
+The shards are the realistic ones of `clipkit bench data` (JPEG photographs of 640x480 to 1280x960 pixels with
+captions and json, in img2dataset's layout; cached). The model is `--model` built from its config with
+random weights (seed 0; no download), saved once as a clipkit weights file that both methods load.
+
+- clipkit:  clipkit.retrieval.embed.embed_shards: image and caption embeddings, parts and metadata written in
+            clip-retrieval's layout (its fast evaluation decode, batched tokenising, text tower cut at the
+            longest caption, `--workers` loader processes).
+- openclip: the loop most scripts run: webdataset 1.0.2 (`WebDataset(...).decode("pil")`, open_clip's own
+            validation transform, `.batched`, `WebLoader` with the same `--workers`), then
+            `model.encode_image` + normalise under torch.no_grad(); images only, nothing written.
+
+Both run in their own process with the same cores: `--workers` single-threaded loader processes plus a main
+process of `--threads` threads; images/s per core = images/s / (workers + threads). Each measurement is the
+whole job (loader start to last embedding, the model already loaded); methods alternate over the repeats.
+The CPU time the job used (its process and its loader workers) is reported too: images per CPU-second
+measures the work per image even on a machine other jobs share, where wall-clock rates move.
+Both methods' image embeddings are compared by key (cosine), so the speed is of the same work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import CACHE, SHARD_FORMAT, BenchError, write_bench_shards
+
+METHODS = ("clipkit", "openclip")
+TARGET = 2.0  # clipkit embed >= 2x the plain loop, images/s per core
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def model_file(name: str, folder: Path) -> Path:
+    """A clipkit weights file of `name` with seed-0 random weights (written once)."""
+    import torch
+
+    from ..models import create_model, get_model_config, save_weights
+
+    path = folder / f"{name}-seed0.safetensors"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_weights(create_model(name).state_dict(), tmp, name, get_model_config(name))
+        os.replace(tmp, path)
+    return path
+
+
+def image_flops(model, image_size: tuple[int, int]) -> float:
+    """FLOPs of one image through the image tower (torch's FlopCounterMode; matmuls and convolutions)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.encode_image(torch.zeros(1, 3, *image_size))
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(threads: int, n: int = 1024, reps: int = 10) -> float:
+    """Measured fp32 matmul FLOP/s of this process with `threads` threads (the MFU denominator)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------- measurements
+
+class _Clock:
+    """Wall time and CPU time of this process and of its children (loader workers, counted once joined)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, self._cpu() - self.cpu
+
+    @staticmethod
+    def _cpu() -> float:
+        import resource
+
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _clipkit(args: argparse.Namespace, out: Path) -> tuple[int, _Clock]:
+    from ..models import load_model
+    from ..retrieval.embed import embed_shards
+
+    loaded = load_model(args.weights)
+    with _Clock() as clock:  # embed_shards returns once its loader workers are joined
+        result = embed_shards(loaded, args.spec, out / "clipkit", batch_size=args.batch_size, workers=args.workers,
+                              progress=False)
+    return result.rows_embedded, clock
+
+
+def _openclip(args: argparse.Namespace, out: Path) -> tuple[int, _Clock]:
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    import webdataset as wds
+    from safetensors.torch import load_file
+
+    from ..models import MODEL_CONFIG_DIR
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)  # clipkit's architectures (clipkit-tiny, ...) by name
+    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None)
+    model.load_state_dict(load_file(args.weights))
+    model.eval()
+    feats, keys = [], []
+    with _Clock() as clock:
+        dataset = (wds.WebDataset(args.spec, shardshuffle=False).decode("pil")
+                   .to_tuple("jpg;png;webp;jpeg", "__key__").map_tuple(preprocess, lambda k: k)
+                   .batched(args.batch_size, partial=True))
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=args.workers)
+        with torch.no_grad():
+            for images, batch_keys in loader:
+                feats.append(F.normalize(model.encode_image(images), dim=-1))
+                keys += batch_keys
+        del loader  # joins its workers, so that their CPU time is counted
+    np.save(out / "openclip.npy", torch.cat(feats).half().numpy())
+    (out / "openclip_keys.json").write_text(json.dumps(keys))
+    return len(keys), clock
+
+
+def _measure(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.result_dir)
+    images, clock = (_clipkit if args.worker == "clipkit" else _openclip)(args, out)
+    cores = args.workers + args.threads
+    result = {"method": args.worker, "images": images, "seconds": clock.wall, "images_per_s": images / clock.wall,
+              "images_per_s_per_core": images / clock.wall / cores, "cores": cores, "cpu_seconds": clock.cpu,
+              "images_per_cpu_second": images / clock.cpu}
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def _run_one(method: str, args: argparse.Namespace, spec: str, weights: Path, result_dir: Path) -> dict:
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "clipkit.bench.embed", "--worker", method, "--spec", spec, "--weights", str(weights),
+           "--result-dir", str(result_dir), "--model", args.model, "--batch-size", str(args.batch_size),
+           "--workers", str(args.workers), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise BenchError(f"{method} measurement failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ------------------------------------------------------------------------------------- the two outputs
+
+def compare_outputs(result_dir: Path) -> dict:
+    """clipkit's image embeddings (read as clip-retrieval reads them) against the loop's, matched by key."""
+    import pyarrow.parquet as pq
+
+    imgs = sorted((result_dir / "clipkit" / "img_emb").glob("*.npy"))
+    metas = sorted((result_dir / "clipkit" / "metadata").glob("*.parquet"))
+    ours = np.concatenate([np.load(p) for p in imgs]).astype(np.float32)
+    our_keys = [k for p in metas for k in pq.read_table(p).column("key").to_pylist()]
+    theirs = np.load(result_dir / "openclip.npy").astype(np.float32)
+    their_keys = json.loads((result_dir / "openclip_keys.json").read_text())
+    if sorted(our_keys) != sorted(their_keys):
+        raise BenchError(f"the methods embedded different samples ({len(our_keys)} vs {len(their_keys)})")
+    index = {k: i for i, k in enumerate(their_keys)}
+    theirs = theirs[[index[k] for k in our_keys]]
+    cosine = np.sum(ours * theirs, axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+    return {"images": len(our_keys), "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
+            "max_abs_diff": float(np.abs(ours - theirs).max())}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench embed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="clipkit-tiny",
+                   help="architecture (random weights, built from its config); on CPUs a ViT-B-32 leaves the time to "
+                        "the model, and the loaders barely matter")
+    p.add_argument("--images", type=int, default=1200, help="photos in the benchmark shards")
+    p.add_argument("--per-shard", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="loader processes (one core each)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the process that runs the model")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shards", default=None, help="folder for the benchmark shards (default: a cache)")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--out", default="bench_embed.json")
+    for hidden in ("--worker", "--spec", "--weights", "--result-dir"):
+        p.add_argument(hidden, help=argparse.SUPPRESS, **({"choices": METHODS} if hidden == "--worker" else {}))
+    args = p.parse_args(argv)
+    for name in ("images", "per_shard", "batch_size", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        p.error("--workers must be >= 0")
+    return args
+
+
+def _summary(runs: dict[str, list[dict]]) -> dict:
+    methods = {}
+    for m, rs in runs.items():
+        rates = [r["images_per_s"] for r in rs]
+        median = statistics.median(rates)
+        cpu = [r["images_per_cpu_second"] for r in rs]
+        methods[m] = {"images": rs[0]["images"], "images_per_s": rates, "images_per_s_median": median,
+                      "images_per_s_per_core": median / rs[0]["cores"], "cores": rs[0]["cores"],
+                      "images_per_cpu_second": cpu, "images_per_cpu_second_median": statistics.median(cpu)}
+    return methods
+
+
+def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
+    default = CACHE / "bench_data" / f"{SHARD_FORMAT}-{args.images}-{args.per_shard}"  # shared with bench data
+    shards = Path(args.shards) if args.shards else default
+    spec = write_bench_shards(shards, args.images, args.per_shard)
+    weights = model_file(args.model, CACHE / "bench_embed")
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    agreement = []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="clipkit-bench-embed-") as tmp:
+            for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
+                r = _run_one(method, args, spec, weights, Path(tmp))
+                runs[method].append(r)
+                print(f"repeat {repeat + 1}/{args.repeats} {method}: {r['images_per_s']:.1f} images/s "
+                      f"({r['images']} in {r['seconds']:.1f} s)", flush=True)
+            agreement.append(compare_outputs(Path(tmp)))
+    return _report(args, argv, spec, weights, _summary(runs), agreement)
+
+
+def _report(args, argv, spec: str, weights: Path, methods: dict, agreement: list[dict]) -> dict:
+    import torch
+
+    from ..models import load_model
+
+    loaded = load_model(weights)
+    size = loaded.model.visual.image_size
+    flops = image_flops(loaded.model, tuple(size) if isinstance(size, (tuple, list)) else (size, size))
+    peak = matmul_peak(1)
+    for m in methods.values():
+        m["image_tower_gflop_per_s_per_core"] = m["images_per_s_per_core"] * flops / 1e9
+        m["image_tower_mfu"] = m["images_per_s_per_core"] * flops / peak
+    ratio = methods["clipkit"]["images_per_s_per_core"] / methods["openclip"]["images_per_s_per_core"]
+    cpu_ratio = methods["clipkit"]["images_per_cpu_second_median"] / methods["openclip"]["images_per_cpu_second_median"]
+    return {
+        "benchmark": "photo shards -> L2-normalised embeddings: clipkit embed vs a plain open_clip loop",
+        "command": "clipkit bench embed " + " ".join(argv),
+        "config": {"model": args.model, "images": args.images, "per_shard": args.per_shard,
+                   "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
+                   "repeats": args.repeats, "shards": spec},
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "fp32_matmul_peak_gflop_per_s_one_thread": peak / 1e9},
+        "image_tower_gflop_per_image": flops / 1e9,
+        "methods": methods,
+        "agreement": {"images": agreement[0]["images"], "cosine_min": min(a["cosine_min"] for a in agreement),
+                      "max_abs_diff": max(a["max_abs_diff"] for a in agreement)},
+        "ratio_clipkit_over_openclip_per_core": ratio,
+        "ratio_clipkit_over_openclip_per_cpu_second": cpu_ratio,
+        "target": {"ratio_min": TARGET, "met": ratio >= TARGET},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        return _measure(args)
+    try:
+        report = _drive(args, argv)
+    except BenchError as e:
+        print(f"clipkit bench embed: error: {e}", file=sys.stderr)
+        return 2
+    for m, r in report["methods"].items():
+        print(f"{m:<9} {r['images_per_s_median']:8.1f} images/s  {r['images_per_s_per_core']:8.1f} per core  "
+              f"{r['images_per_cpu_second_median']:8.1f} per CPU-second")
+    a = report["agreement"]
+    print(f"agreement: {a['images']} images, cosine >= {a['cosine_min']:.6f}")
+    print(f"clipkit/openclip per core: {report['ratio_clipkit_over_openclip_per_core']:.2f}x (target >= {TARGET}x, "
+          f"{'met' if report['target']['met'] else 'NOT met'}); per CPU-second used: "
+          f"{report['ratio_clipkit_over_openclip_per_cpu_second']:.2f}x")
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
