@@ -13,36 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from clipkit import cli
-from clipkit.config import load_config
 from clipkit.evaluation import (PREDICTION_COLUMNS, ZeroShotDataError, build_classifier, classification_metrics,
                                 default_templates, find_classes, folder_samples, load_zeroshot_set)
-from clipkit.export import export_checkpoint
 from clipkit.models import create_model, get_tokenizer
-from clipkit.training import Trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model gains nothing from a second intra-op thread, and on a shared 2-core machine the two
-    # threads wait on each other for several times the compute.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(synth_small, tmp_path_factory):
-    """(checkpoint, open_clip export) of clipkit-nano trained for 40 steps (retrieval is above chance by
-    then, zero-shot barely: the comparisons below are per image and per classifier weight as well)."""
-    run_dir = tmp_path_factory.mktemp("zs") / "run"
-    cfg = load_config(None, [f"run.dir={run_dir}", f"data.train={synth_small.train_spec}", "model.name=clipkit-nano",
-                             "train.global_batch_size=32", "train.steps=40", "train.warmup_steps=2",
-                             "train.checkpoint_every=1000", "run.progress=false", "data.workers=0",
-                             "data.shuffle_buffer=50"])
-    checkpoint = Trainer(cfg).fit()
-    export_checkpoint(checkpoint, run_dir.parent / "export")
-    return checkpoint, run_dir.parent / "export"
+def trained(trained_nano):
+    return trained_nano
 
 
 def _clip_benchmark(monkeypatch, args: list[str]) -> dict:
