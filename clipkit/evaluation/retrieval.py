@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..data.pipeline import build_captioned_loader
 from ..errors import UserError
+from ..models import eval_mode
 from .zeroshot import write_result
 
 DEFAULT_K = (1, 5, 10)
@@ -97,9 +98,7 @@ def _encode_texts(model, tokenizer: Callable, texts: list[str], batch_size: int,
 def embed_retrieval_set(model, tokenizer: Callable, transform: Callable, rs: RetrievalSet, batch_size: int = 256,
                         workers: int = 1, device: torch.device | str = "cpu") -> RetrievalEmbeddings:
     """Every image's and every caption's embedding (the model is put in eval mode and restored)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         images, texts, text_image, keys = [], [], [], []
         for batch in build_captioned_loader(rs.shards, transform, batch_size, workers=workers,
                                             several_per_sample=rs.several_captions):
@@ -111,8 +110,6 @@ def embed_retrieval_set(model, tokenizer: Callable, transform: Callable, rs: Ret
         if not keys:
             raise RetrievalDataError(f"no readable image-caption samples in {rs.shards}")
         return RetrievalEmbeddings(torch.cat(images), torch.cat(texts), torch.tensor(text_image), keys)
-    finally:
-        model.train(was_training)
 
 
 def _hits(queries: torch.Tensor, candidates: torch.Tensor, is_match: Callable, ks: Sequence[int],

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..data import build_labelled_loader
 from ..errors import UserError
+from ..models import eval_mode
 from .folder import IMG_EXTENSIONS, build_folder_loader, find_classes, folder_samples
 
 log = logging.getLogger("clipkit.evaluation")
@@ -178,9 +179,7 @@ def _log_skipped(skipped: dict[str, int], where: str) -> None:
 def predict_zeroshot(model, tokenizer: Callable, transform: Callable, zs: ZeroShotSet, batch_size: int = 256,
                      workers: int = 1, device: torch.device | str = "cpu") -> ZeroShotPredictions:
     """Every image's similarity to every class (the model is put in eval mode and restored)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         classifier = build_classifier(model, tokenizer, zs.classnames, zs.templates, device)
         logits, labels, keys, skipped = [], [], [], {}
         for batch in _batches(zs, transform, batch_size, workers):
@@ -199,8 +198,6 @@ def predict_zeroshot(model, tokenizer: Callable, transform: Callable, zs: ZeroSh
         scale = getattr(model, "logit_scale", None)
         scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else None
         return ZeroShotPredictions(keys, torch.cat(logits), torch.cat(labels), scale)
-    finally:
-        model.train(was_training)
 
 
 def evaluate_zeroshot(model, tokenizer: Callable, transform: Callable, zs: ZeroShotSet, batch_size: int = 256,

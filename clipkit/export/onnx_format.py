@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models import eval_mode
 
 CONFIG_NAME = "onnx_config.json"
 TOLERANCE = 1e-4  # fp32 graph vs the torch model, relative to the largest output magnitude
@@ -216,12 +217,8 @@ def export_onnx(model, model_name: str, model_cfg: dict, out: str | Path) -> dic
     """Write OUT (see the module docstring) and return the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()  # patch dropout and dropout are training-only: the graphs are the inference model
-    try:
+    with eval_mode(model):  # patch dropout and dropout are training-only: the graphs are the inference model
         return _export(model, model_name, model_cfg, out)
-    finally:
-        model.train(was_training)
 
 
 def _export(model: nn.Module, model_name: str, model_cfg: dict, out: Path) -> dict[str, Path]:

@@ -77,6 +77,17 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the block (no dropout, no patch dropout), then back in its own mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def register_model_config(name: str, model_cfg: dict) -> str:
     """Make an architecture stored elsewhere (a checkpoint, an export) buildable by name.
 
