@@ -26,13 +26,16 @@ INSTALL_REQUIRES = [
     "onnx>=1.16",
     "onnxruntime>=1.18",
     "onnxscript>=0.5",  # torch.onnx's (dynamo) exporter
+    "peft>=0.13",  # LoRA fine-tuning (clipkit finetune --method lora)
 ]
 
 BENCH = ["scikit-image>=0.22"]  # its sample photographs build the realistic shards of `clipkit bench data`
 EXTRAS = {
     "bench": BENCH,
     # clip-benchmark: the independent reference for zero-shot and retrieval evaluation
-    "test": ["pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0", "httpx>=0.27", "clip-benchmark==1.6.2", *BENCH],
+    "test": ["pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0", "httpx>=0.27", "clip-benchmark==1.6.2",
+             "scikit-learn>=1.3",  # the reference the linear probe is tested against
+             *BENCH],
 }
 
 setup(

@@ -57,10 +57,13 @@ def _synth(args: argparse.Namespace) -> int:
 
     ds = write_synth_dataset(args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
                              samples_per_shard=args.samples_per_shard, image_size=args.image_size,
-                             seed=args.seed, workers=args.workers)
+                             seed=args.seed, workers=args.workers,
+                             downstream_train_samples=args.downstream_train_samples,
+                             downstream_test_samples=args.downstream_test_samples)
     print(f"train shards : {ds.train_spec} ({ds.num_train} samples)")
     print(f"zero-shot set: {ds.eval_root} ({ds.num_eval} samples)")
     print(f"retrieval set: {ds.retrieval_root} ({ds.num_retrieval} images)")
+    print(f"downstream   : {ds.downstream_root} ({ds.num_downstream_train} train, {ds.num_downstream_test} test)")
     return 0
 
 
@@ -154,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--downstream-train-samples", type=int, default=2000)
+    s.add_argument("--downstream-test-samples", type=int, default=1000)
     s.set_defaults(func=_synth)
     ms = dsub.add_parser("make-shards", add_help=False,
                          help="turn an image folder or a CSV/parquet of (path, caption) into shards")
@@ -193,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("index", "clipkit.retrieval.index", "a faiss index over exported embeddings"),
         ("search", "clipkit.retrieval.search", "nearest neighbours of a text or image query in an index"),
         ("serve", "clipkit.retrieval.serve", "an HTTP retrieval service over an index"),
+        ("finetune", "clipkit.finetune.run",
+         "adapt a checkpoint to a labelled task: linear probe, full/partial fine-tuning, WiSE-FT, LoRA"),
+        ("finetune-report", "clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
     ]:
         sub.add_parser(name, add_help=False, help=help_text).set_defaults(func=_delegate(module))
 

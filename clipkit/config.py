@@ -42,6 +42,9 @@ class SynthConfig:
     samples_per_shard: int = 1000
     image_size: int = 64
     seed: int = 0
+    # The labelled downstream split (downstream/: train and test), for `clipkit finetune`.
+    downstream_train_samples: int = 2000
+    downstream_test_samples: int = 1000
 
 
 @dataclass
@@ -138,6 +141,71 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class LinearProbeConfig:
+    """Logistic regression on frozen, cached image features (CLIP_benchmark's linear-probe protocol): the L2
+    strength is chosen on val from a log grid of scikit-learn's C (inverse strength), then refit on train+val."""
+
+    c_min: float = 1e-3
+    c_max: float = 1e3
+    c_steps: int = 13  # grid points, log-spaced from c_min to c_max
+    max_iter: int = 1000  # L-BFGS iterations per fit
+    refit_on_train_val: bool = True  # the final classifier is fitted on train+val with the chosen C
+
+
+@dataclass
+class WiseConfig:
+    """WiSE-FT: weight-space interpolation (1 - alpha) * zero-shot + alpha * fine-tuned."""
+
+    alphas: str = "0,0.25,0.5,0.75,1"  # comma-separated, each in [0, 1]
+    # The best checkpoint of an earlier full fine-tune of the same checkpoint (RUN_DIR/best); None: fine-tune first.
+    finetuned: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the image tower's attention and MLP layers; merged into the weights at export."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "attn,c_fc,c_proj"  # module names (peft target_modules), comma-separated
+    # Also adapt the text tower: the head is then the zero-shot classifier recomputed through it every step.
+    text: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    """`clipkit finetune`: adapt a pretrained checkpoint to a labelled image classification task."""
+
+    method: str = "full"  # one of FINETUNE_METHODS
+    checkpoint: Optional[str] = None  # the pretrained model (as for `clipkit zeroshot --checkpoint`)
+    # An image folder with train/, val/ (optional) and test/ sub-folders of class folders, or a CLIP_benchmark
+    # webdataset root with train/ and test/ (and optionally val/) splits.
+    data: Optional[str] = None
+    val_fraction: float = 0.1  # without a val split: this fraction of train (per class, seeded) becomes val
+    epochs: int = 10
+    global_batch_size: int = 64  # split evenly over the ranks
+    lr: float = 3e-5
+    head_lr: Optional[float] = None  # the classification head's LR; None: lr
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    layer_decay: float = 1.0  # layer-wise LR decay per transformer block, from the head down (1: off)
+    label_smoothing: float = 0.1
+    augment: bool = True  # open_clip's training augmentation (RandomResizedCrop); else the eval transform
+    trainable_blocks: int = -1  # train only the last N transformer blocks of the image tower (-1: all)
+    freeze_head: bool = False  # keep the zero-shot head fixed
+    patience: int = 3  # stop after this many validations without a better val acc1 (0: never stop early)
+    grad_clip: Optional[float] = 1.0
+    precision: str = "fp32"  # one of PRECISIONS
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    wise: WiseConfig = field(default_factory=WiseConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+FINETUNE_METHODS = ("linear_probe", "full", "wise", "lora")
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
@@ -156,6 +224,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +388,8 @@ def validate(cfg: Config) -> None:
     _check(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels",
            "must be positive, or null for no limit")
     s = d.synth
-    for key in ("train_samples", "eval_samples", "samples_per_shard", "image_size"):
+    for key in ("train_samples", "eval_samples", "samples_per_shard", "image_size", "downstream_train_samples",
+                "downstream_test_samples"):
         _check(getattr(s, key) > 0, f"data.synth.{key}", "must be positive")
     _check(0.0 <= cfg.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
     _check(cfg.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be 0 or more")
@@ -333,6 +403,51 @@ def validate(cfg: Config) -> None:
     _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     if ds.config is not None:
         _check_json_file(ds.config, "deepspeed.config")
+    _validate_finetune(cfg.finetune)
+
+
+def parse_alphas(text: str) -> list[float]:
+    """WiSE-FT's alphas from "0,0.25,1"; ConfigError naming finetune.wise.alphas when one is not in [0, 1]."""
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise ConfigError(f"config key 'finetune.wise.alphas' must be comma-separated numbers (got {text!r})") from None
+    _check(bool(alphas) and all(0.0 <= a <= 1.0 for a in alphas), "finetune.wise.alphas",
+           f"must list numbers in [0, 1] (got {text!r})")
+    return alphas
+
+
+def _validate_finetune(f: FinetuneConfig) -> None:
+    _check(f.method in FINETUNE_METHODS, "finetune.method",
+           f"must be one of {', '.join(FINETUNE_METHODS)} (got {f.method!r})")
+    _check(0.0 < f.val_fraction < 1.0, "finetune.val_fraction", "must be in (0, 1)")
+    _check(f.epochs > 0, "finetune.epochs", "must be positive")
+    _check(f.global_batch_size > 0, "finetune.global_batch_size", "must be positive")
+    _check(f.lr > 0, "finetune.lr", f"must be positive (got {f.lr})")
+    _check(f.head_lr is None or f.head_lr > 0, "finetune.head_lr", "must be positive, or null for finetune.lr")
+    _check(f.warmup_steps >= 0, "finetune.warmup_steps", "must be 0 or more")
+    _check(f.weight_decay >= 0, "finetune.weight_decay", "must be 0 or more")
+    _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must be in (0, 1] (1: no layer-wise decay)")
+    _check(0.0 <= f.label_smoothing < 1.0, "finetune.label_smoothing", "must be in [0, 1)")
+    _check(f.trainable_blocks >= -1, "finetune.trainable_blocks", "must be -1 (all) or 0 or more")
+    _check(f.patience >= 0, "finetune.patience", "must be 0 (never stop early) or more")
+    _check(f.grad_clip is None or f.grad_clip > 0, "finetune.grad_clip", "must be positive, or null for no clipping")
+    _check(f.precision in PRECISIONS, "finetune.precision",
+           f"must be one of {', '.join(PRECISIONS)} (got {f.precision!r})")
+    lp = f.linear_probe
+    _check(0 < lp.c_min <= lp.c_max, "finetune.linear_probe.c_min", "must be positive and at most c_max")
+    _check(lp.c_steps > 0, "finetune.linear_probe.c_steps", "must be positive")
+    _check(lp.max_iter > 0, "finetune.linear_probe.max_iter", "must be positive")
+    parse_alphas(f.wise.alphas)
+    lo = f.lora
+    _check(lo.rank > 0, "finetune.lora.rank", "must be positive")
+    _check(lo.alpha > 0, "finetune.lora.alpha", "must be positive")
+    _check(0.0 <= lo.dropout < 1.0, "finetune.lora.dropout", "must be in [0, 1)")
+    _check(bool([t for t in lo.targets.split(",") if t.strip()]), "finetune.lora.targets",
+           "must name at least one module")
+    _check("out_proj" not in [t.strip() for t in lo.targets.split(",")], "finetune.lora.targets",
+           "may not name out_proj: nn.MultiheadAttention never calls it, so its adapter would do nothing "
+           "(name attn to adapt the attention)")
 
 
 def _check_json_file(path: str, key: str) -> None:

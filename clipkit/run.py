@@ -51,7 +51,9 @@ def resolve_data(cfg: Config, env: DistEnv) -> tuple[Config, HeldOut]:
     if d.train is None:
         s = d.synth
         params = dict(train_samples=s.train_samples, eval_samples=s.eval_samples,
-                      samples_per_shard=s.samples_per_shard, image_size=s.image_size, seed=s.seed)
+                      samples_per_shard=s.samples_per_shard, image_size=s.image_size, seed=s.seed,
+                      downstream_train_samples=s.downstream_train_samples,
+                      downstream_test_samples=s.downstream_test_samples)
         if env.is_main:
             ensure_synth_dataset(s.out, **params)
         if env.distributed:

@@ -17,7 +17,8 @@ def synth_small(tmp_path_factory):
     from clipkit.data import write_synth_dataset
 
     return write_synth_dataset(tmp_path_factory.mktemp("synth"), train_samples=600, eval_samples=120,
-                               samples_per_shard=150, image_size=32, seed=3, workers=1)
+                               samples_per_shard=150, image_size=32, seed=3, workers=1,
+                               downstream_train_samples=40, downstream_test_samples=20)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ def test_gpu_check_script_runs_both_engines(tmp_path):
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "model.name=clipkit-nano",
                            "data.synth.train_samples=600", "data.synth.samples_per_shard=150",
-                           "data.synth.eval_samples=60", "data.synth.image_size=32"],
+                           "data.synth.eval_samples=60", "data.synth.image_size=32",
+                           "data.synth.downstream_train_samples=40", "data.synth.downstream_test_samples=20"],
                           env=_env(OUT_DIR=str(out), STEPS="20", PER_GPU_BATCH="16", WORKERS="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

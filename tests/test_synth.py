@@ -78,9 +78,11 @@ def test_eval_combinations_are_held_out_of_training(synth_small):
 
 
 def test_writer_is_deterministic_for_a_seed(tmp_path):
-    a = write_synth_dataset(tmp_path / "a", train_samples=40, eval_samples=20, samples_per_shard=40, seed=7, workers=1)
-    b = write_synth_dataset(tmp_path / "b", train_samples=40, eval_samples=20, samples_per_shard=40, seed=7, workers=1)
-    c = write_synth_dataset(tmp_path / "c", train_samples=40, eval_samples=20, samples_per_shard=40, seed=8, workers=1)
+    tiny = dict(train_samples=40, eval_samples=20, samples_per_shard=40, workers=1, downstream_train_samples=4,
+                downstream_test_samples=4)
+    a = write_synth_dataset(tmp_path / "a", seed=7, **tiny)
+    b = write_synth_dataset(tmp_path / "b", seed=7, **tiny)
+    c = write_synth_dataset(tmp_path / "c", seed=8, **tiny)
     pa, pb, pc = (_members(expand_shards(d.train_spec)[0]) for d in (a, b, c))
     assert pa == pb
     assert pa != pc
@@ -119,7 +121,8 @@ def _contents(root: Path, split: str) -> dict:
 
 
 def test_retrieval_split_leaves_the_other_splits_unchanged(tmp_path):
-    small = dict(train_samples=30, eval_samples=10, samples_per_shard=15, seed=5, workers=1)
+    small = dict(train_samples=30, eval_samples=10, samples_per_shard=15, seed=5, workers=1, downstream_train_samples=4,
+                 downstream_test_samples=4)
     a = write_synth_dataset(tmp_path / "a", retrieval_samples=4, **small)
     b = write_synth_dataset(tmp_path / "b", retrieval_samples=20, **small)
     for split in ("train", "eval"):
@@ -133,7 +136,8 @@ def test_retrieval_split_leaves_the_other_splits_unchanged(tmp_path):
 
 
 def test_ensure_completes_a_dataset_written_before_the_retrieval_split(tmp_path):
-    params = dict(train_samples=30, eval_samples=10, samples_per_shard=15, seed=5, image_size=32)
+    params = dict(train_samples=30, eval_samples=10, samples_per_shard=15, seed=5, image_size=32,
+                  downstream_train_samples=8, downstream_test_samples=4)
     fresh = write_synth_dataset(tmp_path / "fresh", workers=1, **params)
     old = write_synth_dataset(tmp_path / "old", workers=1, **params)
     # what the writer made before: no retrieval split, a v2 manifest without its param
@@ -147,7 +151,8 @@ def test_ensure_completes_a_dataset_written_before_the_retrieval_split(tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in old.root.rglob("*.tar")}
 
     done = ensure_synth_dataset(old.root, workers=1, **params)
-    assert done == SynthDataset(old.root, old.train_spec, old.eval_root, 30, 10, old.root / "retrieval", 10)
+    assert done == SynthDataset(old.root, old.train_spec, old.eval_root, 30, 10, old.root / "retrieval", 10,
+                                old.root / "downstream", 8, 4)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the existing shards were not rewritten
     assert _contents(old.root, "retrieval") == _contents(fresh.root, "retrieval")
     manifests = [json.loads((d.root / "manifest.json").read_text()) for d in (old, fresh)]

@@ -4,7 +4,7 @@ from .decode import DEFAULT_MAX_IMAGE_PIXELS
 from .pipeline import Batch, ShardStream, SkipCounter, build_labelled_loader, build_train_loader
 from .shards import ShardSpecError, expand_shards, expand_sources, open_shard
 from .state import StreamPosition, StreamState, StreamStateError
-from .synth import SynthDataset, ensure_synth_dataset, write_synth_dataset
+from .synth import SynthDataset, downstream_class_names, ensure_synth_dataset, write_synth_dataset
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -18,6 +18,7 @@ __all__ = [
     "SynthDataset",
     "build_labelled_loader",
     "build_train_loader",
+    "downstream_class_names",
     "ensure_synth_dataset",
     "expand_shards",
     "expand_sources",

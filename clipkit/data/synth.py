@@ -15,6 +15,16 @@ position carries no information about the label (holding out a background per cl
 model learn "this background never goes with that shape" and score below chance). The retrieval split
 is drawn from the same held-out combinations, each scene description at most once, and its captions name
 every attribute: no two of its images share a caption.
+
+The downstream split (downstream/train/N.tar and downstream/test/N.tar with KEY.jpg + KEY.cls + KEY.json,
+each with nshards.txt; classnames.txt, zeroshot_classification_templates.txt, dataset_type.txt =
+"classification") is a labelled set for adaptation experiments (linear probe, fine-tuning). Its label is a
+property no pretraining caption names: how the shapes are filled (FILL_STYLES: solid; outlined, only a band
+along the edge; hatched, stripes of the colour and white; dotted, the colour with dark dots), over the same
+random colours, shapes, sizes, counts, backgrounds and positions (every combination, none held out). A
+pretrained model's zero-shot accuracy on it is near chance (its text tower never saw the class names'
+words), so what adaptation reaches is its own doing. The classes are balanced (each once in every run of
+len(FILL_STYLES) samples); there is no val split, a fine-tuner splits one off train.
 """
 from __future__ import annotations
 
@@ -28,7 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 COLOURS = {
     "red": (215, 35, 35),
@@ -77,8 +87,28 @@ CAPTION_TEMPLATES = [
 ]
 
 
+# The downstream split's label: how the shapes are filled. No pretraining caption names it (they name
+# colour, shape, size, position, background and count), so zero-shot has nothing to go on.
+FILL_STYLES = ["solid", "outlined", "hatched", "dotted"]
+HATCH_TONE, DOT_TONE = (245, 245, 245), (20, 20, 20)  # hatched: colour and white stripes; dotted: dark dots
+PATTERN_PERIOD = 0.08  # of the stripes and of the dot grid, as a fraction of the image (at least 3 pixels)
+OUTLINE_WIDTH = 0.16  # of an outlined shape's band, as a fraction of the shape's radius (at least 1 pixel)
+DOWNSTREAM_TEMPLATES = [  # "the": "an outlined shape" but "a solid shape"
+    "a photo of the {c}.",
+    "the {c}.",
+    "a picture of the {c}.",
+    "a drawing of the {c}.",
+    "an image with the {c} in it.",
+]
+
+
 def class_names() -> list[str]:
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def downstream_class_names() -> list[str]:
+    """The downstream split's classes, in label order: one per fill style ("solid shape", ...)."""
+    return [f"{f} shape" for f in FILL_STYLES]
 
 
 def is_held_out(background: str, position: str) -> bool:
@@ -105,7 +135,10 @@ class SceneSpec:
 
 CAPTIONS_PER_IMAGE = 5  # retrieval split: as many as COCO and Flickr30k give each image
 RETRIEVAL_DIR = "retrieval"
-FORMAT = "clipkit-synth-v3"  # v2 had no retrieval split
+DOWNSTREAM_DIR = "downstream"
+DOWNSTREAM_SPLITS = ("train", "test")
+DOWNSTREAM_TRAIN_SAMPLES, DOWNSTREAM_TEST_SAMPLES = 2000, 1000  # the default sizes of its splits
+FORMAT = "clipkit-synth-v4"  # v3 had no downstream split, v2 no retrieval split either
 
 
 def sample_scene(rng: random.Random, split: str) -> SceneSpec:
@@ -121,6 +154,31 @@ def sample_scene(rng: random.Random, split: str) -> SceneSpec:
         count=rng.choice(list(COUNTS)),
         template=rng.randrange(len(CAPTION_TEMPLATES)),
     )
+
+
+def downstream_scene(rng: random.Random) -> SceneSpec:
+    """A scene of the downstream split: any colour, shape, size, count, background and position (its
+    background and position combinations are not held out: the split is for adaptation, not zero-shot)."""
+    background, position = rng.choice(TRAIN_COMBOS + HELD_OUT)
+    return SceneSpec(
+        colour=rng.choice(list(COLOURS)),
+        shape=rng.choice(SHAPES),
+        size=rng.choice(list(SIZES)),
+        position=position,
+        background=background,
+        count=rng.choice(list(COUNTS)),
+        template=0,  # no caption
+    )
+
+
+def downstream_label(seed: int, split: str, index: int) -> int:
+    """The index-th sample's label (an index into FILL_STYLES). Every run of len(FILL_STYLES) samples holds
+    each class once, in an order drawn for it: the classes are balanced, and a sample does not depend on
+    how many are written."""
+    block, offset = divmod(index, len(FILL_STYLES))
+    order = list(range(len(FILL_STYLES)))
+    random.Random(f"clipkit-synth/{seed}/{split}/labels/{block}").shuffle(order)
+    return order[offset]
 
 
 def caption(scene: SceneSpec, templates: list[str] = CAPTION_TEMPLATES) -> str:
@@ -190,8 +248,9 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
 
 
-def render(scene: SceneSpec, image_size: int, rng: random.Random) -> Image.Image:
-    """Draw the scene at 2x and downsample, for anti-aliased edges."""
+def render(scene: SceneSpec, image_size: int, rng: random.Random, fill_style: str = "solid") -> Image.Image:
+    """Draw the scene at 2x and downsample, for anti-aliased edges. `fill_style` (one of FILL_STYLES) is how
+    the shapes are filled: the downstream split's label; every other split draws them solid."""
     big = image_size * 2
     img = _background(scene.background, big, rng)
     draw = ImageDraw.Draw(img)
@@ -202,12 +261,63 @@ def render(scene: SceneSpec, image_size: int, rng: random.Random) -> Image.Image
         r = diameter / 2
         cx, cy = rng.uniform(x0, x1) * big, rng.uniform(y0, y1) * big
         fill = _jitter(COLOURS[scene.colour], rng)
-        if scene.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            angle = rng.uniform(-0.25, 0.25)
-            draw.polygon(_polygon(scene.shape, cx, cy, r, angle), fill=fill)
+        if fill_style != "solid":
+            mask = Image.new("L", (big, big), 0)
+            _draw_shape(ImageDraw.Draw(mask), scene.shape, cx, cy, r, 255, rng)
+            _paint_shape(img, mask, r, fill, fill_style, rng)
+        else:  # the other splits' way, unchanged
+            _draw_shape(draw, scene.shape, cx, cy, r, fill, rng)
     return img.resize((image_size, image_size), Image.LANCZOS)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, rng: random.Random):
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        angle = rng.uniform(-0.25, 0.25)
+        draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
+
+
+def _paint_shape(img: Image.Image, mask: Image.Image, r: float, fill: tuple[int, ...], fill_style: str,
+                 rng: random.Random) -> None:
+    """Paint the shape whose MASK (drawn at 2x) is given onto IMG in FILL_STYLE: solid; outlined (a band along
+    the edge in the colour, the background showing inside); hatched (stripes of the colour and of white, at a
+    random angle); dotted (the colour with a grid of dark dots at a random angle). The pattern period follows
+    the image size and the outline's width the shape's radius R (small shapes keep a hole), each with a floor
+    of about one output pixel per line or gap, so the pattern survives the downsampling. The second tones make
+    the styles differ in colour as well as in texture: a frozen encoder trained on these scenes attends to
+    colour above all, and this is what lets a linear probe tell the styles apart (with the background showing
+    between the stripes and dots instead, it barely can)."""
+    big = mask.size[0]
+    width = max(2, round(OUTLINE_WIDTH * r))  # of the outline
+    # work on the shape's bounding box (with a margin for the outline's erosion), in image coordinates
+    x0, y0, x1, y1 = mask.getbbox() or (0, 0, 1, 1)
+    x0, y0, x1, y1 = max(0, x0 - width - 1), max(0, y0 - width - 1), min(big, x1 + width + 1), min(big, y1 + width + 1)
+    crop = mask.crop((x0, y0, x1, y1))
+    inside = np.asarray(crop) > 127
+    layers = []  # (tone, where), painted in order
+    if fill_style == "solid":
+        layers.append((fill, inside))
+    elif fill_style == "outlined":
+        core = np.asarray(crop.filter(ImageFilter.MinFilter(2 * width + 1))) > 127
+        layers.append((fill, inside & ~core))
+    elif fill_style in ("hatched", "dotted"):
+        period = max(6.0, PATTERN_PERIOD * big)
+        angle = rng.uniform(0, np.pi)
+        phase_u, phase_v = rng.uniform(0, period), rng.uniform(0, period)
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        u = xx * np.cos(angle) + yy * np.sin(angle) + phase_u
+        layers.append((fill, inside))
+        if fill_style == "hatched":  # every other stripe white
+            layers.append((_jitter(HATCH_TONE, rng, 10), inside & ((u % period) >= period / 2)))
+        else:
+            v = -xx * np.sin(angle) + yy * np.cos(angle) + phase_v
+            du, dv = (u % period) - period / 2, (v % period) - period / 2
+            layers.append((_jitter(DOT_TONE, rng, 10), inside & (du * du + dv * dv < (0.36 * period) ** 2)))
+    else:
+        raise ValueError(f"unknown fill style {fill_style!r}")
+    for tone, where in layers:
+        img.paste(tone, (x0, y0, x1, y1), Image.fromarray(where.astype(np.uint8) * 255))
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -255,7 +365,21 @@ def retrieval_captions(scene: SceneSpec) -> list[str]:
     return [caption(replace(scene, template=t), RETRIEVAL_TEMPLATES) for t in order[:CAPTIONS_PER_IMAGE]]
 
 
+def _downstream_sample(job: _ShardJob, index: int) -> dict:
+    rng = _sample_rng(job.seed, job.split, index)
+    label = downstream_label(job.seed, job.split, index)
+    scene = downstream_scene(rng)
+    img = render(scene, job.image_size, rng, FILL_STYLES[label])
+    key = f"{index:09d}"
+    meta = {"key": key, "width": job.image_size, "height": job.image_size, "fill": FILL_STYLES[label],
+            "label": label, "classname": downstream_class_names()[label],
+            **{k: v for k, v in asdict(scene).items() if k != "template"}}
+    return {"__key__": key, "jpg": _jpeg(img), "cls": str(label), "json": json.dumps(meta).encode()}
+
+
 def _sample(job: _ShardJob, index: int, classes: list[str]) -> dict:
+    if job.split.startswith(DOWNSTREAM_DIR + "/"):
+        return _downstream_sample(job, index)
     rng = _sample_rng(job.seed, job.split, index)
     if job.split == "retrieval":
         scene = retrieval_scene(job.seed, index, rng)
@@ -295,6 +419,9 @@ class SynthDataset:
     num_eval: int
     retrieval_root: Path | None = None  # CLIP_benchmark-style retrieval root
     num_retrieval: int = 0  # images in it (CAPTIONS_PER_IMAGE captions each)
+    downstream_root: Path | None = None  # CLIP_benchmark-style classification root (train/ and test/)
+    num_downstream_train: int = 0
+    num_downstream_test: int = 0
 
 
 def _shard_jobs(directory: Path, split: str, total: int, per_shard: int, seed: int, size: int,
@@ -327,15 +454,44 @@ def _write_retrieval_files(root: Path, nshards: int) -> None:
     (root / RETRIEVAL_DIR / "dataset_type.txt").write_text("retrieval\n")
 
 
+def _downstream_jobs(root: Path, params: dict) -> list[_ShardJob]:
+    jobs = []
+    for split in DOWNSTREAM_SPLITS:
+        directory = root / DOWNSTREAM_DIR / split
+        directory.mkdir(parents=True, exist_ok=True)
+        split_jobs = _shard_jobs(directory, f"{DOWNSTREAM_DIR}/{split}", params[f"downstream_{split}_samples"],
+                                 params["samples_per_shard"], params["seed"], params["image_size"], "{}.tar")
+        for stale in directory.glob("*.tar"):  # from an earlier write with more shards
+            if stale.stem.isdigit() and int(stale.stem) >= len(split_jobs):
+                stale.unlink()
+        jobs += split_jobs
+    return jobs
+
+
+def _write_downstream_files(root: Path, jobs: list[_ShardJob]) -> None:
+    base = root / DOWNSTREAM_DIR
+    for split in DOWNSTREAM_SPLITS:
+        nshards = sum(job.split == f"{DOWNSTREAM_DIR}/{split}" for job in jobs)
+        (base / split / "nshards.txt").write_text(f"{nshards}\n")
+    (base / "classnames.txt").write_text("\n".join(downstream_class_names()) + "\n")
+    (base / "zeroshot_classification_templates.txt").write_text("\n".join(DOWNSTREAM_TEMPLATES) + "\n")
+    (base / "dataset_type.txt").write_text("classification\n")
+
+
 def write_synth_dataset(out: str | Path, train_samples: int = 20000, eval_samples: int = 1500,
                         samples_per_shard: int = 1000, image_size: int = 64, seed: int = 0,
-                        workers: int = 2, retrieval_samples: int | None = None) -> SynthDataset:
-    """Write the dataset under OUT (train/, eval/, retrieval/, manifest.json). Deterministic for a seed.
-    The retrieval split has `retrieval_samples` images (default: as many as the zero-shot split, up to
-    its MAX_RETRIEVAL distinct scenes)."""
+                        workers: int = 2, retrieval_samples: int | None = None,
+                        downstream_train_samples: int = DOWNSTREAM_TRAIN_SAMPLES,
+                        downstream_test_samples: int = DOWNSTREAM_TEST_SAMPLES) -> SynthDataset:
+    """Write the dataset under OUT (train/, eval/, retrieval/, downstream/, manifest.json). Deterministic for
+    a seed. The retrieval split has `retrieval_samples` images (default: as many as the zero-shot split, up
+    to its MAX_RETRIEVAL distinct scenes); the downstream split `downstream_train_samples` +
+    `downstream_test_samples` labelled images."""
     retrieval_samples = _retrieval_size(retrieval_samples, eval_samples)
-    if min(train_samples, eval_samples, retrieval_samples, samples_per_shard) <= 0:
-        raise ValueError("train_samples, eval_samples, retrieval_samples and samples_per_shard must be positive")
+    if min(train_samples, eval_samples, retrieval_samples, samples_per_shard, downstream_train_samples,
+           downstream_test_samples) <= 0:
+        raise ValueError("train_samples, eval_samples, retrieval_samples, downstream_train_samples, "
+                         "downstream_test_samples and samples_per_shard must be positive")
     if retrieval_samples > MAX_RETRIEVAL:
         raise ValueError(f"retrieval_samples: the retrieval split holds at most {MAX_RETRIEVAL} distinct scenes")
     root = Path(out)
@@ -343,19 +499,23 @@ def write_synth_dataset(out: str | Path, train_samples: int = 20000, eval_sample
     (eval_dir / "test").mkdir(parents=True, exist_ok=True)
     train_dir.mkdir(parents=True, exist_ok=True)
     params = dict(train_samples=train_samples, eval_samples=eval_samples, samples_per_shard=samples_per_shard,
-                  image_size=image_size, seed=seed, retrieval_samples=retrieval_samples)
+                  image_size=image_size, seed=seed, retrieval_samples=retrieval_samples,
+                  downstream_train_samples=downstream_train_samples, downstream_test_samples=downstream_test_samples)
     jobs = _shard_jobs(train_dir, "train", train_samples, samples_per_shard, seed, image_size, "{:05d}.tar")
     eval_jobs = _shard_jobs(eval_dir / "test", "eval", eval_samples, samples_per_shard, seed, image_size, "{}.tar")
     retrieval_jobs = _retrieval_jobs(root, params)
-    _run_jobs(jobs + eval_jobs + retrieval_jobs, workers)
+    downstream_jobs = _downstream_jobs(root, params)
+    _run_jobs(jobs + eval_jobs + retrieval_jobs + downstream_jobs, workers)
     (eval_dir / "test" / "nshards.txt").write_text(f"{len(eval_jobs)}\n")
     (eval_dir / "classnames.txt").write_text("\n".join(class_names()) + "\n")
     (eval_dir / "zeroshot_classification_templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
     _write_retrieval_files(root, len(retrieval_jobs))
+    _write_downstream_files(root, downstream_jobs)
     # Paths in the manifest are relative to the root, so the directory can be moved.
     manifest = {"format": FORMAT, "params": params,
                 "train": f"train/{{00000..{len(jobs) - 1:05d}}}.tar", "eval": "eval", "retrieval": RETRIEVAL_DIR,
-                "num_classes": len(class_names()), "captions_per_image": CAPTIONS_PER_IMAGE}
+                "num_classes": len(class_names()), "captions_per_image": CAPTIONS_PER_IMAGE,
+                "downstream": DOWNSTREAM_DIR, "num_downstream_classes": len(FILL_STYLES)}
     _write_manifest(root, manifest)
     return _from_manifest(root, manifest)
 
@@ -373,36 +533,61 @@ def _write_manifest(root: Path, manifest: dict) -> None:
 
 def _from_manifest(root: Path, manifest: dict) -> SynthDataset:
     p = manifest["params"]
-    retrieval = manifest.get("retrieval")
+    retrieval, downstream = manifest.get("retrieval"), manifest.get("downstream")
     return SynthDataset(root, str(root / manifest["train"]), root / manifest["eval"], p["train_samples"],
-                        p["eval_samples"], root / retrieval if retrieval else None, p.get("retrieval_samples", 0))
+                        p["eval_samples"], root / retrieval if retrieval else None, p.get("retrieval_samples", 0),
+                        root / downstream if downstream else None, p.get("downstream_train_samples", 0),
+                        p.get("downstream_test_samples", 0))
 
 
 def _add_retrieval_split(root: Path, manifest: dict, retrieval_samples: int | None, workers: int) -> dict:
     """Complete a dataset written before the retrieval split existed; its other splits stay as they are
-    (they are what this version would write for the same params anyway)."""
+    (they are what this version would write for the same params anyway). Returns the new manifest, for the
+    caller to write."""
     params = dict(manifest["params"])
     params["retrieval_samples"] = _retrieval_size(retrieval_samples, params["eval_samples"])
+    if params["retrieval_samples"] <= 0 or params["retrieval_samples"] > MAX_RETRIEVAL:
+        raise ValueError(f"retrieval_samples must be positive and at most {MAX_RETRIEVAL}")
     jobs = _retrieval_jobs(root, params)
     _run_jobs(jobs, workers)
     _write_retrieval_files(root, len(jobs))
-    manifest = {**manifest, "format": FORMAT, "params": params, "retrieval": RETRIEVAL_DIR,
-                "captions_per_image": CAPTIONS_PER_IMAGE}
-    _write_manifest(root, manifest)
-    return manifest
+    return {**manifest, "params": params, "retrieval": RETRIEVAL_DIR, "captions_per_image": CAPTIONS_PER_IMAGE}
+
+
+def _add_downstream_split(root: Path, manifest: dict, train_samples: int | None, test_samples: int | None,
+                          workers: int) -> dict:
+    """Complete a dataset written before the downstream split existed, as _add_retrieval_split does."""
+    params = dict(manifest["params"])
+    wanted = (DOWNSTREAM_TRAIN_SAMPLES if train_samples is None else train_samples,
+              DOWNSTREAM_TEST_SAMPLES if test_samples is None else test_samples)
+    for split, n in zip(DOWNSTREAM_SPLITS, wanted):
+        if n <= 0:
+            raise ValueError(f"downstream_{split}_samples must be positive")
+        params[f"downstream_{split}_samples"] = n
+    jobs = _downstream_jobs(root, params)
+    _run_jobs(jobs, workers)
+    _write_downstream_files(root, jobs)
+    return {**manifest, "params": params, "downstream": DOWNSTREAM_DIR, "num_downstream_classes": len(FILL_STYLES)}
 
 
 def ensure_synth_dataset(out: str | Path, **params) -> SynthDataset:
     """Return the dataset at OUT, writing it first if it is missing or was made with other params (a param
-    left out or None matches any value). A dataset from before the retrieval split gains that split."""
+    left out or None matches any value). A dataset from before the retrieval or the downstream split gains
+    the split it lacks; its other splits are not rewritten."""
     root = Path(out)
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         wanted = {k: v for k, v in params.items() if k in manifest["params"] and v is not None}
         if all(manifest["params"][k] == v for k, v in wanted.items()):
-            if "retrieval" not in manifest:
-                manifest = _add_retrieval_split(root, manifest, params.get("retrieval_samples"),
-                                                params.get("workers", 2))
+            workers = params.get("workers", 2)
+            if "retrieval" not in manifest or "downstream" not in manifest:
+                if "retrieval" not in manifest:
+                    manifest = _add_retrieval_split(root, manifest, params.get("retrieval_samples"), workers)
+                if "downstream" not in manifest:
+                    manifest = _add_downstream_split(root, manifest, params.get("downstream_train_samples"),
+                                                     params.get("downstream_test_samples"), workers)
+                manifest = {**manifest, "format": FORMAT}
+                _write_manifest(root, manifest)
             return _from_manifest(root, manifest)
     return write_synth_dataset(root, **params)

@@ -1,8 +1,9 @@
 """Weights files: a model's state dict as safetensors, with the architecture to rebuild it in the header.
 
     save_weights(model.state_dict(), "model.safetensors", "clipkit-tiny", model_cfg)
-    loaded = load_model("runs/default/checkpoints/step_00000600")   # or the .safetensors file, or an
-    loaded.model, loaded.name, loaded.model_cfg                     # open_clip export directory
+    loaded = load_model("runs/default/checkpoints/step_00000600")   # or the .safetensors file, an open_clip
+    loaded.model, loaded.name, loaded.model_cfg                     # export directory, or a run directory
+                                                                    # (its newest checkpoint)
 
 safetensors holds tensors and a JSON header only: loading a file never runs code from it.
 """
@@ -50,6 +51,9 @@ def _read(path: Path) -> tuple[dict, dict]:
 
 
 def _weights_and_architecture(path: Path) -> tuple[Path, str, dict]:
+    latest = path / "checkpoints" / "latest"
+    if path.is_dir() and latest.is_file():  # a run directory: its newest checkpoint
+        path = latest.parent / latest.read_text().strip()
     if path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file():  # an open_clip model directory
         cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
         return path / OPEN_CLIP_WEIGHTS, path.name, cfg

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 
-def _no_decay(name: str, param: torch.Tensor, explicit: set[str]) -> bool:
+def is_no_decay(name: str, param: torch.Tensor, explicit: set[str]) -> bool:
     # Norm weights, biases, class/scale vectors (all < 2-D), the temperature, and whatever the model
     # itself lists (positional and class embeddings in open_clip's towers).
     return param.ndim < 2 or name in explicit or "logit_scale" in name or "logit_bias" in name
@@ -19,7 +19,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if _no_decay(name, p, explicit) else decay).append(p)
+        (no_decay if is_no_decay(name, p, explicit) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

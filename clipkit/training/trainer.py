@@ -41,7 +41,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 # Any other difference from the checkpoint's config would silently not apply (or apply halfway).
 RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "train.steps", "train.resume",
                      "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
-                     "eval.", "export.")
+                     "eval.", "export.", "finetune.", "data.synth.downstream_")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,201 @@
+"""The fine-tuning loop: cross-entropy on the classifier's logits, AdamW with warmup + cosine, validation after
+every epoch, early stopping on val acc1 with patience, the best weights kept. Runs in one process or under
+torchrun (DDP: each rank takes its slice of every global batch, so the update equals the single-process one).
+
+Rank 0 validates (the others wait for its verdict), so no rank runs a collective that another does not."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FinetuneConfig
+from ..distributed import DistEnv
+from ..evaluation import classification_metrics
+from ..models import eval_mode
+from ..training.metrics import MetricsLogger
+from ..training.optim import build_scheduler
+from .data import eval_loader, train_loader
+from .model import ImageClassifier, optimizer_groups
+
+log = logging.getLogger("clipkit.finetune")
+
+
+class EarlyStopping:
+    """Stop after `patience` validations in a row without a higher score (0: never stop early)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best = -math.inf
+        self.bad = 0
+
+    def update(self, score: float) -> bool:
+        """Record a validation score; True when it is the best so far."""
+        if score > self.best:
+            self.best, self.bad = score, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]  # the weights at the best validation (CPU copies)
+    best_epoch: int
+    best_val: dict
+    epochs_run: int
+    stopped_early: bool
+    steps: int
+    history: list[dict] = field(default_factory=list)  # per epoch: {"epoch", "step", "loss", "val": metrics}
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, samples, transform, *, batch_size: int, workers: int, device: torch.device,
+            precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """(logits [N, classes], labels [N], skipped counts) over the samples, in order, in eval mode."""
+    logits, labels, skipped = [], [], {}
+    with eval_mode(model):
+        for batch in eval_loader(samples, transform, batch_size=batch_size, workers=workers):
+            for reason, n in batch.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            if not batch.keys:
+                continue
+            with autocast(device, precision):
+                out = model(batch.images.to(device))
+            logits.append(out.float().cpu())
+            labels.append(batch.targets)
+    if not labels:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), skipped
+    return torch.cat(logits), torch.cat(labels), skipped
+
+
+def evaluate(model: nn.Module, samples, transform, num_classes: int, **kwargs) -> dict:
+    """CLIP_benchmark's classification metrics (acc1, acc5, mean_per_class_recall, num_samples)."""
+    logits, labels, skipped = predict(model, samples, transform, **kwargs)
+    metrics = classification_metrics(logits, labels, num_classes)
+    if skipped:
+        metrics["skipped"] = skipped
+    return metrics
+
+
+def _global_mean(value, env: DistEnv) -> float:
+    """The mean over the ranks of a per-rank mean (every rank's slice of a global batch is the same size), so
+    the logged loss is the global batch's, as in one process. A collective: every rank calls it."""
+    value = torch.as_tensor(value, dtype=torch.float64)
+    if env.distributed:
+        value = value.to(env.device)
+        dist.all_reduce(value)
+        value = value / env.world_size
+    return value.item()
+
+
+def _merge_counts(total: dict[str, int], new: dict[str, int]) -> None:
+    for k, v in new.items():
+        total[k] = total.get(k, 0) + v
+
+
+def fit(model: ImageClassifier, train_samples, val_samples, num_classes: int, cfg: FinetuneConfig, *,
+        env: DistEnv, transforms, seed: int, workers: int, eval_batch_size: int, logger: MetricsLogger,
+        log_every: int = 10) -> FitResult:
+    """Train the model's trainable parameters; returns the best weights by val acc1 (the model is left at its
+    last weights). transforms: (train, eval) image transforms."""
+    device = env.device
+    train_tf, eval_tf = transforms
+    model.to(device)
+    groups = optimizer_groups(model, cfg.lr, cfg.head_lr, cfg.weight_decay, cfg.layer_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    steps_per_epoch = len(train_loader(train_samples, train_tf, global_batch_size=cfg.global_batch_size, rank=env.rank,
+                                       world_size=env.world_size, seed=seed, epoch=0, workers=0))
+    total = steps_per_epoch * cfg.epochs
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    wrapped = model
+    if env.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    stopper = EarlyStopping(cfg.patience)
+    result = FitResult({}, -1, {}, 0, False, 0)
+    step = 0
+    for epoch in range(cfg.epochs):
+        wrapped.train()
+        loader = train_loader(train_samples, train_tf if cfg.augment else eval_tf,
+                              global_batch_size=cfg.global_batch_size, rank=env.rank, world_size=env.world_size,
+                              seed=seed, epoch=epoch, workers=workers)
+        loss_sum, loss_n = torch.zeros((), dtype=torch.float64, device=device), 0
+        for batch in loader:
+            _merge_counts(result.skipped, batch.skipped)
+            weight = 1.0
+            if batch.keys:
+                images, targets = batch.images.to(device), batch.targets.to(device)
+            elif env.distributed:  # nothing in this rank's slice decoded: a zero-weight step keeps the ranks in step
+                size = model.clip.visual.image_size
+                images = torch.zeros(1, 3, *(size if isinstance(size, tuple) else (size, size)), device=device)
+                targets, weight = torch.zeros(1, dtype=torch.long, device=device), 0.0
+            else:
+                continue
+            with autocast(device, cfg.precision):
+                logits = wrapped(images)
+            loss = weight * F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+            logger.advance()
+            if step % log_every == 0:
+                logger.log(step, {"loss": _global_mean(loss.detach(), env), "lr": optimizer.param_groups[0]["lr"],
+                                  "epoch": epoch})
+        epoch_loss = _global_mean(loss_sum / max(1, loss_n), env) if loss_n else float("nan")
+        val = None
+        if env.is_main:
+            val = evaluate(model, val_samples, eval_tf, num_classes, batch_size=eval_batch_size, workers=workers,
+                           device=device, precision=cfg.precision)
+            improved = stopper.update(val["acc1"])
+            if improved:
+                result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                result.best_epoch, result.best_val = epoch, val
+            record = {"epoch": epoch, "step": step, "loss": epoch_loss, "val": val}
+            result.history.append(record)
+            logger.log(step, {"epoch_loss": record["loss"], "val": {k: v for k, v in val.items()
+                                                                    if isinstance(v, float)}})
+            logger.write(f"epoch {epoch}: loss {record['loss']:.4f}, val acc1 {val['acc1']:.4f}"
+                         f"{' (best)' if improved else ''}")
+        stop = stopper.should_stop
+        if env.distributed:
+            flag = [stop]
+            dist.broadcast_object_list(flag, src=0)
+            stop = flag[0]
+        result.epochs_run, result.steps = epoch + 1, step
+        if stop:
+            result.stopped_early = epoch + 1 < cfg.epochs
+            break
+    return result
