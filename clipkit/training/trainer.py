@@ -110,6 +110,17 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changed
 
 
+def _with_defaults(defaults: dict, saved: dict) -> dict:
+    """`saved` with every key it lacks taken from `defaults` (recursively)."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(value, out[key])
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv | None = None) -> None:
         self.cfg = cfg
@@ -167,6 +178,8 @@ class Trainer:
             save_config(self.cfg, self.run_dir / "config.yaml")
 
     def _check_config(self, saved: dict) -> None:
+        # A key the checkpoint's config lacks (added by a later clipkit) had its default in that run.
+        saved = _with_defaults(config_to_dict(Config()), saved)
         changed = [k for k in config_changes(saved, config_to_dict(self.cfg))
                    if not k.startswith(RESUMABLE_CHANGES)]
         if changed:
