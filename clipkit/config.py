@@ -382,6 +382,20 @@ def validate(cfg: Config) -> None:
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
     _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 (keep all) or more")
+    _check(bool(r.dir.strip()), "run.dir", "must name a directory")
+    _check(r.seed >= 0, "run.seed", "must be 0 or more")
+    for key in ("train", "zeroshot", "retrieval"):
+        value = getattr(d, key)
+        _check(value is None or bool(value.strip()), f"data.{key}", "must name a path or shards, or be null")
+    if d.train_weights is not None:
+        _check_weights(d.train_weights, d.train)
+    _check(bool(d.image_key.strip(";").strip()), "data.image_key", "must name at least one extension")
+    _check(bool(d.caption_key.strip()), "data.caption_key", "must name the caption's extension")
+    _check(bool(d.synth.out.strip()), "data.synth.out", "must name a directory")
+    _check(d.synth.seed >= 0, "data.synth.seed", "must be 0 or more")
+    _check_model(cfg.model.name)
+    _check(t.resume is None or t.resume == "latest" or Path(t.resume).is_dir(), "train.resume",
+           f"must be latest, null, or an existing checkpoint directory (got {t.resume!r})")
     _check(d.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")
     _check(d.prefetch >= 1, "data.prefetch", "must be at least 1")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be 0 (no sample shuffling) or more")
@@ -420,6 +434,8 @@ def parse_alphas(text: str) -> list[float]:
 def _validate_finetune(f: FinetuneConfig) -> None:
     _check(f.method in FINETUNE_METHODS, "finetune.method",
            f"must be one of {', '.join(FINETUNE_METHODS)} (got {f.method!r})")
+    for key, value in (("checkpoint", f.checkpoint), ("data", f.data), ("wise.finetuned", f.wise.finetuned)):
+        _check(value is None or Path(value).exists(), f"finetune.{key}", f"names a path that does not exist: {value}")
     _check(0.0 < f.val_fraction < 1.0, "finetune.val_fraction", "must be in (0, 1)")
     _check(f.epochs > 0, "finetune.epochs", "must be positive")
     _check(f.global_batch_size > 0, "finetune.global_batch_size", "must be positive")
@@ -448,6 +464,28 @@ def _validate_finetune(f: FinetuneConfig) -> None:
     _check("out_proj" not in [t.strip() for t in lo.targets.split(",")], "finetune.lora.targets",
            "may not name out_proj: nn.MultiheadAttention never calls it, so its adapter would do nothing "
            "(name attn to adapt the attention)")
+
+
+def _check_weights(weights: str, train: str | None) -> None:
+    parts = weights.split("::")
+    try:
+        ok = all(float(w) > 0 for w in parts)
+    except ValueError:
+        ok = False
+    _check(ok, "data.train_weights", f"must be positive numbers joined by '::', one per source (got {weights!r})")
+    if train is not None:
+        sources = len(train.split("::"))
+        _check(len(parts) == sources, "data.train_weights",
+               f"names {len(parts)} weights for the {sources} '::'-joined sources of data.train")
+
+
+def _check_model(name: str) -> None:
+    from .models import ModelNotFoundError, get_model_config  # pulls in open_clip: imported when needed
+
+    try:
+        get_model_config(name)
+    except ModelNotFoundError as e:
+        raise ConfigError(f"config key 'model.name': {e}") from None
 
 
 def _check_json_file(path: str, key: str) -> None:

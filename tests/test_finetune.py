@@ -335,3 +335,33 @@ def test_ddp_finetune_equals_single_process(trained_nano, downstream, tmp_path):
     wb = load_file(str(Path(two["best_checkpoint"]) / "model.safetensors"))
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 1e-4, worst
+
+
+def test_text_lora_head_is_the_zeroshot_classifier_through_the_adapted_text_tower():
+    from clipkit.finetune.run import _plain
+
+    torch.manual_seed(0)
+    clip = create_model("clipkit-nano")
+    tokenizer = get_tokenizer("clipkit-nano")
+    classnames, templates = ["red thing", "blue thing", "green thing"], ["a {c}.", "the {c}"]
+    zs = build_classifier(clip, tokenizer, classnames, templates)
+    model = ImageClassifier.from_zeroshot(clip, zs)
+    set_trainable(model)
+    add_lora(model, rank=2, alpha=4.0, dropout=0.0, targets=["attn", "c_fc", "c_proj"], text=True)
+    tokens = tokenizer([t.replace("{c}", c) for c in classnames for t in templates]).reshape(3, 2, -1)
+    model.use_text_head(tokens)
+    images = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():  # adapters at their initial zero: the head is zero-shot's classifier, as initialised
+        torch.testing.assert_close(model.head_weight(), model.head.weight, rtol=1e-5, atol=1e-5)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+        adapted = model(images)
+        # text-tower adapters train and change the head; the head's own weight does not train
+        assert any("transformer" in n and "lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+        assert not model.head.weight.requires_grad
+        assert not torch.allclose(model.head_weight(), model.head.weight, atol=1e-4)
+        plain = _plain(model)  # merged towers, the computed head written into head.weight
+        assert plain.prompts is None and not any("lora" in n for n, _ in plain.named_parameters())
+        torch.testing.assert_close(plain(images), adapted, rtol=1e-4, atol=1e-4)
