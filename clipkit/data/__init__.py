@@ -1,14 +1,16 @@
 """Data: shard specs, the streaming webdataset pipeline with exact resume, the built-in synthetic
 dataset."""
 from .decode import DEFAULT_MAX_IMAGE_PIXELS
-from .pipeline import Batch, ShardStream, SkipCounter, build_labelled_loader, build_train_loader
+from .pipeline import (Batch, NoUsableSamples, ShardStream, SkipCounter, build_labelled_loader, build_train_loader,
+                       repartition_train_states)
 from .shards import ShardSpecError, expand_shards, expand_sources, open_shard
-from .state import StreamPosition, StreamState, StreamStateError
+from .state import StreamPosition, StreamState, StreamStateError, repartition
 from .synth import SynthDataset, downstream_class_names, ensure_synth_dataset, write_synth_dataset
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "Batch",
+    "NoUsableSamples",
     "ShardSpecError",
     "ShardStream",
     "SkipCounter",
@@ -23,5 +25,7 @@ __all__ = [
     "expand_shards",
     "expand_sources",
     "open_shard",
+    "repartition",
+    "repartition_train_states",
     "write_synth_dataset",
 ]

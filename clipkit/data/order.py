@@ -9,13 +9,17 @@ No two workers of the run read the same list entry.
 
 Resampled mode (OpenCLIP's --dataset-resampled): each worker draws shards with replacement, with
 probability proportional to their factor, as many per epoch as epoch mode would give it.
+
+A worker's epoch is a list of Pieces: normally whole shards; after an elastic resume (state.py's
+repartition) also parts of shards that other workers of another layout had started: the samples of a
+shard from some index on, and single samples that were waiting in a shuffle buffer.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Iterator
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,54 @@ class ShardPlan:
 
     def worker_shards(self, epoch: int, worker: int) -> list[str]:
         """The shard URLs (repeats possible) worker `worker` of this rank reads in `epoch`."""
+        return [self.urls[i] for i in self.worker_shard_indices(epoch, worker)]
+
+    def worker_shard_indices(self, epoch: int, worker: int) -> list[int]:
+        """Indices into urls of the shards (repeats possible) worker `worker` of this rank reads in `epoch`."""
         if not self.resampled:
-            mine = self.epoch_list(epoch)[self.rank::self.world_size][worker::self.num_workers]
-            return [self.urls[i] for i in mine]
+            return self.epoch_list(epoch)[self.rank::self.world_size][worker::self.num_workers]
         draws = math.ceil(self._resampled_total() / (self.world_size * self.num_workers))
         rng = random.Random(f"{self.seed}/resample/{epoch}/{self.rank}/{worker}")
-        return rng.choices(self.urls, weights=self.factors, k=draws)
+        # choices draws the same way from any population of this length: these are worker_shards' picks
+        return rng.choices(range(len(self.urls)), weights=self.factors, k=draws)
+
+    def worker_pieces(self, epoch: int, worker: int) -> list["Piece"]:
+        return [Piece(i) for i in self.worker_shard_indices(epoch, worker)]
+
+
+def buffer_rng(seed: int, epoch: int, rank: int, worker: int) -> random.Random:
+    """The shuffle buffer's RNG of one worker in one epoch."""
+    return random.Random(f"{seed}/samples/{epoch}/{rank}/{worker}")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What a worker reads of one shard in an epoch: the samples from index `start` on (None: none of
+    them), and the samples listed in `extra` (all below `start`). A whole shard is Piece(shard)."""
+    shard: int  # index into the run's shard list
+    start: int | None = 0
+    extra: tuple[int, ...] = ()
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and not self.extra
+
+    def ids(self, count: int) -> Iterator[int]:
+        """The sample indices of this piece below `count`, in reading order."""
+        for j in self.extra:
+            if j >= count:
+                return
+            yield j
+        if self.start is not None:
+            yield from range(self.start, count)
+
+    def to_json(self) -> list:
+        return [self.shard, self.start, list(self.extra)]
+
+    @classmethod
+    def from_json(cls, value) -> "Piece":
+        shard, start, extra = value
+        return cls(int(shard), None if start is None else int(start), tuple(sorted(int(j) for j in extra)))
 
 
 class ShuffleBuffer:
@@ -108,15 +154,15 @@ class Replay:
     draining: bool
 
 
-def replay(counts: list[int], emitted: int, buffer: ShuffleBuffer) -> Replay:
+def replay(counts: list[int], emitted: int, buffer: ShuffleBuffer, pieces: list[Piece] | None = None) -> Replay:
     """Re-run the shuffle on sample ids (shard i has counts[i] samples, as recorded when the
-    checkpointed batch was made) until `emitted` ids have left it; leaves `buffer` (its held ids and
-    its RNG) in the state the original run had at that point."""
+    checkpointed batch was made; with `pieces`, those of pieces[i] below counts[i]) until `emitted` ids
+    have left it; leaves `buffer` (its held ids and its RNG) in the state the original run had then."""
     out = 0
     if emitted == 0:
         return Replay([], 0, 0, False)
     for i, n in enumerate(counts):
-        for j in range(n):
+        for j in (range(n) if pieces is None or pieces[i].whole else pieces[i].ids(n)):
             if buffer.push((i, j)) is not None:
                 out += 1
                 if out == emitted:
@@ -127,3 +173,28 @@ def replay(counts: list[int], emitted: int, buffer: ShuffleBuffer) -> Replay:
         raise ValueError(f"the resume state says {emitted} samples were delivered, but its shards only "
                          f"held {out + len(rest)}")
     return Replay(rest[left:], len(counts), 0, True)
+
+
+def remainder(pieces: list[Piece], counts: list[int], emitted: int, buffer: ShuffleBuffer) -> list[Piece]:
+    """What a worker with these pieces has not yet delivered of its epoch, after `emitted` samples had
+    left its shuffle buffer (counts as in replay): the samples still held by the buffer, the rest of the
+    shard it was reading, and the shards it had not started."""
+    rep = replay(counts, emitted, buffer, pieces)
+    held: dict[int, list[int]] = {}
+    for i, j in rep.held:
+        held.setdefault(i, []).append(j)
+    out = []
+    done = len(pieces) if rep.draining else rep.next_shard
+    for i, piece in enumerate(pieces):
+        if i < done:  # read to its end: only what the buffer still holds is left
+            if i in held:
+                out.append(Piece(piece.shard, None, tuple(sorted(held[i]))))
+        elif i == rep.next_shard and rep.next_sample > 0:  # read up to next_sample
+            cut = rep.next_sample
+            extra = tuple(sorted(set(held.get(i, ())) | {j for j in piece.extra if j >= cut}))
+            start = None if piece.start is None else max(piece.start, cut)
+            if start is not None or extra:
+                out.append(Piece(piece.shard, start, extra))
+        else:
+            out.append(piece)
+    return out

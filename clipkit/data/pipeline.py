@@ -5,9 +5,18 @@
       -> tar members grouped into samples -> shuffle buffer -> decode + augment + tokenize -> batches
 
 Every batch records where its worker stands in its stream (Batch.position); see state.py for how a
-checkpoint turns those into an exact resume. Bad samples never stop a run and never vanish silently:
-every skipped sample or shard is counted by reason in the worker that met it (skips.py), and the
-counts travel to the trainer with the next batch.
+checkpoint turns those into an exact resume, and into an elastic one on another number of ranks or
+workers. Bad samples never stop a run and never vanish silently: every skipped sample or shard is
+counted by reason in the worker that met it (skips.py), and the counts travel to the trainer with the
+next batch.
+
+Data with nothing usable in it does stop a training stream, instead of looping over its epochs for
+ever: a worker that reads a whole epoch of its shards without one usable sample reports it (an
+EmptyPass item, which the loader of make_loader takes out of the stream; a worker in a plain
+DataLoader stops, or raises when it is the only one), and when every worker of the rank has reported
+one with no batch in between, the loader raises NoUsableSamples: one line with the skip counts and
+the setting most likely at fault. One worker with only bad shards among good ones delays its rank by
+its reads, never hangs it.
 """
 from __future__ import annotations
 
@@ -21,16 +30,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, eval_pipeline, image_pipeline
-from .order import Replay, ShardPlan, ShuffleBuffer, replay
+from .order import Piece, Replay, ShardPlan, ShuffleBuffer, buffer_rng, replay
 from .shards import ShardSpecError, expand_sources
 from .skips import SkipCounter
-from .state import StreamPosition, StreamStateError, check_resume_state, fingerprint, state_token
+from .state import StreamPosition, StreamStateError, check_resume_state, fingerprint, repartition, state_token
 from .tario import read_shard
 
 log = logging.getLogger("clipkit.data")
 
-__all__ = ["Batch", "EmbedBatch", "EmbedStream", "ShardStream", "SkipCounter", "Tokenize", "build_captioned_loader",
-           "build_embed_loader", "build_labelled_loader", "build_train_loader"]
+__all__ = ["Batch", "EmbedBatch", "EmbedStream", "EmptyPass", "NoUsableSamples", "ShardStream", "SkipCounter",
+           "StreamLoader", "Tokenize", "build_captioned_loader", "build_embed_loader", "build_labelled_loader",
+           "build_train_loader", "repartition_train_states"]
 
 
 @dataclass
@@ -42,6 +52,74 @@ class Batch:
     keys: list[str]
     skipped: dict[str, int] = field(default_factory=dict)  # skips counted since the previous batch
     position: StreamPosition | None = None  # where the worker that made it stands (after its last sample)
+    # Where workers stand that, in loader order since the previous batch, passed a whole epoch without a
+    # usable sample (StreamState.observe records them with the batch)
+    empty_passes: list[StreamPosition] = field(default_factory=list)
+
+
+@dataclass
+class EmptyPass:
+    """A worker's report, in place of a batch, that it read a whole epoch of its shards without one
+    usable sample. make_loader's loader takes it out of the stream (see StreamLoader)."""
+    worker: int
+    epoch: int
+    shards: int  # shards (or pieces of shards) the worker read in that epoch
+    skipped: dict[str, int]  # skips counted since the worker's previous batch or report
+    members: tuple[str, ...]  # the member extensions its samples had
+    position: StreamPosition | None  # the worker's position after the epoch (None: a batch is half made)
+
+
+@dataclass(frozen=True)
+class _EpochEnd:
+    epoch: int
+    pieces: int
+    whole: bool  # a full epoch was read (not the rest of one after a resume, nor an elastic remainder)
+
+
+class NoUsableSamples(ShardSpecError):
+    """The data has nothing to train on: every worker of a rank read a whole epoch without a usable sample.
+    `skipped`: what that pass skipped, by reason (empty when re-raised from a plain DataLoader's worker)."""
+
+    def __init__(self, message: str, skipped: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.skipped = dict(skipped or {})
+
+
+# The most likely fix for each way a pass can come out empty, by the reason counted most.
+_HINTS = {
+    "missing_caption": lambda s: f"no sample had a '{s.text_key}' caption (data.caption_key)",
+    "missing_image": lambda s: f"no sample had an image member {'/'.join(s.image_keys)} (data.image_key)",
+    "image_too_large": lambda s: f"every image was larger than data.max_image_pixels={s.max_image_pixels}",
+    "image_decode_error": lambda s: "no image could be decoded",
+    "caption_not_utf8": lambda s: f"the '{s.text_key}' captions are not UTF-8 text (data.caption_key)",
+    "empty_caption": lambda s: f"the '{s.text_key}' captions are empty (data.caption_key)",
+    "bad_label": lambda s: f"the '{s.text_key}' members are not integer labels",
+    "shard_open_error": lambda s: "no shard could be opened (check the URLs, credentials or pipe commands)",
+    "tar_read_error": lambda s: "the shards are damaged or truncated",
+    "empty_shard": lambda s: "the shards hold no samples",
+    "lost_on_resume": lambda s: "the shards could not be read again after the resume",
+}
+
+
+def no_usable_samples(stream: "ShardStream", passes: list[EmptyPass]) -> NoUsableSamples:
+    skipped: dict[str, int] = {}
+    members: set[str] = set()
+    for p in passes:
+        for reason, n in p.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        members.update(p.members)
+    shards = sum(p.shards for p in passes)
+    epochs = sorted({p.epoch for p in passes})
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    where = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
+    text = (f"no usable sample in a whole pass over the {shards} shards of rank {stream.rank} ({where}; skipped: "
+            f"{counts or 'nothing'})")
+    ranked = sorted((k for k in skipped if k in _HINTS), key=lambda k: -skipped[k])
+    if ranked:
+        text += ": " + _HINTS[ranked[0]](stream)
+        if ranked[0] in ("missing_caption", "missing_image") and members:
+            text += f"; the samples have {', '.join(sorted(members)[:12])} members"
+    return NoUsableSamples(text, skipped)
 
 
 class _Tracker:
@@ -49,6 +127,7 @@ class _Tracker:
 
     def __init__(self) -> None:
         self.epoch, self.emitted, self.counts = 0, 0, []
+        self.members: set[str] = set()  # member extensions seen in this epoch (for NoUsableSamples)
 
     def begin(self, epoch: int, emitted: int = 0, counts: list[int] | None = None) -> None:
         self.epoch, self.emitted, self.counts = epoch, emitted, list(counts or [])
@@ -73,9 +152,10 @@ class ShardStream(IterableDataset):
                  shuffle: bool = True, epochs: int | None = None, *, factors: list[float] | None = None,
                  resampled: bool = False, num_workers: int | None = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resume_state: dict | None = None,
-                 normalize_on_device: bool = False) -> None:
+                 normalize_on_device: bool = False, require_samples: bool = True) -> None:
         super().__init__()
         self.urls, self.factors = list(urls), factors
+        self.max_image_pixels = max_image_pixels
         self.images = image_pipeline(transform, max_image_pixels)
         # uint8 batches, normalised by the consumer with self.normalize (see build_train_loader)
         self.normalize = self._defer_normalization() if normalize_on_device else None
@@ -87,6 +167,10 @@ class ShardStream(IterableDataset):
         self.text_key = text_key
         self.shuffle, self.resampled, self.epochs = shuffle, resampled, epochs
         self.num_workers = num_workers  # None: whatever the DataLoader runs (no resume then)
+        # A whole epoch without a usable sample is an error (see the module doc); reported as EmptyPass items
+        # when report_empty_passes (set by StreamLoader, which takes them out of the stream)
+        self.require_samples = require_samples
+        self.report_empty_passes = False
         self.resume_state = resume_state
         self.resume_token = state_token(resume_state)
         if resume_state is not None:
@@ -123,36 +207,45 @@ class ShardStream(IterableDataset):
 
     # -- stages -------------------------------------------------------------------------------------
 
-    def _samples(self, worker: int, num_workers: int, counter: SkipCounter, tracker: _Tracker) -> Iterator[dict]:
+    def _samples(self, worker: int, num_workers: int, counter: SkipCounter,
+                 tracker: _Tracker) -> Iterator[dict | None | _EpochEnd]:
         plan = self.plan(num_workers)
-        saved_workers = (self.resume_state or {}).get("workers") or [None] * num_workers
-        saved = saved_workers[worker]
+        state = self.resume_state or {}
+        saved = (state.get("workers") or [None] * num_workers)[worker]
+        # after an elastic resume: the pieces of shards this worker reads in the epochs the old layout had begun
+        residual = {entry["epoch"]: entry["workers"][worker] for entry in state.get("residual", ())}
         epoch = saved["epoch"] if saved else 0
         while self.epochs is None or epoch < self.epochs:
-            urls = plan.worker_shards(epoch, worker)
-            if not urls:
-                log.warning("rank %d worker %d has no shards in epoch %d (%d shards for %d ranks x %d workers)",
-                            self.rank, worker, epoch, len(self.urls), self.world_size, num_workers)
-                return
-            resume = saved if saved and saved["epoch"] == epoch else None
-            yield from self._epoch(epoch, worker, urls, counter, tracker, resume)
+            if epoch in residual:
+                pieces = [Piece.from_json(p) for p in residual[epoch]]
+            else:
+                pieces = plan.worker_pieces(epoch, worker)
+                if not pieces:
+                    log.warning("rank %d worker %d has no shards in epoch %d (%d shards for %d ranks x %d workers)",
+                                self.rank, worker, epoch, len(self.urls), self.world_size, num_workers)
+                    return
+            resume = saved if saved and saved["epoch"] == epoch and saved["emitted"] else None
+            if pieces:
+                yield from self._epoch(epoch, worker, pieces, counter, tracker, resume)
+            yield _EpochEnd(epoch, len(pieces), whole=resume is None and epoch not in residual)
             epoch += 1
 
-    def _epoch(self, epoch: int, worker: int, urls: list[str], counter: SkipCounter, tracker: _Tracker,
-               saved: dict | None) -> Iterator[dict]:
-        buffer = ShuffleBuffer(self.shuffle_buffer, random.Random(f"{self.seed}/samples/{epoch}/{self.rank}/{worker}"))
+    def _epoch(self, epoch: int, worker: int, pieces: list[Piece], counter: SkipCounter, tracker: _Tracker,
+               saved: dict | None) -> Iterator[dict | None]:
+        buffer = ShuffleBuffer(self.shuffle_buffer, buffer_rng(self.seed, epoch, self.rank, worker))
         if saved is None:
             rep = Replay([], 0, 0, False)
             tracker.begin(epoch)
         else:  # rebuild the buffer from ids only; no sample before the resume point is decoded
-            rep = replay(saved["shard_counts"], saved["emitted"], buffer)
+            rep = replay(saved["shard_counts"], saved["emitted"], buffer, pieces)
             counts = saved["shard_counts"] if rep.draining else saved["shard_counts"][:rep.next_shard] + [rep.next_sample]
             tracker.begin(epoch, saved["emitted"], counts)
         payload: dict[tuple[int, int], dict] = {}
         held = set(rep.held)
-        for shard, index, sample in self._read(urls, rep, counter):
+        for shard, index, sample in self._read(pieces, rep, counter):
             sid = (shard, index)
             payload[sid] = sample
+            tracker.members.update(k for k in sample if not k.startswith("__"))
             if sid in held:  # was in the shuffle buffer at the checkpoint
                 continue
             tracker.read(shard, index)
@@ -162,22 +255,29 @@ class ShardStream(IterableDataset):
         for sid in (rep.held if rep.draining else buffer.drain()):
             yield self._release(sid, payload, epoch, worker, tracker, counter)
 
-    def _read(self, urls: list[str], rep: Replay, counter: SkipCounter) -> Iterator[tuple[int, int, dict]]:
-        """(shard, index, sample) in reading order; after a resume, only what is still to come."""
+    def _read(self, pieces: list[Piece], rep: Replay, counter: SkipCounter) -> Iterator[tuple[int, int, dict]]:
+        """(piece, index, sample) in reading order; after a resume, only what is still to come."""
         need: dict[int, set[int]] = {}
         for s, j in rep.held:
             need.setdefault(s, set()).add(j)
-        first = len(urls) if rep.draining else rep.next_shard
-        for shard in sorted(set(need) | set(range(first, len(urls)))):
-            wanted = need.get(shard, set())
+        first = len(pieces) if rep.draining else rep.next_shard
+        for shard in sorted(set(need) | set(range(first, len(pieces)))):
+            piece, wanted = pieces[shard], need.get(shard, set())
             if shard < first:  # only re-fetching held samples: read no further than they go
                 want, last = wanted.__contains__, max(wanted)
             else:
-                start = rep.next_sample if shard == first else 0
-                want, last = (lambda j, w=wanted, s=start: j >= s or j in w), None
+                begin = rep.next_sample if shard == first else 0
+                extra = wanted | {j for j in piece.extra if j >= begin}
+                if piece.start is None:  # single samples of the shard: read no further than they go
+                    if not extra:
+                        continue
+                    want, last = extra.__contains__, max(extra)
+                else:
+                    start = max(begin, piece.start)
+                    want, last = (lambda j, w=extra, s=start: j >= s or j in w), None
             counter.muted = shard < first  # its damage, if any, was counted the first time
             try:
-                for index, sample in read_shard(urls[shard], counter, want, last):
+                for index, sample in read_shard(self.urls[piece.shard], counter, want, last):
                     yield shard, index, sample
             finally:
                 counter.muted = False
@@ -192,9 +292,11 @@ class ShardStream(IterableDataset):
         tracker.emitted += 1
         return sample
 
-    def _decode(self, samples: Iterator[dict | None], counter: SkipCounter) -> Iterator[tuple]:
+    def _decode(self, samples: Iterator[dict | None | _EpochEnd], counter: SkipCounter) -> Iterator[tuple | _EpochEnd]:
         for sample in samples:
-            if sample is not None:
+            if isinstance(sample, _EpochEnd):
+                yield sample
+            elif sample is not None:
                 item = self._decode_one(sample, counter)
                 if item is not None:
                     yield item
@@ -224,10 +326,21 @@ class ShardStream(IterableDataset):
             return counter.skip("bad_label", where, e)
         return image, target, sample["__key__"]
 
-    def _batches(self, items: Iterator[tuple], counter: SkipCounter, tracker: _Tracker, worker: int,
-                 num_workers: int) -> Iterator[Batch]:
+    def _batches(self, items: Iterator[tuple | _EpochEnd], counter: SkipCounter, tracker: _Tracker, worker: int,
+                 num_workers: int) -> Iterator[Batch | EmptyPass]:
         buf: list[tuple] = []
+        usable = 0  # samples decoded in the current epoch
         for item in items:
+            if isinstance(item, _EpochEnd):
+                if not usable and item.whole and self.require_samples:
+                    report = self._empty_pass(item, buf, counter, tracker, worker, num_workers)
+                    if report is None:
+                        return
+                    yield report
+                usable = 0
+                tracker.members.clear()
+                continue
+            usable += 1
             buf.append(item)
             if len(buf) == self.batch_size:
                 yield self._collate(buf, counter, tracker, worker, num_workers)
@@ -244,7 +357,23 @@ class ShardStream(IterableDataset):
         targets = torch.stack(targets) if isinstance(targets[0], torch.Tensor) else list(targets)
         return Batch(self.images.collate(list(images), in_worker), targets, list(keys), counter.take(), position)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _empty_pass(self, end: _EpochEnd, buf: list, counter: SkipCounter, tracker: _Tracker, worker: int,
+                    num_workers: int) -> EmptyPass | None:
+        """The report of a whole epoch without a usable sample; raises NoUsableSamples where no loader takes
+        reports and this is the rank's only worker; None: stop this worker (one of several in a plain
+        DataLoader, which would otherwise wait on it for ever)."""
+        position = None
+        if not buf:  # on resume, start from the next epoch (a half-made batch would be lost: then don't move)
+            position = StreamPosition(worker, end.epoch + 1, 0, (), self._fingerprint, self.resume_token)
+        report = EmptyPass(worker, end.epoch, end.pieces, counter.take(), tuple(sorted(tracker.members)), position)
+        if self.report_empty_passes:
+            return report
+        if num_workers == 1:
+            raise no_usable_samples(self, [report])
+        log.error("rank %d loader worker %d stops: %s", self.rank, worker, no_usable_samples(self, [report]))
+        return None
+
+    def __iter__(self) -> Iterator[Batch | EmptyPass]:
         worker, num_workers = self._worker()
         self._fingerprint = self.fingerprint(num_workers)
         counter, tracker = SkipCounter(), _Tracker()
@@ -271,9 +400,59 @@ def _keep_batch(batch: Batch) -> Batch:
     return batch
 
 
+class StreamLoader(DataLoader):
+    """The DataLoader of a ShardStream (batches made in the workers). It takes the workers' EmptyPass
+    reports out of the stream: their skip counts and positions go with the next batch (Batch.skipped,
+    Batch.empty_passes), and once every worker of the rank has reported a whole epoch without a usable
+    sample, with no batch in between (or the stream ends with no batch at all), iterating raises
+    NoUsableSamples in the process that iterates (the training process)."""
+
+    def __init__(self, stream: ShardStream, workers: int, prefetch: int = 2) -> None:
+        stream.report_empty_passes = True
+        super().__init__(stream, batch_size=None, num_workers=workers, collate_fn=_keep_batch,
+                         persistent_workers=workers > 0,
+                         prefetch_factor=prefetch if workers > 0 else None)
+
+    def __iter__(self):
+        return _Screened(super().__iter__(), self.dataset, max(1, self.num_workers))
+
+
+class _Screened:
+    def __init__(self, batches, stream: ShardStream, workers: int) -> None:
+        self.batches, self.stream, self.workers = batches, stream, workers
+        self.pending: list[EmptyPass] = []
+        self.delivered = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            try:
+                item = next(self.batches)
+            except StopIteration:
+                if self.pending and not self.delivered:
+                    raise no_usable_samples(self.stream, self.pending) from None
+                raise
+            if isinstance(item, EmptyPass):
+                self.pending.append(item)
+                if len({p.worker for p in self.pending}) >= self.workers:
+                    raise no_usable_samples(self.stream, self.pending)
+                continue
+            if self.pending:
+                skipped = dict(item.skipped)
+                for p in self.pending:
+                    for reason, n in p.skipped.items():
+                        skipped[reason] = skipped.get(reason, 0) + n
+                item.skipped = skipped
+                item.empty_passes = [p.position for p in self.pending if p.position is not None]
+                self.pending = []
+            self.delivered = True
+            return item
+
+
 def make_loader(stream: ShardStream, workers: int, prefetch: int = 2) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_keep_batch,
-                      persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
+    return StreamLoader(stream, workers, prefetch)
 
 
 def build_train_loader(cfg, *, transform: Callable, tokenizer: Callable, local_batch_size: int,
@@ -287,7 +466,10 @@ def build_train_loader(cfg, *, transform: Callable, tokenizer: Callable, local_b
     runtime facts: where this rank stands, the seed, the stream state from this rank's checkpoint (same
     spec, seed, ranks and workers), and epochs (None streams forever). With normalize_on_device, batches
     hold uint8 images: apply `loader.dataset.normalize` to them where they arrive (on the GPU), which moves
-    a quarter of the bytes between processes and to the device."""
+    a quarter of the bytes between processes and to the device.
+
+    A checkpoint of another number of ranks or workers: pass states[rank] of repartition_train_states.
+    Data with no usable sample raises NoUsableSamples from the loader's iterator (see StreamLoader)."""
     if cfg.train is None:
         raise ShardSpecError("data.train names no shards")
     urls, factors = expand_sources(cfg.train, cfg.train_weights)
@@ -306,12 +488,21 @@ def build_train_loader(cfg, *, transform: Callable, tokenizer: Callable, local_b
     return make_loader(stream, workers, cfg.prefetch)
 
 
+def repartition_train_states(cfg, states: list[dict], *, world_size: int) -> list[dict]:
+    """The data stream states for `world_size` ranks with cfg.workers loader workers each, from the saved
+    states of all ranks of a checkpoint (rank order), for build_train_loader(resume_state=states[rank]).
+    cfg is the run config's `data` section, as for build_train_loader. Unchanged when the checkpoint had
+    this layout (an exact resume); see state.repartition for another one."""
+    urls, factors = expand_sources(cfg.train, cfg.train_weights)
+    return repartition(states, world_size, cfg.workers, urls, factors)
+
+
 def build_labelled_loader(spec: str, transform: Callable, batch_size: int, *, workers: int = 1,
                           image_keys: str = "jpg;png;webp;jpeg", label_key: str = "cls") -> DataLoader:
     """One ordered pass over a classification set (CLIP_benchmark layout): (images, labels) batches."""
     urls, _ = expand_sources(spec)
     stream = ShardStream(urls, transform, parse_label, batch_size, shuffle=False, epochs=1,
-                         image_keys=image_keys, text_key=label_key)
+                         image_keys=image_keys, text_key=label_key, require_samples=False)
     return make_loader(stream, workers)
 
 
@@ -333,7 +524,7 @@ def build_captioned_loader(spec: str, transform: Callable, batch_size: int, *, w
     the whole text is one caption (training shards)."""
     urls, _ = expand_sources(spec)
     stream = ShardStream(urls, transform, caption_lines if several_per_sample else one_caption, batch_size,
-                         shuffle=False, epochs=1, image_keys=image_keys, text_key=text_key)
+                         shuffle=False, epochs=1, image_keys=image_keys, text_key=text_key, require_samples=False)
     return make_loader(stream, workers)
 
 
@@ -389,7 +580,7 @@ class EmbedStream(ShardStream):
                  image_keys: str = "jpg;png;webp;jpeg", text_key: str = "txt",
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, draft_margin: int = 2) -> None:
         super().__init__(urls, transform, str, batch_size, shuffle=False, epochs=1, image_keys=image_keys,
-                         text_key=text_key, max_image_pixels=max_image_pixels)
+                         text_key=text_key, max_image_pixels=max_image_pixels, require_samples=False)
         self.images = eval_pipeline(transform, max_image_pixels, draft_margin)
         self.tokenizer = tokenizer
         self.shards, self.chunk_size = list(shards), chunk_size

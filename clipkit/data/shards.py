@@ -20,7 +20,29 @@ import fsspec
 
 
 class ShardSpecError(ValueError):
-    """A shard spec or shard path a user must fix."""
+    """A shard spec or shard path a user must fix (or data that cannot be used): a one-line message.
+
+    Raised in a DataLoader worker, it reaches the training process re-created by torch with the whole
+    worker traceback as its message; the one line is recovered from it here."""
+
+    def __init__(self, *args) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_worker_message(args[0], type(self).__name__),)
+        super().__init__(*args)
+
+
+def _worker_message(message: str, name: str) -> str:
+    """The message of "Caught NAME in DataLoader worker process N.\nOriginal Traceback ... NAME: msg"."""
+    head = f"Caught {name} in DataLoader worker process "
+    if not message.startswith(head) or "\n" not in message:
+        return message
+    where = message[len(f"Caught {name} "):message.index("\n")].rstrip(".")
+    lines = [line for line in message.splitlines() if line.strip()]
+    for line in reversed(lines):
+        _, sep, text = line.partition(f"{name}: ")
+        if sep:
+            return f"{text} ({where})"
+    return message
 
 
 def is_remote(url: str) -> bool:

@@ -3,7 +3,8 @@
 Reasons (the keys of Batch.skipped, summed by the trainer into metrics.jsonl and summary.json):
 
     shard_open_error    a shard that could not be opened (unreachable URL, missing object, failed pipe)
-    tar_read_error      a tar cut short or damaged: the samples before the damage are kept
+    tar_read_error      a tar cut short (inside a member, inside a header, or without its end-of-archive
+                        blocks) or damaged: the samples before the damage are kept, the shard counts once
     empty_shard         a shard with no samples
     missing_image       a sample without any of the image keys
     missing_caption     a sample without the caption (or label) key
