@@ -21,11 +21,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Exit status: 0 trained to train.steps; 2 a one-line error (config, data, run.dir not writable, a
+    diverged run: TrainingDiverged); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (continue with
+    train.resume=latest); 3 ended by the stall watchdog (train.stall_timeout_s)."""
     from .run import run
+    from .training.trainer import EXIT_PREEMPTED
 
     summary = run(_load_config(args))
+    if summary.get("stopped"):
+        stopped = summary["stopped"]
+        print(f"clipkit: stopped by {stopped['signal']} at step {stopped['step']}: checkpoint {summary['checkpoint']}; "
+              f"continue with train.resume=latest", file=sys.stderr)
+        return EXIT_PREEMPTED
     if "zeroshot" in summary or "export" in summary or summary.get("checkpoint"):
         _print_summary(summary)
+    if summary.get("nonfinite_steps"):
+        print(f"non-finite    : {summary['nonfinite_steps']} steps skipped (loss or gradients not finite)")
     return 0
 
 

@@ -114,6 +114,19 @@ class TrainConfig:
     # equals the one from the whole batch at once (features cached, loss over the full batch).
     accum_steps: int = 1
     precision: str = "fp32"  # one of PRECISIONS
+    # A step whose loss or gradients are not finite is skipped (no update) and counted; this many in a row
+    # stop the run with a message, with nothing non-finite saved.
+    max_nonfinite_steps: int = 5
+    # When no step completes for this long, every thread's stack is written to run.dir and the process exits
+    # non-zero (so a launcher can restart it); 0 disables the watchdog.
+    stall_timeout_s: float = 1800.0
+
+
+@dataclass
+class DistConfig:
+    # How long a collective (all-reduce, broadcast, barrier) may wait for the other ranks before failing,
+    # instead of the backend's default (30 min gloo, 10 min NCCL).
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -224,6 +237,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
@@ -382,6 +396,9 @@ def validate(cfg: Config) -> None:
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
     _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 (keep all) or more")
+    _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be positive")
+    _check(t.stall_timeout_s >= 0, "train.stall_timeout_s", "must be 0 (no watchdog) or more")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
     _check(bool(r.dir.strip()), "run.dir", "must name a directory")
     _check(r.seed >= 0, "run.seed", "must be 0 or more")
     for key in ("train", "zeroshot", "retrieval"):

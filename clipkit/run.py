@@ -6,6 +6,11 @@
 
 Training knows nothing of evaluation or export; this layer composes them on the weights of the run's
 final checkpoint (read back from disk, so what is evaluated and exported is what was saved).
+
+A run stopped by SIGTERM/SIGUSR1 (pre-emption, see clipkit.training.trainer) returns a summary with
+"stopped": {"signal", "step"} and its checkpoint, unevaluated and unexported; `clipkit train` then exits
+with status 75 (EXIT_PREEMPTED). The stall watchdog lives inside Trainer.fit() and has stopped before the
+final evaluation and export here, which may take as long as they need.
 """
 from __future__ import annotations
 
@@ -70,7 +75,7 @@ def resolve_data(cfg: Config, env: DistEnv) -> tuple[Config, HeldOut]:
 
 def run(cfg: Config) -> dict:
     """Train, then (rank 0) evaluate and export as configured; returns the run summary."""
-    env = init_distributed()
+    env = init_distributed(timeout_s=cfg.dist.timeout_s)
     try:
         cfg, held_out = resolve_data(cfg, env)
         trainer = Trainer(cfg, env)
@@ -80,11 +85,14 @@ def run(cfg: Config) -> dict:
         summary = {"steps": trainer.step, "start_step": start_step, "train_seconds": time.perf_counter() - started,
                    "model": trainer.model_name, "run_dir": str(trainer.run_dir), "world_size": env.world_size,
                    "checkpoint": str(checkpoint), "skipped_samples": trainer.global_skipped(),
-                   "samples_per_s": trainer.throughput.samples_per_s}
+                   "nonfinite_steps": trainer.nonfinite.total, "samples_per_s": trainer.throughput.samples_per_s}
+        if trainer.stopped_by is not None:
+            summary["stopped"] = {"signal": trainer.stopped_by, "step": trainer.step}
         if env.device.type == "cuda":
             summary["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
-        if env.is_main:
+        if env.is_main and trainer.stopped_by is None:
             summary.update(evaluate_and_export(cfg, checkpoint, held_out, env.device))
+        if env.is_main:
             (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if env.distributed:
             dist.barrier()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,8 +39,13 @@ def _from_environment() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed() -> DistEnv:
-    """Join the process group when launched with several processes: nccl on GPU, gloo on CPU."""
+def init_distributed(timeout_s: float | None = None) -> DistEnv:
+    """Join the process group when launched with several processes: nccl on GPU, gloo on CPU.
+
+    timeout_s (the run's dist.timeout_s): how long any collective of this group may wait for the other
+    ranks before it fails with an error, instead of the backend's default (30 min for gloo, 10 min for
+    NCCL); a rank that died or hangs then ends the job in that time rather than idling the others.
+    None keeps the backend's default."""
     rank, world, local_rank = _from_environment()
     if world == 1:
         return DistEnv()
@@ -50,8 +56,23 @@ def init_distributed() -> DistEnv:
         # Binding the process group to this rank's GPU lets NCCL set up its communicator for the right
         # device (instead of guessing it from the global rank, which hangs on uneven mappings).
         device_id = torch.device("cuda", local_rank) if backend == "nccl" else None
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device_id)
+        timeout = None if timeout_s is None else timedelta(seconds=float(timeout_s))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device_id, timeout=timeout,
+                                store=_attempt_store(rank, world, timeout))
     return DistEnv(rank, world, local_rank, backend)
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta | None):
+    """Under torchrun, the rendezvous store with keys private to this attempt (None elsewhere: env://).
+
+    torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix, a restarted
+    rank can read the address a peer of the failed attempt published and fail to connect to it."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, **kwargs))
+    return dist.PrefixStore(f"clipkit/attempt_{attempt}", store)
 
 
 def cleanup() -> None:

@@ -5,7 +5,9 @@
     loaded.model, loaded.name, loaded.model_cfg                     # export directory, or a run directory
                                                                     # (its newest checkpoint)
 
-safetensors holds tensors and a JSON header only: loading a file never runs code from it.
+safetensors holds tensors and a JSON header only: loading a file never runs code from it. Weights that
+hold a NaN or an infinity (a diverged run) are refused with CheckpointError naming the first such tensor:
+zero-shot, retrieval, embeddings and exports of them would be meaningless numbers.
 """
 from __future__ import annotations
 
@@ -77,10 +79,22 @@ def _weights_and_architecture(path: Path) -> tuple[Path, str, dict]:
     return path, meta["model_name"], json.loads(meta["model_cfg"])
 
 
+def first_nonfinite(state: dict) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the architecture a weights file names and load its weights."""
+    """Rebuild the architecture a weights file names and load its weights (refused when not finite)."""
     weights, name, model_cfg = _weights_and_architecture(Path(path))
     state, _ = _read(weights)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"{weights}: tensor '{bad}' holds non-finite values (NaN or inf): these weights "
+                              "come from a diverged run and are not usable; use an earlier checkpoint")
     registered = register_model_config(name, model_cfg)
     model = create_model(registered, device="cpu")
     shapes = {k: v.shape for k, v in model.state_dict().items()}

@@ -8,6 +8,9 @@ What a checkpoint holds (see docs/checkpoints.md):
     step_00000600/trainer.json        step, engine, world size, model name and architecture, run config
     step_00000600/ranks.json          per rank: each state provider's JSON (RNG, data stream, skip counts)
     step_00000600/manifest.json       sha256 of every file above, signed; written last
+
+A checkpoint whose weights hold a NaN or an infinity is never written (save() raises CheckpointError and
+leaves the earlier ones, which retention would otherwise rotate away, in place).
 """
 from __future__ import annotations
 
@@ -119,6 +122,10 @@ class CheckpointManager:
         """Write step_N; the final checkpoint also carries full fp32 weights (consolidated under ZeRO)."""
         final_dir = step_dir(self.directory, step)
         tmp = final_dir.with_name(final_dir.name + ".tmp")
+        bad = self.engine.nonfinite_weight()  # every rank checks the weights it holds
+        _agree(None if bad is None else
+               f"checkpoint {final_dir.name} was not written: weight '{bad}' holds non-finite values (NaN or inf) "
+               f"at step {step}; the checkpoints saved before are intact in {self.directory}", self.env)
         ranks = gather_objects({name: p.state_dict() for name, p in self.providers.items()}, self.env)
         error = None
         if self.env.is_main:
@@ -179,7 +186,8 @@ class CheckpointManager:
         self.engine.load_state(path)
         mine = json.loads((path / RANKS_FILE).read_text())[self.env.rank]
         for name, provider in self.providers.items():
-            provider.load_state_dict(mine[name])
+            if name in mine:  # a provider newer than the checkpoint keeps its fresh state
+                provider.load_state_dict(mine[name])
         self.last = path
         return info["step"], info
 

@@ -10,11 +10,18 @@ one they have. Every engine exposes:
     engine.autocast()        the context the forward runs in (bf16/fp16 autocast, or nothing)
     engine.no_sync()         skip the gradient all-reduce (all but the last backward of a step)
     engine.backward(loss)    gradients only: parameters change in engine.step()
-    engine.step()            clip, update, schedule, zero the gradients
+    engine.checks_gradients  True: the engine's own step skips non-finite gradients (DeepSpeed), and the
+                             caller decides on the loss before the backward; False: the caller decides
+                             on the loss and engine.grad_norm() after it (torch)
+    engine.grad_norm()       unscale (fp16), clip; the global gradient norm (torch engine)
+    engine.step(apply)       clip, update, schedule, zero the gradients; returns whether the weights were
+                             updated. apply=False: a step skipped for non-finite values (no update; the
+                             fp16 loss scale adapts and the LR schedule advances: it follows the step count)
     engine.lr
     engine.save_state(dir)   write its own files into a checkpoint directory (every rank calls it)
     engine.load_state(dir)   read them back
     engine.full_state_dict() fp32 weights of the whole model on rank 0 (collective under ZeRO-3)
+    engine.nonfinite_weight() the first weight this rank holds that is NaN or inf (checked before each save)
     engine.unpickles_on_load the loader of its files unpickles: load only checkpoints clipkit signed
     Engine.model_kwargs(cfg) what the engine needs from create_model
 """
@@ -23,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +43,7 @@ from ..checkpoint import CheckpointError
 from ..config import Config
 from ..distributed import DistEnv
 from ..models import WEIGHTS_FILE, save_weights
+from ..models.weights import first_nonfinite
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger("clipkit.training")
@@ -48,6 +58,7 @@ class TorchEngine:
     name = "torch"
     unpickles_on_load = False
     writes_full_weights = True  # model.safetensors is in every checkpoint
+    checks_gradients = False  # the caller checks grad_norm() (and the loss) and passes its decision to step()
 
     @staticmethod
     def model_kwargs(cfg: Config) -> dict:
@@ -67,6 +78,7 @@ class TorchEngine:
         self.autocast_dtype = AUTOCAST_DTYPES.get(t.precision)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(env.device.type) if t.precision == "fp16" else None
+        self._norm: torch.Tensor | None = None  # this step's gradient norm, once computed
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -79,18 +91,37 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def step(self) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:  # skips the update when the scaled gradients overflowed, and adapts the scale
-            self.scaler.step(self.optimizer)
+    def grad_norm(self) -> torch.Tensor:
+        """The global norm of the true gradients, once this step's backward is done: unscaled (fp16) and
+        clipped when train.grad_clip is set (the norm before clipping). Under DDP the gradients are
+        already all-reduced, so every rank computes the same norm; not finite: skip this step."""
+        if self._norm is None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip (and check) the true gradients
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            if self.grad_clip is not None:
+                self._norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            else:
+                self._norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return self._norm
+
+    def step(self, apply: bool | None = None) -> bool:
+        """Update (apply=None: when the gradient norm is finite, decided by this rank alone), then schedule
+        and zero the gradients; returns whether the weights were updated."""
+        norm = self.grad_norm()
+        if apply is None:
+            apply = math.isfinite(norm.item())
+        if apply:
+            if self.scaler is None:
+                self.optimizer.step()
+            else:  # found no overflow in unscale_ (the norm is finite), so it updates
+                self.scaler.step(self.optimizer)
+        if self.scaler is not None:  # an overflow (recorded by unscale_) lowers the scale, as GradScaler does
             self.scaler.update()
-        self.scheduler.step()
+        _schedule(self.scheduler)
         self.optimizer.zero_grad(set_to_none=True)
+        self._norm = None
+        return apply
 
     @property
     def lr(self) -> float:
@@ -121,6 +152,10 @@ class TorchEngine:
 
     def full_state_dict(self) -> dict | None:
         return self.module.state_dict() if self.env.is_main else None
+
+    def nonfinite_weight(self) -> str | None:
+        """The first weight (or buffer) holding a NaN or an infinity, or None."""
+        return first_nonfinite(self.module.state_dict())
 
 
 class DeepSpeedEngine:
@@ -178,9 +213,37 @@ class DeepSpeedEngine:
             # (no update), and it must, or the next backward would not know it closes the step.
             self.model.step()
 
-    def step(self) -> None:
-        """At the boundary: clipping, optimizer, schedule, zeroing the gradients."""
+    # DeepSpeed's optimizers check the gradients themselves and skip a step whose gradient norm is not
+    # finite (ZeRO 1-3 in fp32, bf16 with bf16.check_grad_overflow, which deepspeed_config sets, fp16 with
+    # its loss scaling): the caller only decides on the loss, collectively, before any backward runs.
+    checks_gradients = True
+
+    def grad_norm(self) -> None:
+        return None  # DeepSpeed's own step checks it
+
+    def step(self, apply: bool = True) -> bool:
+        """At the boundary: clipping, optimizer, schedule, zeroing the gradients; returns whether the weights
+        were updated. apply=False: the loss was not finite and no backward ran: only the schedule moves."""
+        if not apply:
+            _schedule(self.scheduler)
+            return False
+        if self.cfg.deepspeed.zero_stage == 0 and self.input_dtype is None:
+            # Without ZeRO, in fp32, DeepSpeed steps torch's AdamW unchecked: a non-finite gradient (all-reduced
+            # in the backward, the same on every rank) is dropped here, and an optimizer with no gradient
+            # leaves every parameter and its moments as they were.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if grads and not math.isfinite(torch.nn.utils.get_total_norm(grads).item()):
+                for p in self.module.parameters():
+                    p.grad = None
+                self.model.step()
+                return False
         self.model.step()
+        if self.model.was_step_applied():
+            return True
+        # Skipped for non-finite gradients (an fp16 overflow included): DeepSpeed leaves the LR schedule where
+        # it was; clipkit's follows the step count on every engine, so a resumed run gets the same rates.
+        _schedule(self.scheduler)
+        return False
 
     @property
     def lr(self) -> float:
@@ -194,6 +257,12 @@ class DeepSpeedEngine:
         loaded, _ = self.model.load_checkpoint(str(directory / self.STATE_DIR), tag="state")
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {directory / self.STATE_DIR}")
+
+    def nonfinite_weight(self) -> str | None:
+        """The first weight in this rank's keeping (its partition under ZeRO-3) holding a NaN or an infinity."""
+        local = {name: getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p.data
+                 for name, p in self.module.named_parameters()}
+        return first_nonfinite(local)
 
     def full_state_dict(self) -> dict | None:
         """Gather the whole fp32 model: ZeRO-3 partitions parameters, so every rank takes part."""
@@ -215,6 +284,13 @@ class DeepSpeedEngine:
             state[name] = buf.detach().cpu().clone()
         full = self.module.state_dict()
         return {k: state[k] for k in full if k in state}
+
+
+def _schedule(scheduler) -> None:
+    """Advance the LR schedule (also on a step that skipped the update: the schedule follows the step count)."""
+    with warnings.catch_warnings():  # torch's note that the schedule moved before any optimizer update
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
 
 
 def _join_one_process_group(env: DistEnv) -> None:
@@ -254,7 +330,9 @@ def deepspeed_config(cfg: Config, env: DistEnv, micro_batch: int) -> dict:
                                                    "weight_decay": t.weight_decay, "torch_adam": True}},
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         # DeepSpeed casts the model itself; on CPU it trains in fp32 whatever train.precision says.
-        "bf16": {"enabled": on_gpu and t.precision == "bf16"},
+        # check_grad_overflow: a bf16 step whose gradients are not finite is skipped (DeepSpeed's default,
+        # stated because clipkit's non-finite guard relies on it).
+        "bf16": {"enabled": on_gpu and t.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": on_gpu and t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

@@ -11,13 +11,22 @@ summing micro-batch losses is NOT the large-batch update. With accum_steps=K we 
 
 The resulting parameter gradients equal those of one batch K times larger; activation memory is
 that of one micro-batch.
+
+Non-finite steps: `run()` skips the update of a step whose loss or gradients are not finite on any rank
+(one small all-reduce per step, which also carries the caller's stop request, so every rank makes the
+same decision at the same step). The torch engine decides after the backward, on the loss and the global
+gradient norm; DeepSpeed, whose optimizer skips non-finite gradients itself, decides on the loss before
+any backward runs.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 
 def _rng_snapshot(device: torch.device) -> tuple:
@@ -29,6 +38,13 @@ def _rng_restore(state: tuple, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+@dataclass
+class StepResult:
+    loss: float  # this rank's loss (NaN or inf when it was not finite)
+    applied: bool  # the weights were updated; False: skipped, every rank alike (non-finite loss or gradients)
+    stop: bool  # some rank asked to stop after this step (run(stop=True)); every rank sees the same
 
 
 class ContrastiveStep:
@@ -54,19 +70,25 @@ class ContrastiveStep:
         bias = out.get("logit_bias") if logit_bias is None else logit_bias
         return self.loss_fn(img.float(), txt.float(), scale.float(), None if bias is None else bias.float())
 
-    def compute_gradients(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
-        """Forward and backward for one global step's local batch; gradients land in the parameters."""
+    def compute_gradients(self, images: torch.Tensor, tokens: torch.Tensor,
+                          before_backward: Callable[[float], bool] | None = None) -> float:
+        """Forward and backward for one global step's local batch; gradients land in the parameters.
+
+        before_backward(loss): called once the step's loss is known and before any backward; False skips
+        the backward (no gradients)."""
         if self.normalize is not None:
             images = self.normalize(images.to(self.device, non_blocking=True))
         images = images.to(self.device, dtype=self.engine.input_dtype, non_blocking=True)
         tokens = tokens.to(self.device, non_blocking=True)
         if self.accum_steps == 1:
             loss = self._loss(self._forward(images, tokens))
-            self.engine.backward(loss)
-            return loss.item()
-        return self._accumulated(images.chunk(self.accum_steps), tokens.chunk(self.accum_steps))
+            value = loss.item()
+            if before_backward is None or before_backward(value):
+                self.engine.backward(loss)
+            return value
+        return self._accumulated(images.chunk(self.accum_steps), tokens.chunk(self.accum_steps), before_backward)
 
-    def _accumulated(self, image_chunks, token_chunks) -> float:
+    def _accumulated(self, image_chunks, token_chunks, before_backward=None) -> float:
         # 1. features of every chunk, without autograd
         rng_states, img_feats, txt_feats = [], [], []
         with torch.no_grad():
@@ -82,6 +104,8 @@ class ContrastiveStep:
         bias = out.get("logit_bias")
         bias = None if bias is None else bias.detach().float().requires_grad_()
         loss = self.loss_fn(img, txt, scale, bias)
+        if before_backward is not None and not before_backward(loss.item()):
+            return loss.item()
         leaves = [img, txt, scale] + ([bias] if bias is not None else [])
         grads = torch.autograd.grad(loss, leaves)
         img_grads = grads[0].split([f.shape[0] for f in img_feats])
@@ -104,7 +128,37 @@ class ContrastiveStep:
                     self.engine.backward(surrogate)
         return loss.item()
 
+    def _agree(self, nonfinite: bool | torch.Tensor, stop: bool | Callable[[], bool]) -> tuple[bool, bool]:
+        """(any rank non-finite, any rank asked to stop): one all-reduce of two numbers under DDP."""
+        flags = torch.tensor([0.0, float(stop() if callable(stop) else stop)], device=self.device)
+        flags[0] = torch.as_tensor(nonfinite, device=self.device).float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop_all = flags.tolist()
+        return bad > 0, stop_all > 0
+
+    def run(self, images: torch.Tensor, tokens: torch.Tensor, stop: bool | Callable[[], bool] = False) -> StepResult:
+        """One step: gradients, then the update unless the loss or the gradients are not finite on some rank.
+
+        stop: this rank's request to stop after this step (a callable is asked at the all-reduce, so that a
+        request made during the forward or backward still counts for this step)."""
+        decided: list[tuple[bool, bool]] = []
+
+        def before_backward(loss: float) -> bool:  # DeepSpeed: decide on the loss before any backward
+            decided.append(self._agree(not math.isfinite(loss), stop))
+            return not decided[0][0]
+
+        if self.engine.checks_gradients:
+            loss = self.compute_gradients(images, tokens, before_backward)
+            nonfinite, stop_all = decided[0]
+            applied = self.engine.step(apply=not nonfinite)  # DeepSpeed skips non-finite gradients itself
+        else:
+            loss = self.compute_gradients(images, tokens)
+            norm = self.engine.grad_norm()
+            local = ~torch.isfinite(norm) if math.isfinite(loss) else True  # one device sync, in _agree
+            nonfinite, stop_all = self._agree(local, stop)
+            applied = self.engine.step(apply=not nonfinite)
+        return StepResult(loss, applied, stop_all)
+
     def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
-        loss = self.compute_gradients(images, tokens)
-        self.engine.step()
-        return loss
+        return self.run(images, tokens).loss

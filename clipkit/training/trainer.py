@@ -9,12 +9,38 @@ The same code runs on one process, under torchrun (DDP), or with DeepSpeed ZeRO:
 from outside the model by the engine (engine.py), the loss gathers features across ranks, and the
 checkpoint manager (checkpoint.py) decides what is saved and when. Evaluation and export happen above
 this package, in clipkit.run.
+
+Faults (docs/reliability.md):
+
+- A step whose loss or gradients are not finite on any rank is skipped on every rank (no update; the
+  LR schedule and the fp16 loss scale move on as for any step), counted (metrics.jsonl and the summary:
+  nonfinite_steps) and logged. train.max_nonfinite_steps skipped steps in a row stop the run with
+  TrainingDiverged, which names the step and the likely cause. No checkpoint is written while skipped
+  steps are unresolved, and none is ever written with non-finite weights, so the good ones survive
+  rotation.
+- SIGTERM or SIGUSR1 (SLURM's pre-emption warning) during fit(): every rank learns of it at the next
+  step boundary (it rides on the step's one all-reduce), the run saves a checkpoint at that step and
+  fit() returns; `trainer.stopped_by` names the signal (clipkit.run then skips evaluation and export, and
+  `clipkit train` exits with status 75, EXIT_PREEMPTED). A second such signal ends the process at once.
+  The previous handlers are back when fit() returns.
+- The stall watchdog (train.stall_timeout_s, watchdog.py) ends a process in which no step completed for
+  that long, with every thread's stack in run.dir/stall_rank{R}.txt and exit status 3; collectives fail
+  after dist.timeout_s instead of the backend's default.
+- Automatic restart: a process that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0, as under
+  `torchrun --max-restarts=N`) continues from the newest good checkpoint in run.dir, as
+  train.resume=latest does (when train.resume names a checkpoint, that one is used only while run.dir
+  holds none of its own); it says so in the log. Nothing is resumed from when no checkpoint exists yet.
+- run.dir is checked before anything is built: created, a probe file written, fsynced and removed; a
+  read-only, full or forbidden directory is a ConfigError naming it.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,20 +54,29 @@ from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, config_to_dict, save_config
 from ..data import StreamState, build_train_loader, expand_sources
 from ..distributed import DistEnv, gather_objects, init_distributed
+from ..errors import UserError
 from ..losses import create_loss
 from ..models import create_model, create_transforms, get_model_config, get_tokenizer
 from .checkpoint import CheckpointManager, RNGState
 from .engine import build_engine, engine_class
 from .metrics import MetricsLogger
-from .step import ContrastiveStep
+from .step import ContrastiveStep, StepResult
+from .watchdog import Watchdog
 
 MAX_LOGIT_SCALE = math.log(100.0)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # pre-emption: save at the next step boundary, then stop
+EXIT_PREEMPTED = 75  # `clipkit train`'s exit status after such a stop (EX_TEMPFAIL: resume it later)
+
+
+class TrainingDiverged(UserError):
+    """train.max_nonfinite_steps steps in a row had a non-finite loss or gradients: the run stopped."""
 
 # Keys a resumed run may change: how it is observed, saved, evaluated and exported, and how far it goes.
 # Any other difference from the checkpoint's config would silently not apply (or apply halfway).
 RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "train.steps", "train.resume",
                      "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
-                     "eval.", "export.", "finetune.", "data.synth.downstream_")
+                     "eval.", "export.", "train.max_nonfinite_steps", "train.stall_timeout_s", "dist.",
+                     "finetune.", "data.synth.downstream_")
 
 
 def seed_everything(seed: int) -> None:
@@ -87,6 +122,22 @@ class Throughput:
         return self.samples / self.seconds if self.seconds > 0 else None
 
 
+class NonFiniteCount:
+    """Skipped non-finite steps: in all, and in a row now (a checkpoint state provider)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.streak = 0
+        self.first_of_streak = 0
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "streak": self.streak, "first_of_streak": self.first_of_streak}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.streak = state["total"], state["streak"]
+        self.first_of_streak = state.get("first_of_streak", 0)
+
+
 class SkipTally(Counter):
     """This rank's skipped samples by reason (a checkpoint state provider)."""
 
@@ -124,7 +175,7 @@ def _with_defaults(defaults: dict, saved: dict) -> dict:
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv | None = None) -> None:
         self.cfg = cfg
-        self.env = env = env or init_distributed()
+        self.env = env = env or init_distributed(timeout_s=cfg.dist.timeout_s)
         t = cfg.train
         if t.global_batch_size % (env.world_size * t.accum_steps):
             raise ConfigError(f"config key 'train.global_batch_size' ({t.global_batch_size}) must divide evenly "
@@ -135,6 +186,7 @@ class Trainer:
         self.local_batch_size = t.global_batch_size // env.world_size
         self.device = env.device
         self.run_dir = Path(cfg.run.dir)
+        self._check_writable()
         self.model_name = cfg.model.name
         self.model_cfg = get_model_config(cfg.model.name)
         meta = {"model_name": self.model_name, "model_cfg": self.model_cfg, "config": config_to_dict(cfg)}
@@ -150,19 +202,52 @@ class Trainer:
         self.step_fn = ContrastiveStep(self.engine, loss_fn, t.accum_steps, self.device)
         self.step = 0
         self.skipped = SkipTally()
+        self.nonfinite = NonFiniteCount()
+        self.stopped_by: str | None = None  # the signal that stopped the last fit() early
+        self._stop_signal: int | None = None
+        self._save_pending = False
+        self._notes: list[str] = []  # said in the log when fit() starts
         self.stream = StreamState()  # where this rank is in its data stream (batches consumed)
         self.throughput = Throughput()
         self.resumed_from: Path | None = None
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", env, self.engine,
-            {"rng": RNGState(), "data": self.stream, "skipped": self.skipped},
+            {"rng": RNGState(), "data": self.stream, "skipped": self.skipped, "nonfinite": self.nonfinite},
             every=t.checkpoint_every, keep=t.keep_checkpoints, meta=meta)
         self._start()
+
+    def _check_writable(self) -> None:
+        """run.dir must take files (every rank checks the directory it sees); else a one-line ConfigError."""
+        probe = self.run_dir / f".write_probe.rank{self.env.rank}.{os.getpid()}"
+        error = None
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"clipkit\n")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as e:
+            reason = e.strerror or str(e)
+            error = (f"run.dir={self.run_dir} is not writable ({reason}; on rank {self.env.rank}): the run could "
+                     "save neither checkpoints nor metrics; make room or fix its permissions, or choose another "
+                     "run.dir")
+        errors = [e for e in gather_objects(error, self.env) if e]
+        if errors:
+            raise ConfigError(errors[0])
 
     def _start(self) -> None:
         """Refuse to mix runs, clean up after an interrupted save, resume, then record the config."""
         existing = self.checkpoints.existing()
         resume = self.cfg.train.resume
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0 and existing is not None and resume != "latest":
+            # torchrun restarted this group after a failure: continue this run's progress, not start over
+            resume = "latest"
+            self._notes.append(f"restart {restart} of this torchrun job (TORCHELASTIC_RESTART_COUNT={restart}): "
+                               "continuing from the latest good checkpoint, as train.resume=latest does")
+        elif restart > 0 and resume is None:
+            self._notes.append(f"restart {restart} of this torchrun job: no checkpoint yet, starting from step 0")
         if resume is None and existing is not None:  # never mix a new run's files with an old run's
             raise ConfigError(f"run.dir={self.run_dir} already holds a run (checkpoint {existing}): continue "
                               "it with train.resume=latest, or start this one in another run.dir")
@@ -201,12 +286,9 @@ class Trainer:
         return loader
 
     def train_on(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
-        """One optimisation step on this rank's share of a global batch; returns this rank's loss."""
-        loss = self.step_fn(images, tokens)
-        with torch.no_grad():
-            self.module.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        self.step += 1
-        return loss
+        """One optimisation step on this rank's share of a global batch (skipped when not finite on some
+        rank, and counted); returns this rank's loss."""
+        return self._train_step(images, tokens).loss
 
     def global_mean(self, value: float) -> float:
         if not self.env.distributed:
@@ -243,22 +325,52 @@ class Trainer:
         start = self.step
         logger = MetricsLogger(self.run_dir, c.train.steps, self.step, enabled=self.env.is_main,
                                progress=c.run.progress)
+        for note in self._notes:
+            logger.write(note)
+        self._notes = []
         if self.resumed_from is not None:
             logger.write(f"resumed from {self.resumed_from} at step {self.step}")
         self.engine.model.train()
         keys_log = self._sample_keys_log()
+        self.stopped_by, self._stop_signal = None, None
+        previous = self._catch_stop_signals()
         try:
-            if self.step < last:
-                self._run_steps(last, logger, keys_log, after_step)
+            watchdog = Watchdog(c.train.stall_timeout_s, self.run_dir, self.env.rank).start()
+            try:
+                if self.step < last:
+                    self._run_steps(last, logger, keys_log, after_step, watchdog)
+            finally:
+                watchdog.stop()  # the final save (and the evaluation after fit) may take long
+                logger.close()
+                if keys_log is not None:
+                    keys_log.close()
+            if self.step == start and self.checkpoints.last is not None and self.checkpoints.holds_weights(self.step):
+                return self.checkpoints.last  # nothing trained since the checkpoint this run resumed from
+            return self.checkpoints.save(self.step, final=self.step >= c.train.steps)
         finally:
-            logger.close()
-            if keys_log is not None:
-                keys_log.close()
-        if self.step == start and self.checkpoints.last is not None and self.checkpoints.holds_weights(self.step):
-            return self.checkpoints.last  # nothing trained since the checkpoint this run resumed from
-        return self.checkpoints.save(self.step, final=self.step >= c.train.steps)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if self.stopped_by is None and self._stop_signal is not None:  # came during the final save
+                self.stopped_by = signal.Signals(self._stop_signal).name
 
-    def _run_steps(self, last: int, logger: MetricsLogger, keys_log, after_step) -> None:
+    def _catch_stop_signals(self) -> dict:
+        """SIGTERM/SIGUSR1 set a flag that the step loop acts on; returns the handlers they replace."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # Python delivers signals to the main thread only: the launcher's handling stays
+
+        def on_signal(signum, frame):
+            if self._stop_signal is not None:  # asked twice: do what the signal did before, now
+                signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+                os.kill(os.getpid(), signum)
+                return
+            self._stop_signal = signum
+
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        for s in STOP_SIGNALS:
+            signal.signal(s, on_signal)
+        return previous
+
+    def _run_steps(self, last: int, logger: MetricsLogger, keys_log, after_step, watchdog: Watchdog) -> None:
         c = self.cfg
         batches = iter(self._loader())
         window_start, window_samples, losses = time.perf_counter(), 0, []
@@ -266,22 +378,71 @@ class Trainer:
             batch = next(batches)
             self.stream.observe(batch)
             self.skipped.update(batch.skipped)
-            losses.append(self.train_on(batch.images, batch.targets))
+            result = self._train_step(batch.images, batch.targets, stop=lambda: self._stop_signal is not None)
+            watchdog.beat()
+            losses.append(result.loss)
+            if not result.applied:
+                logger.write(f"step {self.step}: the loss ({result.loss:.4g} on rank 0) or the gradients were not "
+                             f"finite on some rank: update skipped ({self.nonfinite.streak} in a row, "
+                             f"{self.nonfinite.total} in all; train.max_nonfinite_steps={c.train.max_nonfinite_steps} "
+                             "in a row stop the run)")
             if keys_log is not None:
                 keys_log.write(json.dumps({"step": self.step, "keys": batch.keys}) + "\n")
             window_samples += batch.images.shape[0] * self.env.world_size
             logger.advance()
-            if self.step % c.run.log_every == 0 or self.step == last:
+            if self.step % c.run.log_every == 0 or self.step == last or result.stop:
                 elapsed = time.perf_counter() - window_start
                 logger.log(self.step, self._metrics(losses, window_samples, elapsed))
                 self.throughput.add(window_samples, elapsed)
                 window_start, window_samples, losses = time.perf_counter(), 0, []
-            evaluated = after_step(self.step) if after_step is not None else None
-            if evaluated:
-                logger.log(self.step, {"eval": evaluated})
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-            if self.step < last:
-                self.checkpoints.maybe_save(self.step)
+            if self.nonfinite.streak >= c.train.max_nonfinite_steps:
+                raise TrainingDiverged(self._diverged_message())
+            if result.stop:  # every rank stops here; fit() saves this step's checkpoint
+                name = signal.Signals(self._stop_signal).name if self._stop_signal else "a stop signal to another rank"
+                self.stopped_by = name
+                logger.write(f"step {self.step}: stopping on {name}: saving a checkpoint of this step; continue the "
+                             "run with train.resume=latest")
+                return
+            with watchdog.paused():  # evaluation and checkpoint writes are not steps
+                evaluated = after_step(self.step) if after_step is not None else None
+                if evaluated:
+                    logger.log(self.step, {"eval": evaluated})
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                if self.step < last and (self.step % c.train.checkpoint_every == 0 or self._save_pending):
+                    # Not while steps are being skipped: weights that give non-finite values must not rotate
+                    # the good checkpoints away. The save waits for the next step that updates.
+                    self._save_pending = self.nonfinite.streak > 0
+                    if not self._save_pending:
+                        self.checkpoints.save(self.step)
+
+    def _train_step(self, images: torch.Tensor, tokens: torch.Tensor,
+                    stop: bool | Callable[[], bool] = False) -> StepResult:
+        result = self.step_fn.run(images, tokens, stop=stop)
+        with torch.no_grad():
+            self.module.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.step += 1
+        if result.applied:
+            self.nonfinite.streak = 0
+        else:
+            self.nonfinite.total += 1
+            self.nonfinite.streak += 1
+            if self.nonfinite.streak == 1:
+                self.nonfinite.first_of_streak = self.step
+        return result
+
+    def _diverged_message(self) -> str:
+        t, n = self.cfg.train, self.nonfinite
+        causes = []
+        if t.precision == "fp16":
+            causes.append("fp16 overflow (train.precision=fp16: bf16 has fp32's range)")
+        causes.append(f"a learning rate too high (train.lr={t.lr:g})")
+        if t.grad_clip is None:
+            causes.append("no gradient clipping (train.grad_clip=null)")
+        last = self.checkpoints.last.name if self.checkpoints.last is not None else "none yet"
+        return (f"step {self.step}: the loss or the gradients were not finite for {n.streak} steps in a row "
+                f"(steps {n.first_of_streak}-{self.step}; train.max_nonfinite_steps={t.max_nonfinite_steps}): "
+                f"training stopped, nothing non-finite was saved (latest checkpoint: {last}). Likely cause: "
+                f"{' or '.join(causes)}; fix it and train again in a new run.dir (a resumed run keeps its config)")
 
     def _metrics(self, losses: list[float], samples: int, elapsed: float) -> dict:
         record = {
@@ -290,10 +451,11 @@ class Trainer:
             "logit_scale": self.module.logit_scale.exp().item(),
             "samples_per_s": samples / max(elapsed, 1e-9),
             "skipped": self.global_skipped(),
+            "nonfinite_steps": self.nonfinite.total,
         }
         if self.device.type == "cuda":
             record["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         return record
 
 
-__all__ = ["CheckpointError", "Trainer", "build_model", "seed_everything"]
+__all__ = ["EXIT_PREEMPTED", "CheckpointError", "Trainer", "TrainingDiverged", "build_model", "seed_everything"]
