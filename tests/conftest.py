@@ -4,6 +4,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Checkpoints are signed with the user's key: the tests (and the runs they start) use their own.
 os.environ.setdefault("CLIPKIT_CHECKPOINT_KEY", os.path.join(__import__("tempfile").mkdtemp(), "checkpoint.key"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process a test starts (a script in tests/dist, torchrun's workers) imports clipkit from this checkout,
+# whatever checkout the environment's install points at.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
