@@ -444,6 +444,8 @@ def test_elastic_resume_delivers_the_epoch_exactly_once(spec, parts, old, new):
         assert len(moved) == new[0]
         rest, _ = _run(spec, parts, new, moved, epochs=1)
         assert _flat(before) + _flat(rest) == epoch  # no sample twice, none lost
+        # equal shares (to one sample a worker): ranks stepping together end the epoch together
+        assert max(map(len, rest)) - min(map(len, rest)) <= max(1, new[1])
         two, _ = _run(spec, parts, new, moved, epochs=2)
     assert _flat(before) + _flat(two) == Counter({k: 2 for k in epoch})
     # the next epoch is an ordinary one of the new layout: each rank reads the shards dealt to it

@@ -38,6 +38,7 @@ from typing import Callable
 
 from .order import Piece, ShardPlan, ShuffleBuffer, buffer_rng, remainder
 from .shards import ShardSpecError
+from .tario import count_samples
 
 FORMAT = "clipkit-stream-v1"
 
@@ -258,13 +259,59 @@ def repartition(states: list[dict], world_size: int, workers: int, urls: list[st
         order = [p for group in itertools.zip_longest(*per_worker) for p in group if p is not None]
         residual_epochs.append((epoch, order))
 
+    counts: dict[int, int] = {}
+
+    def size(piece: Piece) -> int:
+        if piece.start is None:
+            return len(piece.extra)
+        if piece.shard not in counts:
+            counts[piece.shard] = count_samples(urls[piece.shard])
+        return len(piece.extra) + max(0, counts[piece.shard] - piece.start)
+
+    # the new workers of rank r are r, r + W', r + 2W', ...: every one gets an equal share (to one sample)
+    dealt = [(epoch, _deal(order, world_size * new_workers, size)) for epoch, order in residual_epochs]
     out = []
     for rank in range(world_size):
         fp = {**ref, "rank": rank, "world_size": world_size, "workers": new_workers}
-        residual = [{"epoch": epoch, "workers": [[p.to_json() for p in order[rank::world_size][w::new_workers]]
+        residual = [{"epoch": epoch, "workers": [[p.to_json() for p in shares[w * world_size + rank]]
                                                  for w in range(new_workers)]}
-                    for epoch, order in residual_epochs]
+                    for epoch, shares in dealt]
         start = {"epoch": first, "emitted": 0, "shard_counts": []}
         out.append({"format": FORMAT, "fingerprint": fp, "workers": [dict(start) for _ in range(new_workers)],
                     "next_worker": 0, "residual": residual})
     return out
+
+
+def _deal(order: list[Piece], n: int, size: Callable[[Piece], int]) -> list[list[Piece]]:
+    """`order`'s samples in n shares of equal size (to one sample), each a run of `order` in its order:
+    ranks that step together then reach the epoch's end together, so no rank starts the next epoch (and
+    sees a sample again) while another still delivers this one. A piece is cut where a share ends."""
+    sizes = [size(p) for p in order]
+    total = sum(sizes)
+    room = [total // n + (1 if g < total % n else 0) for g in range(n)]
+    shares: list[list[Piece]] = [[] for _ in range(n)]
+    g = 0
+    for piece, left in zip(order, sizes):
+        if left == 0:  # nothing to deliver (or a shard that cannot be read: its reader counts that)
+            shares[g].append(piece)
+            continue
+        while left > 0:
+            while room[g] == 0 and g < n - 1:
+                g += 1
+            take = min(left, room[g]) if g < n - 1 else left
+            if take == left:
+                shares[g].append(piece)
+            else:
+                head, piece = _cut(piece, take)
+                shares[g].append(head)
+            room[g] -= take
+            left -= take
+    return shares
+
+
+def _cut(piece: Piece, k: int) -> tuple[Piece, Piece]:
+    """The first k samples of a piece (in reading order: its listed samples, then from `start` on), and the rest."""
+    if k <= len(piece.extra):
+        return Piece(piece.shard, None, piece.extra[:k]), Piece(piece.shard, piece.start, piece.extra[k:])
+    cut = piece.start + k - len(piece.extra)
+    return Piece(piece.shard, None, piece.extra + tuple(range(piece.start, cut))), Piece(piece.shard, cut, ())

@@ -57,6 +57,22 @@ def read_shard(url: str, counter: SkipCounter, want: Callable[[int], bool] | Non
             errors.skip("shard_open_error", url, f"on close: {exn!r}")
 
 
+def count_samples(url: str) -> int:
+    """How many sample indices read_shard gives this shard (its members are read over, not kept; damage
+    ends the count where reading ends; an unreadable shard counts 0)."""
+    indices: list[int] = []
+    counter = SkipCounter()
+    counter.muted = True  # the stream that reads the shard counts its damage
+
+    def over(index: int) -> bool:
+        indices.append(index)
+        return False
+
+    for _ in read_shard(url, counter, over):
+        pass
+    return indices[-1] + 1 if indices else 0
+
+
 class _ShardErrors:
     """Counts at most one shard-level failure per shard, so one broken shard is one count. A read that
     fails because a `pipe:` command died is the shard not opening, not a damaged tar."""

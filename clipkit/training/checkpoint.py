@@ -20,7 +20,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -92,10 +92,15 @@ def _agree(error: str | None, env: DistEnv) -> None:
 
 class CheckpointManager:
     def __init__(self, directory: str | Path, env: DistEnv, engine, providers: dict[str, StateProvider], *,
-                 every: int, keep: int, meta: dict) -> None:
-        """meta: what identifies the run in trainer.json (model_name, model_cfg, config)."""
+                 every: int, keep: int, meta: dict,
+                 reshard: dict[str, Callable[[list[dict]], dict | None]] | None = None) -> None:
+        """meta: what identifies the run in trainer.json (model_name, model_cfg, config).
+        reshard: per provider, this rank's state from the saved states of every rank of a checkpoint (in
+        rank order, whatever their number); a provider without one gets its own rank's saved state, or keeps
+        its fresh state on a rank the checkpoint did not have. A function may return None: keep it fresh."""
         self.directory, self.env, self.engine = Path(directory), env, engine
         self.providers, self.every, self.keep, self.meta = providers, every, keep, meta
+        self.reshard = reshard or {}
         self.last: Path | None = None
 
     def existing(self) -> Path | None:
@@ -183,11 +188,21 @@ class CheckpointManager:
             return None
         info = json.loads((path / TRAINER_FILE).read_text())
         self._check_compatible(path, info)
-        self.engine.load_state(path)
-        mine = json.loads((path / RANKS_FILE).read_text())[self.env.rank]
+        self.engine.load_state(path, saved_world_size=info["world_size"])
+        ranks = json.loads((path / RANKS_FILE).read_text())
+        if len(ranks) != info["world_size"]:
+            raise CheckpointError(f"{path / RANKS_FILE} holds {len(ranks)} ranks' states; the checkpoint was "
+                                  f"written by {info['world_size']}")
         for name, provider in self.providers.items():
-            if name in mine:  # a provider newer than the checkpoint keeps its fresh state
-                provider.load_state_dict(mine[name])
+            states = [r.get(name) for r in ranks]
+            if any(s is None for s in states):  # a provider newer than the checkpoint keeps its fresh state
+                continue
+            if name in self.reshard:
+                state = self.reshard[name](states)
+            else:
+                state = states[self.env.rank] if self.env.rank < len(states) else None
+            if state is not None:
+                provider.load_state_dict(state)
         self.last = path
         return info["step"], info
 
@@ -214,6 +229,7 @@ class CheckpointManager:
         if info["model_cfg"] != self.meta["model_cfg"]:
             raise CheckpointError(f"checkpoint {path} holds architecture {info['model_name']}, which differs from "
                                   f"model.name={self.meta['model_name']}")
-        if info["world_size"] != self.env.world_size:
+        if info["world_size"] != self.env.world_size and not self.engine.resumes_on_other_world_sizes:
             raise CheckpointError(f"checkpoint {path} was written by {info['world_size']} ranks; this run has "
-                                  f"{self.env.world_size}: resume with the same world size")
+                                  f"{self.env.world_size}: the {self.engine.name} engine resumes with the same "
+                                  "world size only")

@@ -19,7 +19,8 @@ one they have. Every engine exposes:
                              fp16 loss scale adapts and the LR schedule advances: it follows the step count)
     engine.lr
     engine.save_state(dir)   write its own files into a checkpoint directory (every rank calls it)
-    engine.load_state(dir)   read them back
+    engine.load_state(dir, saved_world_size)   read them back (written by that many ranks)
+    engine.resumes_on_other_world_sizes  whether load_state takes a checkpoint of another world size
     engine.full_state_dict() fp32 weights of the whole model on rank 0 (collective under ZeRO-3)
     engine.nonfinite_weight() the first weight this rank holds that is NaN or inf (checked before each save)
     engine.unpickles_on_load the loader of its files unpickles: load only checkpoints clipkit signed
@@ -59,6 +60,7 @@ class TorchEngine:
     unpickles_on_load = False
     writes_full_weights = True  # model.safetensors is in every checkpoint
     checks_gradients = False  # the caller checks grad_norm() (and the loss) and passes its decision to step()
+    resumes_on_other_world_sizes = True  # weights and optimizer state are whole in every checkpoint
 
     @staticmethod
     def model_kwargs(cfg: Config) -> dict:
@@ -136,7 +138,7 @@ class TorchEngine:
             state["grad_scaler"] = self.scaler.state_dict()
         torch.save(state, directory / OPTIMIZER_FILE)
 
-    def load_state(self, directory: Path) -> None:
+    def load_state(self, directory: Path, saved_world_size: int | None = None) -> None:
         from safetensors.torch import load_file
 
         self.module.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
@@ -163,6 +165,7 @@ class DeepSpeedEngine:
 
     unpickles_on_load = True  # DeepSpeed's load_checkpoint calls torch.load(weights_only=False)
     writes_full_weights = False  # sharded state; consolidated weights are added to the final checkpoint
+    resumes_on_other_world_sizes = False  # ZeRO partitions are per rank
     STATE_DIR = "deepspeed"
 
     @staticmethod
@@ -252,7 +255,7 @@ class DeepSpeedEngine:
     def save_state(self, directory: Path) -> None:
         self.model.save_checkpoint(str(directory / self.STATE_DIR), tag="state", save_latest=False)
 
-    def load_state(self, directory: Path) -> None:
+    def load_state(self, directory: Path, saved_world_size: int | None = None) -> None:
         # Only ever called on a checkpoint whose manifest signature and checksums were verified.
         loaded, _ = self.model.load_checkpoint(str(directory / self.STATE_DIR), tag="state")
         if loaded is None:

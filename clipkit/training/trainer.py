@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, config_to_dict, save_config
-from ..data import StreamState, build_train_loader, expand_sources
+from ..data import StreamState, build_train_loader, expand_sources, repartition_train_states
 from ..distributed import DistEnv, gather_objects, init_distributed
 from ..errors import UserError
 from ..losses import create_loss
@@ -75,7 +75,7 @@ class TrainingDiverged(UserError):
 # Any other difference from the checkpoint's config would silently not apply (or apply halfway).
 RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "train.steps", "train.resume",
                      "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
-                     "eval.", "export.", "train.max_nonfinite_steps", "train.stall_timeout_s", "dist.",
+                     "eval.", "export.", "train.max_nonfinite_steps", "train.stall_timeout_s", "dist.", "data.workers",
                      "finetune.", "data.synth.downstream_")
 
 
@@ -213,8 +213,27 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", env, self.engine,
             {"rng": RNGState(), "data": self.stream, "skipped": self.skipped, "nonfinite": self.nonfinite},
-            every=t.checkpoint_every, keep=t.keep_checkpoints, meta=meta)
+            every=t.checkpoint_every, keep=t.keep_checkpoints, meta=meta, reshard=self._reshard())
         self._start()
+
+    def _reshard(self) -> dict:
+        """How this rank's state comes from a checkpoint written by another number of ranks or loader workers
+        (train.resume on another layout; the same layout gets each rank's own state back unchanged)."""
+        rank, world = self.env.rank, self.env.world_size
+
+        def data(states: list[dict]) -> dict:
+            # the stream each old worker had not delivered yet, dealt to the new ranks and workers: over the
+            # epoch every sample is still seen once
+            return repartition_train_states(self.cfg.data, states, world_size=world)[rank]
+
+        def skipped(states: list[dict]) -> dict:
+            # the old ranks' tallies, each kept by one new rank: the sums over ranks stay the same
+            return dict(sum((Counter(s) for s in states[rank::world]), Counter()))
+
+        def same_everywhere(states: list[dict]) -> dict:
+            return states[0]  # decided together: every rank holds the same
+
+        return {"data": data, "skipped": skipped, "nonfinite": same_everywhere}
 
     def _check_writable(self) -> None:
         """run.dir must take files (every rank checks the directory it sees); else a one-line ConfigError."""
@@ -258,6 +277,11 @@ class Trainer:
                 self.step, info = resumed
                 self._check_config(info["config"])
                 self.resumed_from = self.checkpoints.last
+                was = (info["world_size"], info["config"]["data"]["workers"])
+                if was != (self.env.world_size, self.cfg.data.workers):
+                    self._notes.append(f"the checkpoint was written by {was[0]} ranks x data.workers={was[1]}; this "
+                                       f"run has {self.env.world_size} x {self.cfg.data.workers}: the data stream "
+                                       "is repartitioned, every sample of the epoch still seen once")
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
