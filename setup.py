@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "onnxruntime>=1.18",
     "onnxscript>=0.5",  # torch.onnx's (dynamo) exporter
     "peft>=0.13",  # LoRA fine-tuning (clipkit finetune --method lora)
+    "matplotlib>=3.8",  # a run's report.html plots, the loss benchmark's curve
 ]
 
 BENCH = ["scikit-image>=0.22"]  # its sample photographs build the realistic shards of `clipkit bench data`

@@ -59,6 +59,8 @@ def _print_summary(summary: dict) -> None:
               f"{r['image_retrieval_recall@10']:.3f}, text R@1/5/10 {r['text_retrieval_recall@1']:.3f}/"
               f"{r['text_retrieval_recall@5']:.3f}/{r['text_retrieval_recall@10']:.3f} over {r['num_images']} "
               f"images -> {r['result_file']}")
+    if "report" in summary:
+        print(f"report        : {summary['report']}")
     if "export" in summary:
         print(f"exported      : {Path(next(iter(summary['export'].values()))).parent} ({summary['export_format']} format)")
 
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("finetune", "clipkit.finetune.run",
          "adapt a checkpoint to a labelled task: linear probe, full/partial fine-tuning, WiSE-FT, LoRA"),
         ("finetune-report", "clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
+        ("report", "clipkit.report", "a run's report.html: loss, LR, throughput, MFU, evaluation over time"),
     ]:
         sub.add_parser(name, add_help=False, help=help_text).set_defaults(func=_delegate(module))
 

@@ -226,6 +226,8 @@ class RunConfig:
     progress: bool = True
     # Write run.dir/sample_keys/rank{R}.jsonl: the sample keys of every step's batch (a data audit trail).
     record_sample_keys: bool = False
+    # Write run.dir/report.html at the end: loss, LR, throughput and MFU, evaluation over time (PNG plots).
+    report: bool = True
 
 
 @dataclass

@@ -37,6 +37,7 @@ from .evaluation import (
 )
 from .export import EXPORT_FORMATS
 from .models import create_model, create_transforms, get_tokenizer, load_model
+from .report import write_report
 from .training import Trainer
 
 
@@ -94,6 +95,8 @@ def run(cfg: Config) -> dict:
             summary.update(evaluate_and_export(cfg, checkpoint, held_out, env.device))
         if env.is_main:
             (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if cfg.run.report:
+                summary["report"] = str(write_report(trainer.run_dir))
         if env.distributed:
             dist.barrier()
         return summary

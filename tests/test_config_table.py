@@ -9,7 +9,7 @@ from clipkit.config import Config, ConfigError, config_to_dict, load_config
 # key -> an out-of-range (or ill-typed, for switches and free text) value
 BAD = {
     "run.dir": "' '", "run.seed": "-1", "run.log_every": "0", "run.progress": "maybe",
-    "run.record_sample_keys": "2",
+    "run.record_sample_keys": "2", "run.report": "yes please",
     "data.train": "' '", "data.zeroshot": "' '", "data.retrieval": "' '", "data.train_weights": "1::x",
     "data.resampled": "often", "data.max_image_pixels": "0", "data.workers": "-1", "data.prefetch": "0",
     "data.normalize_on_device": "3", "data.shuffle_buffer": "-1", "data.image_key": "';'",

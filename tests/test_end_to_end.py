@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from clipkit.config import ConfigError, load_config
-from clipkit.models import load_model
+from clipkit.models import create_model, load_model
 from clipkit.run import run
 from clipkit.training import Trainer
 from clipkit.training.optim import WarmupCosine
@@ -139,6 +139,25 @@ def test_full_train_writes_summary_zeroshot_and_export(tmp_path, synth_small):
     assert 0.0 <= on_disk["zeroshot"]["acc1"] <= 1.0
     assert (run_dir / "zeroshot.json").is_file()
     assert (run_dir / "export" / "open_clip_model.safetensors").is_file()
+    # the report: a page with a PNG per plot, evaluation over time included
+    page = (run_dir / "report.html").read_text()
+    for name in ("loss", "lr", "throughput", "data_wait", "eval"):
+        png = run_dir / "report" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f'src="report/{name}.png"' in page
+    assert f"{summary['zeroshot']['acc1']:.3f}" in page
+    # MFU as torchtitan logs it: the model's FLOPs per sample (FlopCounterMode over one forward and
+    # backward of a freshly built model) times samples/s, over the measured peak
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model("clipkit-nano")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        (model.encode_image(torch.zeros(1, 3, 32, 32)) @ model.encode_text(
+            torch.ones(1, model.context_length, dtype=torch.long)).T).sum().backward()
+    steps = [r for r in logged if "loss" in r]
+    for r in steps:
+        assert r["tflops"] * 1e12 == pytest.approx(r["samples_per_s"] * counter.get_total_flops(), rel=1e-9)
+        assert 0 < r["mfu"] and 0 <= r["data_wait"] <= 1
 
 
 def test_cli_rejects_bad_config_with_named_key(tmp_path):

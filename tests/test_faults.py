@@ -53,7 +53,7 @@ def _command(args, nproc: int = 1, max_restarts: int = 0, script=FAULT_TRAIN) ->
             f"--max-restarts={max_restarts}", str(script), *map(str, args)]
 
 
-def _run(args, faults: str = "", nproc: int = 1, max_restarts: int = 0, timeout: float = 180):
+def _run(args, faults: str = "", nproc: int = 1, max_restarts: int = 0, timeout: float = 600):
     try:
         return subprocess.run(_command(args, nproc, max_restarts), env=_env(faults), capture_output=True, text=True,
                               timeout=timeout)

@@ -36,6 +36,7 @@ Faults (docs/reliability.md):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -57,11 +58,14 @@ from ..distributed import DistEnv, gather_objects, init_distributed
 from ..errors import UserError
 from ..losses import create_loss
 from ..models import create_model, create_transforms, get_model_config, get_tokenizer
+from ..models.flops import matmul_peak, train_flops_per_sample
 from .checkpoint import CheckpointManager, RNGState
 from .engine import build_engine, engine_class
 from .metrics import MetricsLogger
 from .step import ContrastiveStep, StepResult
 from .watchdog import Watchdog
+
+log = logging.getLogger("clipkit.training")
 
 MAX_LOGIT_SCALE = math.log(100.0)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # pre-emption: save at the next step boundary, then stop
@@ -73,7 +77,7 @@ class TrainingDiverged(UserError):
 
 # Keys a resumed run may change: how it is observed, saved, evaluated and exported, and how far it goes.
 # Any other difference from the checkpoint's config would silently not apply (or apply halfway).
-RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "train.steps", "train.resume",
+RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "run.report", "train.steps", "train.resume",
                      "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
                      "eval.", "export.", "train.max_nonfinite_steps", "train.stall_timeout_s", "dist.", "data.workers",
                      "finetune.", "data.synth.downstream_")
@@ -193,6 +197,8 @@ class Trainer:
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.module = build_model(cfg, self.device, **engine_class(cfg).model_kwargs(cfg))
+        # MFU's numerator: the model's FLOPs per sample, counted on the plain model before any wrapping
+        self.flops_per_sample = self._count_flops() if env.is_main else None
         self.train_transform, self.val_transform = create_transforms(self.module)
         self.tokenizer = get_tokenizer(cfg.model.name)
         seed_everything(cfg.run.seed + env.rank)  # then per-rank randomness (augmentation, dropout)
@@ -209,6 +215,7 @@ class Trainer:
         self._notes: list[str] = []  # said in the log when fit() starts
         self.stream = StreamState()  # where this rank is in its data stream (batches consumed)
         self.throughput = Throughput()
+        self._waited = 0.0  # seconds of the current log window spent waiting for the loader
         self.resumed_from: Path | None = None
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", env, self.engine,
@@ -234,6 +241,18 @@ class Trainer:
             return states[0]  # decided together: every rank holds the same
 
         return {"data": data, "skipped": skipped, "nonfinite": same_everywhere}
+
+    def _count_flops(self) -> float | None:
+        vision, text = self.model_cfg.get("vision_cfg", {}), self.model_cfg.get("text_cfg", {})
+        size = vision.get("image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                return train_flops_per_sample(self.module, size, text.get("context_length", 77))
+        except Exception as e:  # a tower FlopCounterMode cannot trace: no MFU in the metrics, training goes on
+            log.warning("could not count the model's FLOPs (%s: %s): metrics.jsonl will have no mfu",
+                        type(e).__name__, e)
+            return None
 
     def _check_writable(self) -> None:
         """run.dir must take files (every rank checks the directory it sees); else a one-line ConfigError."""
@@ -398,8 +417,11 @@ class Trainer:
         c = self.cfg
         batches = iter(self._loader())
         window_start, window_samples, losses = time.perf_counter(), 0, []
+        self._waited = 0.0  # seconds of the window spent waiting for the loader
         while self.step < last:
+            asked = time.perf_counter()
             batch = next(batches)
+            self._waited += time.perf_counter() - asked
             self.stream.observe(batch)
             self.skipped.update(batch.skipped)
             result = self._train_step(batch.images, batch.targets, stop=lambda: self._stop_signal is not None)
@@ -419,6 +441,7 @@ class Trainer:
                 logger.log(self.step, self._metrics(losses, window_samples, elapsed))
                 self.throughput.add(window_samples, elapsed)
                 window_start, window_samples, losses = time.perf_counter(), 0, []
+                self._waited = 0.0
             if self.nonfinite.streak >= c.train.max_nonfinite_steps:
                 raise TrainingDiverged(self._diverged_message())
             if result.stop:  # every rank stops here; fit() saves this step's checkpoint
@@ -474,12 +497,29 @@ class Trainer:
             "lr": self.engine.lr,
             "logit_scale": self.module.logit_scale.exp().item(),
             "samples_per_s": samples / max(elapsed, 1e-9),
+            "data_wait": self._waited / max(elapsed, 1e-9),  # share of the time (rank 0)
             "skipped": self.global_skipped(),
             "nonfinite_steps": self.nonfinite.total,
         }
+        if self.flops_per_sample is not None:  # per device, as torchtitan logs them
+            achieved = record["samples_per_s"] * self.flops_per_sample / self.env.world_size
+            record["tflops"] = achieved / 1e12
+            record["mfu"] = achieved / _peak(self.device, self.cfg.train.precision)
         if self.device.type == "cuda":
             record["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         return record
+
+
+_PEAKS: dict = {}
+
+
+def _peak(device: torch.device, precision: str) -> float:
+    """The measured matmul FLOP/s of this device in the run's precision (once per process and thread count)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    key = (str(device), dtype, torch.get_num_threads())
+    if key not in _PEAKS:
+        _PEAKS[key] = matmul_peak(device, dtype)
+    return _PEAKS[key]
 
 
 __all__ = ["EXIT_PREEMPTED", "CheckpointError", "Trainer", "TrainingDiverged", "build_model", "seed_everything"]
