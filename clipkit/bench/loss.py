@@ -2,6 +2,8 @@
 
     clipkit bench loss [--batch-per-rank 16384] [--dim 512] [--world 2] [--repeats 3] [--tile-size 1024]
                        [--out bench_loss.json]
+    clipkit bench loss --curve [--global-batches 4096,8192,16384,32768,65536] [--memory-limit GIB]
+                       [--attempt-unfit] [--out bench_loss_curve.json]     (see clipkit/bench/loss_curve.py)
     python -m clipkit.bench.loss ...            (the same)
 
 Both methods compute the local-loss InfoNCE (each rank: its B_local rows against the B_global gathered
@@ -20,6 +22,13 @@ the kernel's high-water mark VmHWM is reset to the current RSS (write "5" to /pr
 baseline RSS is read; after the step, peak = VmHWM - baseline. That counts everything the step touches
 (tensors, allocator slack, gloo buffers), which is what decides whether ranks fit in RAM, and it needs no
 cooperation from the code being measured.
+
+Memory is guarded: a job whose need cannot fit is refused before it starts, and while a job runs the
+driver watches the machine's MemAvailable and stops the job (every rank) if it falls below a floor, so that
+a wrong estimate ends in a reported out-of-memory, not in swapping or the kernel's OOM killer choosing a
+process. With a per-rank limit (the --curve points), each rank's heap may grow only to that limit
+(RLIMIT_DATA, set just before the step): an allocation past it fails, and the rank reports a measured
+out-of-memory instead of a result.
 """
 from __future__ import annotations
 
@@ -28,18 +37,25 @@ import ctypes
 import json
 import math
 import os
+import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 METHODS = ("openclip", "tiled")
 MEMORY_TARGET = 1 / 12  # tiled peak <= 1/12 of OpenCLIP's
 TIME_TARGET = 1.5  # at no more than 1.5x its time
 GIB = 1024 ** 3
+CURVE_BATCHES = (4096, 8192, 16384, 32768, 65536)  # global batches of --curve
+# The watchdog stops a job when MemAvailable falls below max(3% of MemTotal, 512 MiB): there is no swap to
+# slow things down first, and below that the kernel's OOM killer may pick any process on the machine.
+WATCHDOG_FLOOR_FRACTION, WATCHDOG_FLOOR_BYTES = 0.03, 512 * 2 ** 20
 
 
 class BenchError(RuntimeError):
@@ -58,14 +74,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / world)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
-    p.add_argument("--out", default="bench_loss.json")
+    p.add_argument("--out", default=None, help="result JSON (default: bench_loss.json, with --curve "
+                   "bench_loss_curve.json and its plot beside it)")
+    curve = p.add_argument_group("curve", "--curve: both methods over a range of global batches")
+    curve.add_argument("--curve", action="store_true", help="measure every global batch of --global-batches")
+    curve.add_argument("--global-batches", default=None,
+                       help=f"comma-separated global batches, each a multiple of --world (default: "
+                            f"{','.join(map(str, CURVE_BATCHES))})")
+    curve.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                       help="the most memory one job's ranks may use together (default: 90%% of MemAvailable "
+                            "when the point starts); a point predicted to need more is skipped")
+    curve.add_argument("--attempt-unfit", action="store_true",
+                       help="run points predicted not to fit too, each rank held to its share of the limit: "
+                            "a measured out-of-memory instead of a skip")
+    curve.add_argument("--plot", default=None, help="PNG (default: the JSON's name with .png)")
     # Internal: one rank of one measurement job (set by the driver through torchrun).
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--result-dir", help=argparse.SUPPRESS)
+    p.add_argument("--rank-memory-limit", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("batch_per_rank", "dim", "world", "repeats", "tile_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        p.error("--memory-limit must be a positive number of GiB")
+    given = [f"--{n.replace('_', '-')}" for n in ("global_batches", "memory_limit", "attempt_unfit", "plot")
+             if getattr(args, n) not in (None, False)]
+    if given and not args.curve and not args.worker:
+        p.error(f"{', '.join(given)}: only with --curve")
+    try:
+        args.global_batches = sorted({int(b) for b in (args.global_batches or ",".join(map(str, CURVE_BATCHES)))
+                                      .split(",") if b.strip()})
+    except ValueError:
+        p.error(f"--global-batches takes comma-separated integers, not {args.global_batches!r}")
+    bad = [b for b in args.global_batches if b < args.world or b % args.world]
+    if args.curve and (bad or not args.global_batches):
+        p.error(f"--global-batches must be multiples of --world {args.world}" + (f" (not {bad})" if bad else ""))
+    args.out = args.out or ("bench_loss_curve.json" if args.curve else "bench_loss.json")
     return args
 
 
@@ -160,6 +205,23 @@ def _timed_step(loss_fn, img, txt, log_scale) -> dict:
             "log_scale_grad": log_scale.grad.item()}
 
 
+def _cap_heap(limit: int) -> None:
+    """Let this process's resident memory grow to `limit` bytes in all and no further: from here on an
+    allocation past it fails (RLIMIT_DATA counts the heap and private writable mappings)."""
+    budget = limit - _status_bytes("VmRSS")
+    data = _status_bytes("VmData")
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = data + max(0, budget)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's CPU allocator, gloo and Python each say it differently."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(s in text for s in ("can't allocate memory", "bad_alloc",
+                                                                     "out of memory", "cannot allocate memory"))
+
+
 def _worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -177,7 +239,17 @@ def _worker(args: argparse.Namespace) -> int:
     matmul_gflops = _matmul_gflops()
     dist.barrier()
     baseline, how = _reset_peak_rss()
-    result = _timed_step(loss_fn, img, txt, log_scale)
+    if args.rank_memory_limit:
+        _cap_heap(args.rank_memory_limit)
+    try:
+        result = _timed_step(loss_fn, img, txt, log_scale)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        oom = {"rank": rank, "method": args.worker, "oom": True, "error": str(e).splitlines()[0][:500],
+               "baseline_bytes": baseline, "rank_memory_limit": args.rank_memory_limit}
+        Path(args.result_dir, f"{args.worker}_rank{rank}.oom.json").write_text(json.dumps(oom))
+        os._exit(3)  # the other ranks wait in a collective: torchrun ends them when this rank exits
     # The kernel syncs its RSS counters lazily: for a tiny step the difference can come out a few pages
     # below zero, which means "nothing measurable".
     peak = max(0, _status_bytes("VmHWM") - baseline)
@@ -215,22 +287,80 @@ def _meminfo_bytes(field: str) -> int | None:
     return None
 
 
-def _launch(method: str, args: argparse.Namespace, result_dir: str) -> list[dict]:
-    """One fresh torchrun job running `method`; every rank's result."""
+@dataclass
+class Job:
+    """How one measurement job ended: "measured" (ranks: every rank's result) or "oom" / "timeout" (reason)."""
+    status: str
+    ranks: list[dict] | None = None
+    reason: str | None = None
+
+
+def run_job(method: str, args: argparse.Namespace, result_dir: str, batch_per_rank: int,
+            rank_memory_limit: int | None = None) -> Job:
+    """One fresh torchrun job running `method`, watched: an out-of-memory or a timeout is an outcome; any
+    other failure raises BenchError."""
+    for stale in Path(result_dir).glob(f"{method}_rank*.json"):
+        stale.unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world}",
            "-m", "clipkit.bench.loss", "--worker", method, "--result-dir", result_dir,
-           "--batch-per-rank", str(args.batch_per_rank), "--dim", str(args.dim),
+           "--batch-per-rank", str(batch_per_rank), "--dim", str(args.dim),
            "--tile-size", str(args.tile_size), "--seed", str(args.seed)]
+    if rank_memory_limit:
+        cmd += ["--rank-memory-limit", str(rank_memory_limit)]
     env = os.environ | {"OMP_NUM_THREADS": str(_threads(args)), "HF_HUB_OFFLINE": "1"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"{method} job ran past --timeout {args.timeout:.0f} s; raise it or lower "
-                         f"--batch-per-rank") from e
+    log = Path(result_dir, f"{method}.log")
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads while the job runs
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its own process group: the ranks are stopped with it
+        stopped = _watch(proc, args.timeout)
+        proc.wait()
+    output = log.read_text(errors="replace")
+    ooms = [json.loads(f.read_text()) for f in sorted(Path(result_dir).glob(f"{method}_rank*.oom.json"))]
+    if stopped:
+        return stopped
+    if ooms:
+        o = ooms[0]
+        return Job("oom", reason=f"rank {o['rank']} ran out of memory (limit {_gib(o['rank_memory_limit'])} per "
+                                 f"rank): {o['error']}")
     if proc.returncode != 0:
-        hint = " (a rank was killed: out of memory? lower --batch-per-rank)" if "-9" in proc.stderr else ""
-        raise BenchError(f"{method} job exited with {proc.returncode}{hint}:\n{proc.stderr[-3000:]}")
-    return [json.loads(Path(result_dir, f"{method}_rank{r}.json").read_text()) for r in range(args.world)]
+        if "Signal 9" in output or "SIGKILL" in output:
+            return Job("oom", reason="a rank was killed (SIGKILL): out of memory")
+        raise BenchError(f"{method} job exited with {proc.returncode}:\n{output[-3000:]}")
+    return Job("measured", [json.loads(Path(result_dir, f"{method}_rank{r}.json").read_text())
+                            for r in range(args.world)])
+
+
+def _watch(proc: subprocess.Popen, timeout: float) -> Job | None:
+    """Wait for the job; stop its whole process group, and say why, when it runs past `timeout` or the
+    machine's available memory falls below the floor."""
+    total = _meminfo_bytes("MemTotal") or 0
+    floor = max(WATCHDOG_FLOOR_FRACTION * total, WATCHDOG_FLOOR_BYTES)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        available = _meminfo_bytes("MemAvailable")
+        stop = None
+        if available is not None and available < floor:
+            stop = Job("oom", reason=f"stopped by the benchmark: the machine's available memory fell to "
+                                     f"{_gib(available)} (floor {_gib(floor)})")
+        elif time.monotonic() > deadline:
+            stop = Job("timeout", reason=f"ran past --timeout {timeout:.0f} s")
+        if stop:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return stop
+        time.sleep(0.1)
+    return None
+
+
+def _gib(n: float | None) -> str:
+    return "none" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def _launch(method: str, args: argparse.Namespace, result_dir: str) -> list[dict]:
+    """One job at --batch-per-rank; every rank's result."""
+    job = run_job(method, args, result_dir, args.batch_per_rank)
+    if job.status != "measured":
+        raise BenchError(f"{method} job did not finish ({job.reason}); lower --batch-per-rank")
+    return job.ranks
 
 
 def _summarize_method(jobs: list[list[dict]]) -> dict:
@@ -313,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return _worker(args)
     try:
+        if args.curve:
+            from .loss_curve import drive_curve
+
+            return drive_curve(args, argv)
         return _drive(args, argv)
     except BenchError as e:
         print(f"clipkit bench loss: error: {e}", file=sys.stderr)
