@@ -1,6 +1,9 @@
 """Elastic resume: a run checkpointed on W ranks x K loader workers continues on W' x K' (train.resume=latest,
 the same global batch). Every run is a real `clipkit train` process (under torchrun for 2 ranks); the audit
 reads the sample keys each rank recorded (run.record_sample_keys) and the shards themselves (plain tarfile).
+DeepSpeed checkpoints on another world size are checked against DeepSpeed's own consolidation of the
+original checkpoint (deepspeed.utils.zero_to_fp32), parameter by parameter, and against a resume on the
+original world size, loss for loss.
 """
 import json
 import os
@@ -10,14 +13,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from data_shards import tar_keys
+from safetensors.torch import load_file
 
 from clipkit.data import expand_shards
 
 FIRST, STEPS, BATCH = 13, 37, 16  # 37 x 16 = 592 of the epoch's 600 samples: no sample may come twice
+TOL = 2e-4  # as tests/test_faults.py: fp32 on CPU, the reduction order differs between layouts
 
 
 FAULT_TRAIN = Path(__file__).parent / "dist" / "fault_train.py"  # `clipkit train` with a fault injected
+DS_RESUME = Path(__file__).parent / "dist" / "ds_resume.py"  # a DeepSpeed resume: its state, then fixed batches
 
 
 def _env(faults: str = "") -> dict:
@@ -97,11 +104,105 @@ def test_resume_on_another_layout_sees_every_sample_once(before, after, synth_sm
     assert all(r["loss"] is not None for r in records)
 
 
-def test_deepspeed_on_another_world_size_is_refused_with_one_line(synth_small, tmp_path):
+def _ds_overrides(run_dir: Path, synth, stage: int) -> list[str]:
+    return [f"run.dir={run_dir}", f"data.train={synth.train_spec}", "model.name=clipkit-nano",
+            f"train.global_batch_size={BATCH}", "train.steps=6", "train.warmup_steps=1", "train.lr=2e-3",
+            "train.checkpoint_every=3", "run.progress=false", "data.workers=0", "data.shuffle_buffer=40",
+            "eval.zeroshot_at_end=false", "export.at_end=false", "deepspeed.enabled=true",
+            f"deepspeed.zero_stage={stage}"]
+
+
+def _run_ok(nproc: int, *args: str) -> None:
+    if nproc > 1:
+        args = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args)
+    proc = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def _ds_resume(run_dir: Path, synth, stage: int, nproc: int, out: Path) -> tuple[dict, dict]:
+    """Resume the checkpoint of step 3 on nproc ranks: (the state the engine holds after loading, resumed.json)."""
+    _run_ok(nproc, str(DS_RESUME), str(out), "2", *_ds_overrides(run_dir, synth, stage),
+            f"train.resume={run_dir / 'checkpoints' / 'step_00000003'}")
+    return load_file(str(out / "state.safetensors")), json.loads((out / "resumed.json").read_text())
+
+
+def _zero_consolidated(checkpoint: Path) -> dict[str, dict]:
+    """DeepSpeed's zero_to_fp32 on the original ZeRO checkpoint: the fp32 weights, and the Adam moments merged
+    from the per-rank flat partitions the same way (its ZeRO-1/2 or ZeRO-3 merge applied to exp_avg and
+    exp_avg_sq in place of the fp32 master weights). Test code on a checkpoint this test wrote: it unpickles."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    state_dir = checkpoint / "deepspeed" / "state"
+    out = {"weight": z.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")}
+    model_states = z.parse_model_states(z.get_model_state_files(str(state_dir)))
+    ranks = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             for f in z.get_optim_files(str(state_dir))]
+    for key in ("exp_avg", "exp_avg_sq"):
+        if ranks[0]["zero_stage"] <= 2:
+            flat = [[r["base_optimizer_state"]["state"][g][key] for g in range(len(r["single_partition_of_fp32_groups"]))]
+                    for r in ranks]
+            merged = z._get_fp32_state_dict_from_zero2_checkpoint(len(ranks), flat, model_states, False,
+                                                                 ranks[0].get("param_alignment_paddings"))
+        else:
+            flat = [[r["optimizer_state_dict"]["state"][g][key] for g in range(len(r["fp32_flat_groups"]))]
+                    for r in ranks]
+            merged = z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(len(ranks), flat, model_states,
+                                                                                    False))
+        out[key] = merged
+    return out
+
+
+@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 2, 1), (3, 1, 2), (1, 2, 1), (0, 2, 1)],
+                         ids=["zero2-2to1", "zero3-2to1", "zero3-1to2", "zero1-2to1", "zero0-2to1"])
+def test_deepspeed_resumes_on_another_world_size_with_weights_and_moments(stage, before, after, synth_small,
+                                                                          tmp_path):
+    """A DeepSpeed run checkpointed at step 3 on `before` ranks, resumed on `after` (ZeRO 1-3: converted to
+    DeepSpeed's universal checkpoint outside the sealed checkpoint and re-partitioned; stage 0: the state is
+    whole): right after loading, every weight and both Adam moments of every parameter equal DeepSpeed's own
+    consolidation of the original checkpoint exactly, and equal what a resume on `before` ranks holds; the
+    next steps on the same global batches give that resume's losses, and the step count and LR continue."""
+    run_dir = tmp_path / "run"
+    _run_ok(before, "-m", "clipkit", "train", *_ds_overrides(run_dir, synth_small, stage))  # checkpoints at 3 and 6
+    checkpoint = run_dir / "checkpoints" / "step_00000003"
+    moved, moved_info = _ds_resume(run_dir, synth_small, stage, after, tmp_path / "moved")
+    same, same_info = _ds_resume(run_dir, synth_small, stage, before, tmp_path / "same")
+    assert sorted(moved) == sorted(same)
+    params = sorted(k.split("/", 1)[1] for k in moved if k.startswith("exp_avg/"))
+    assert len(params) == 62 and all(f"weight/{k}" in moved for k in params)
+    for key in moved:  # the two layouts hold the same state, bit for bit
+        assert torch.equal(moved[key], same[key]), key
+    if stage > 0:  # and it is the original checkpoint's, as DeepSpeed consolidates it
+        reference = _zero_consolidated(checkpoint)
+        for kind in ("weight", "exp_avg", "exp_avg_sq"):
+            for name in params:
+                assert torch.equal(moved[f"{kind}/{name}"], reference[kind][name].float()), (kind, name)
+        assert max(moved[f"exp_avg_sq/{k}"].abs().max().item() for k in params) > 0  # real moments, not zeros
+    assert moved_info["step"] == same_info["step"] == 3 and moved_info["lr"] == same_info["lr"] > 0
+    worst = max(abs(a - b) for a, b in zip(moved_info["losses"], same_info["losses"]))
+    assert worst < TOL, (moved_info, same_info)
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # cleaned up
+
+
+def test_deepspeed_zero2_run_continues_on_fewer_ranks(synth_small, tmp_path):
+    """`clipkit train train.resume=latest` on 1 rank continues a ZeRO-2 run of 2 (the command users run): the log
+    says what was converted, the step count continues, the converted copy is gone, the sealed checkpoint is
+    untouched, and the checkpoints it writes are the new world size's (a second resume on 1 rank loads natively)."""
+    from clipkit.checkpoint import verify
+
     run_dir = tmp_path / "run"
     zero = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
     _train(run_dir, synth_small, 2, 0, 2, *zero)
-    proc = _launch(run_dir, synth_small, 1, 0, 4, "train.resume=latest", *zero)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("clipkit: error:")]
-    assert len(errors) == 1 and "written by 2 ranks; this run has 1" in errors[0], proc.stderr[-3000:]
+    sealed = run_dir / "checkpoints" / "step_00000002"
+    before = sorted(p.relative_to(sealed) for p in sealed.rglob("*"))
+    resumed = _train(run_dir, synth_small, 1, 0, 4, "train.resume=latest", "train.checkpoint_every=3",
+                     "train.keep_checkpoints=0", *zero)
+    assert ("the deepspeed-zero2 checkpoint of 2 ranks was converted to DeepSpeed's universal checkpoint and "
+            "re-partitioned over 1") in resumed.stdout, resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert [r["step"] for r in _records(run_dir) if "loss" in r] == [1, 2, 3, 4]
+    assert sorted(p.relative_to(sealed) for p in sealed.rglob("*")) == before
+    verify(sealed, signed=True)
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    again = _train(run_dir, synth_small, 1, 0, 5, "train.resume=latest", "train.checkpoint_every=3",
+                   "train.keep_checkpoints=0", *zero)
+    assert "converted" not in again.stdout and "at step 4" in again.stdout

@@ -49,9 +49,11 @@ def list_steps(directory: str | Path) -> list[Path]:
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Remove the .tmp directories an interrupted save left behind."""
+    """Remove the .tmp directories an interrupted save (step_N.tmp) or an interrupted resume (.NAME.tmp: a
+    checkpoint converted for another world size) left behind."""
     directory = Path(directory)
-    stale = sorted(directory.glob(f"step_*{TMP_SUFFIX}")) if directory.is_dir() else []
+    found = [*directory.glob(f"step_*{TMP_SUFFIX}"), *directory.glob(f".*{TMP_SUFFIX}")] if directory.is_dir() else []
+    stale = sorted(p for p in found if p.is_dir())
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale

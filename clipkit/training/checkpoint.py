@@ -102,6 +102,7 @@ class CheckpointManager:
         self.providers, self.every, self.keep, self.meta = providers, every, keep, meta
         self.reshard = reshard or {}
         self.last: Path | None = None
+        self.load_note: str | None = None  # what the engine said about the last resume (a conversion), for the log
 
     def existing(self) -> Path | None:
         """The newest checkpoint directory, complete or not (a run.dir holding one holds a run)."""
@@ -116,7 +117,7 @@ class CheckpointManager:
     def remove_stale(self) -> None:
         if self.env.is_main:
             for path in remove_stale_temporaries(self.directory):
-                log.warning("removed %s, left by an interrupted save", path)
+                log.warning("removed %s, left by an interrupted save or resume", path)
 
     # -- saving ---------------------------------------------------------------------------------------
 
@@ -188,7 +189,9 @@ class CheckpointManager:
             return None
         info = json.loads((path / TRAINER_FILE).read_text())
         self._check_compatible(path, info)
-        self.engine.load_state(path, saved_world_size=info["world_size"])
+        # the engine's temporaries (a DeepSpeed checkpoint converted for another world size) go in this run's
+        # checkpoints directory, never in the sealed checkpoint
+        self.load_note = self.engine.load_state(path, saved_world_size=info["world_size"], scratch=self.directory)
         ranks = json.loads((path / RANKS_FILE).read_text())
         if len(ranks) != info["world_size"]:
             raise CheckpointError(f"{path / RANKS_FILE} holds {len(ranks)} ranks' states; the checkpoint was "

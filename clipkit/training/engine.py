@@ -19,7 +19,9 @@ one they have. Every engine exposes:
                              fp16 loss scale adapts and the LR schedule advances: it follows the step count)
     engine.lr
     engine.save_state(dir)   write its own files into a checkpoint directory (every rank calls it)
-    engine.load_state(dir, saved_world_size)   read them back (written by that many ranks)
+    engine.load_state(dir, saved_world_size, scratch)   read them back (written by that many ranks); scratch:
+                             a directory of this run for temporaries (removed before it returns); returns a
+                             line for the run's log, or None
     engine.resumes_on_other_world_sizes  whether load_state takes a checkpoint of another world size
     engine.full_state_dict() fp32 weights of the whole model on rank 0 (collective under ZeRO-3)
     engine.nonfinite_weight() the first weight this rank holds that is NaN or inf (checked before each save)
@@ -28,11 +30,16 @@ one they have. Every engine exposes:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -42,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import CheckpointError
 from ..config import Config
-from ..distributed import DistEnv
+from ..distributed import DistEnv, gather_objects
 from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
@@ -138,7 +145,7 @@ class TorchEngine:
             state["grad_scaler"] = self.scaler.state_dict()
         torch.save(state, directory / OPTIMIZER_FILE)
 
-    def load_state(self, directory: Path, saved_world_size: int | None = None) -> None:
+    def load_state(self, directory: Path, saved_world_size: int | None = None, scratch: Path | None = None) -> None:
         from safetensors.torch import load_file
 
         self.module.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
@@ -165,8 +172,12 @@ class DeepSpeedEngine:
 
     unpickles_on_load = True  # DeepSpeed's load_checkpoint calls torch.load(weights_only=False)
     writes_full_weights = False  # sharded state; consolidated weights are added to the final checkpoint
-    resumes_on_other_world_sizes = False  # ZeRO partitions are per rank
+    # ZeRO partitions are per rank: on another world size the checkpoint is converted to DeepSpeed's universal
+    # format (whole fp32 weights and Adam moments per parameter), which any number of ranks re-partitions on load.
+    resumes_on_other_world_sizes = True
     STATE_DIR = "deepspeed"
+    TAG = "state"
+    UNIVERSAL_PREFIX = ".universal-"  # the conversion's directory in `scratch`, removed after loading
 
     @staticmethod
     def model_kwargs(cfg: Config) -> dict:
@@ -253,13 +264,72 @@ class DeepSpeedEngine:
         return self.model.get_lr()[0]
 
     def save_state(self, directory: Path) -> None:
-        self.model.save_checkpoint(str(directory / self.STATE_DIR), tag="state", save_latest=False)
+        self.model.save_checkpoint(str(directory / self.STATE_DIR), tag=self.TAG, save_latest=False)
 
-    def load_state(self, directory: Path, saved_world_size: int | None = None) -> None:
+    def load_state(self, directory: Path, saved_world_size: int | None = None,
+                   scratch: Path | None = None) -> str | None:
         # Only ever called on a checkpoint whose manifest signature and checksums were verified.
-        loaded, _ = self.model.load_checkpoint(str(directory / self.STATE_DIR), tag="state")
+        # Without ZeRO (stage 0) the weights and the optimizer state are whole in the model-states file: DeepSpeed
+        # loads them on any world size.
+        if (saved_world_size is not None and saved_world_size != self.env.world_size
+                and self.cfg.deepspeed.zero_stage > 0):
+            return self._load_resharded(directory, saved_world_size, Path(scratch or directory.parent))
+        loaded, _ = self.model.load_checkpoint(str(directory / self.STATE_DIR), tag=self.TAG)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {directory / self.STATE_DIR}")
+        return None
+
+    def _load_resharded(self, directory: Path, saved_world_size: int, scratch: Path) -> str:
+        """A checkpoint of another world size: rank 0 converts its ZeRO partitions into DeepSpeed's universal
+        checkpoint (ds_to_universal: the whole fp32 weights and Adam moments of every parameter) in a fresh
+        directory of `scratch` (the sealed checkpoint is never written to); every rank then loads its own
+        partition of that (DeepSpeed's load_universal), and rank 0 removes the directory. A failure on any rank
+        is raised on every rank."""
+        source = directory / self.STATE_DIR
+        started = time.perf_counter()
+        out, error = None, None
+        if self.env.is_main:
+            try:
+                scratch.mkdir(parents=True, exist_ok=True)
+                out = Path(tempfile.mkdtemp(prefix=self.UNIVERSAL_PREFIX, suffix=".tmp", dir=scratch))
+                convert_to_universal(source / self.TAG, out / self.TAG)
+            except Exception as e:
+                detail = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+                error = (f"checkpoint {directory} was written by {saved_world_size} ranks; converting it for "
+                         f"{self.env.world_size} (DeepSpeed's ds_to_universal) failed: {detail}")
+                if out is not None:
+                    shutil.rmtree(out, ignore_errors=True)
+        out, error = gather_objects((str(out) if out else None, error), self.env)[0]
+        if error:
+            raise CheckpointError(error)
+        converted = time.perf_counter() - started
+        error = None
+        try:
+            self._load_universal(Path(out))
+        except Exception as e:
+            error = (f"checkpoint {directory} was written by {saved_world_size} ranks; loading its universal form "
+                     f"on {self.env.world_size} (DeepSpeed's load_checkpoint with load_universal) failed on rank "
+                     f"{self.env.rank}: {type(e).__name__}: {e}")
+        errors = [e for e in gather_objects(error, self.env) if e]  # every rank has read the files
+        if self.env.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        if errors:
+            raise CheckpointError(errors[0])
+        return (f"the {self.name} checkpoint of {saved_world_size} ranks was converted to DeepSpeed's universal "
+                f"checkpoint and re-partitioned over {self.env.world_size} (weights and optimizer state; "
+                f"{converted:.1f} s to convert, {time.perf_counter() - started - converted:.1f} s to load)")
+
+    def _load_universal(self, path: Path) -> None:
+        """DeepSpeed's load_checkpoint in universal mode (checkpoint.load_universal, read only at load time)."""
+        config = self.model._config
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = True
+        try:
+            loaded, _ = self.model.load_checkpoint(str(path), tag=self.TAG)
+        finally:
+            config.load_universal_checkpoint = before
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {path}")
 
     def nonfinite_weight(self) -> str | None:
         """The first weight in this rank's keeping (its partition under ZeRO-3) holding a NaN or an infinity."""
@@ -287,6 +357,25 @@ class DeepSpeedEngine:
             state[name] = buf.detach().cpu().clone()
         full = self.module.state_dict()
         return {k: state[k] for k in full if k in state}
+
+
+def convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal on one ZeRO checkpoint directory (its tag's directory), in this process:
+    one extract and one merge worker (no process pool), DeepSpeed's progress output kept off the console
+    (it is in the error when the conversion fails). clipkit saves no Megatron universal_checkpoint_info (the
+    tensor- and pipeline-parallel layout hints): --inject_missing_state supplies the empty one, which is
+    right for data parallelism alone."""
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            main(args)
+    except Exception as e:
+        tail = " | ".join(line.strip() for line in output.getvalue().splitlines()[-3:] if line.strip())
+        raise CheckpointError(f"{type(e).__name__}: {e}" + (f" (after: {tail})" if tail else "")) from e
 
 
 def _schedule(scheduler) -> None:

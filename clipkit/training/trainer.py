@@ -301,6 +301,8 @@ class Trainer:
                     self._notes.append(f"the checkpoint was written by {was[0]} ranks x data.workers={was[1]}; this "
                                        f"run has {self.env.world_size} x {self.cfg.data.workers}: the data stream "
                                        "is repartitioned, every sample of the epoch still seen once")
+                if self.checkpoints.load_note:
+                    self._notes.append(self.checkpoints.load_note)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")

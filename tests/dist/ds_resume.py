@@ -1,0 +1,64 @@
+"""A DeepSpeed run resumed from its checkpoint (train.resume=latest), on however many ranks it is launched with:
+what the engine holds right after loading, then the losses of a few steps on fixed global batches.
+
+    [torchrun ...] python tests/dist/ds_resume.py OUT_DIR STEPS [dotted.key=value ...]
+
+OUT_DIR/state.safetensors (rank 0): the whole model as the resumed engine holds it ("weight/NAME", every
+parameter and buffer) and the Adam moments of every parameter ("exp_avg/NAME", "exp_avg_sq/NAME"), assembled
+across the ranks by DeepSpeed's safe_get_full_optimizer_state (ZeRO 1-3). OUT_DIR/resumed.json: the step the run
+resumed at, the learning rate, and the global loss of each of STEPS steps. The batches are the same global
+batches whatever the number of ranks (random images and captions from a fixed seed; rank r trains on its
+r-th share of each), so two layouts that resumed the same state must give the same losses.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from deepspeed.utils import safe_get_full_optimizer_state
+from safetensors.torch import save_file
+
+from clipkit.config import load_config
+from clipkit.training import Trainer
+
+
+def main(out: str, steps: int, overrides: list[str]) -> None:
+    trainer = Trainer(load_config(None, overrides))
+    env, engine = trainer.env, trainer.engine
+    state = {f"weight/{k}": v.clone() for k, v in (engine.full_state_dict() or {}).items()}  # before any step
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO 1/2 link each parameter to its optimizer state at the first step: now, to read it
+        link()
+    for name, param in trainer.module.named_parameters():  # collective: every rank assembles each moment
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = safe_get_full_optimizer_state(param, key)
+            if moment is None:  # no ZeRO (stage 0): torch's optimizer holds the whole state on every rank
+                moment = engine.optimizer.state[param][key]
+            if env.is_main:
+                state[f"{key}/{name}"] = moment.detach().float().cpu().clone().reshape(param.ds_shape if hasattr(
+                    param, "ds_shape") else param.shape).contiguous()
+    resumed = {"step": trainer.step, "lr": engine.lr, "losses": []}
+
+    generator = torch.Generator().manual_seed(1234)
+    size = trainer.module.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    batch = trainer.cfg.train.global_batch_size
+    share = slice(env.rank * trainer.local_batch_size, (env.rank + 1) * trainer.local_batch_size)
+    for step in range(steps):
+        images = torch.randn(batch, 3, *size, generator=generator)
+        words = torch.randint(0, 1000, (batch,), generator=generator).tolist()
+        tokens = trainer.tokenizer([f"a photo of thing {w} number {step}" for w in words])
+        loss = trainer.train_on(images[share], tokens[share])
+        resumed["losses"].append(trainer.global_mean(loss))
+
+    if env.is_main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_file(state, str(Path(out) / "state.safetensors"))
+        (Path(out) / "resumed.json").write_text(json.dumps(resumed))
+    if env.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
