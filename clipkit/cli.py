@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in [("loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP"),
                             ("data", "data loading samples/s per core, clipkit vs OpenCLIP"),
                             ("embed", "embedding images/s per core, clipkit embed vs a plain open_clip loop"),
-                            ("onnx", "ONNX Runtime fp32 and int8 exports: zero-shot accuracy and speed vs torch")]:
+                            ("onnx", "ONNX Runtime fp32 and int8 exports: zero-shot accuracy and speed vs torch"),
+                            ("text", "training step time: text tower cut at the longest caption, length buckets")]:
         bp = bsub.add_parser(name, add_help=False, help=help_text)
         bp.set_defaults(func=_delegate(f"clipkit.bench.{name}"))
 

@@ -71,6 +71,10 @@ class DataConfig:
     # bytes through shared memory and host-to-device copies (open_clip's standard train transform only).
     normalize_on_device: bool = False
     shuffle_buffer: int = 2000  # samples; 0 disables sample shuffling (shards are still shuffled)
+    # Caption-length bucketing: upper edges in tokens, e.g. [16, 32] groups captions of up to 16 tokens, of
+    # 17-32 and of more into batches of their own, so the text tower runs shorter (model.trim_text).
+    # [] disables it. Every sample is still seen once per epoch, and resume stays exact.
+    length_buckets: list[int] = field(default_factory=list)
     image_key: str = "jpg;png;webp;jpeg"  # tar member extensions tried in order
     caption_key: str = "txt"
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -80,6 +84,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "clipkit-tiny"  # any open_clip architecture, a clipkit config, or a JSON file in that schema
     grad_checkpointing: bool = False
+    # Run the text tower only up to the batch's longest caption where that gives the same features and
+    # gradients (a causal text tower read at its end-of-text token, as in every CLIP config); else full length.
+    trim_text: bool = True
     # FLIP-style: drop this fraction of image patches in training (0 disables)
     patch_dropout: float = 0.0
     # LiT: freeze the image tower, optionally leaving its last N layer groups trainable
@@ -280,6 +287,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp == list[int]:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ConfigError(f"config key '{key}' expects a list of integers such as [16, 32], got {value!r}")
     else:  # pragma: no cover - only the types above are used in Config
         raise TypeError(f"unsupported config type {tp} at '{key}'")
     raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {type(value).__name__} {value!r}")
@@ -418,6 +429,9 @@ def validate(cfg: Config) -> None:
     _check(d.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")
     _check(d.prefetch >= 1, "data.prefetch", "must be at least 1")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be 0 (no sample shuffling) or more")
+    edges = d.length_buckets
+    _check(all(e > 0 for e in edges) and all(a < b for a, b in zip(edges, edges[1:])), "data.length_buckets",
+           f"must list increasing positive token counts, or be [] (got {edges!r})")
     _check(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels",
            "must be positive, or null for no limit")
     s = d.synth

@@ -175,13 +175,15 @@ def replay(counts: list[int], emitted: int, buffer: ShuffleBuffer, pieces: list[
     return Replay(rest[left:], len(counts), 0, True)
 
 
-def remainder(pieces: list[Piece], counts: list[int], emitted: int, buffer: ShuffleBuffer) -> list[Piece]:
+def remainder(pieces: list[Piece], counts: list[int], emitted: int, buffer: ShuffleBuffer,
+              waiting: list[tuple[int, int]] = ()) -> list[Piece]:
     """What a worker with these pieces has not yet delivered of its epoch, after `emitted` samples had
-    left its shuffle buffer (counts as in replay): the samples still held by the buffer, the rest of the
+    left its shuffle buffer (counts as in replay): the samples still held by the buffer, those `waiting`
+    (released but not yet batched: the (piece, index) ids of a length bucket's samples), the rest of the
     shard it was reading, and the shards it had not started."""
     rep = replay(counts, emitted, buffer, pieces)
     held: dict[int, list[int]] = {}
-    for i, j in rep.held:
+    for i, j in list(rep.held) + list(waiting):
         held.setdefault(i, []).append(j)
     out = []
     done = len(pieces) if rep.draining else rep.next_shard

@@ -3,6 +3,7 @@
     shards (per epoch: weighted, shuffled with seed+epoch, dealt to ranks, then to loader workers;
             or drawn with replacement in resampled mode)
       -> tar members grouped into samples -> shuffle buffer -> decode + augment + tokenize -> batches
+         (of consecutive samples, or of similar caption length with data.length_buckets: buckets.py)
 
 Every batch records where its worker stands in its stream (Batch.position); see state.py for how a
 checkpoint turns those into an exact resume, and into an elastic one on another number of ranks or
@@ -29,6 +30,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .buckets import Consecutive, LengthBuckets, caption_length
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, eval_pipeline, image_pipeline
 from .order import Piece, Replay, ShardPlan, ShuffleBuffer, buffer_rng, replay
 from .shards import ShardSpecError, expand_sources
@@ -152,7 +154,8 @@ class ShardStream(IterableDataset):
                  shuffle: bool = True, epochs: int | None = None, *, factors: list[float] | None = None,
                  resampled: bool = False, num_workers: int | None = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resume_state: dict | None = None,
-                 normalize_on_device: bool = False, require_samples: bool = True) -> None:
+                 normalize_on_device: bool = False, require_samples: bool = True,
+                 length_buckets: tuple[int, ...] | list[int] = ()) -> None:
         super().__init__()
         self.urls, self.factors = list(urls), factors
         self.max_image_pixels = max_image_pixels
@@ -161,6 +164,7 @@ class ShardStream(IterableDataset):
         self.normalize = self._defer_normalization() if normalize_on_device else None
         self.target = target  # text of the sample's text_key member -> tensor (tokens or a label)
         self.batch_size = batch_size
+        self.length_buckets = tuple(length_buckets)  # caption-length bucket edges (tokens); () batches in order
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.image_keys = image_keys.split(";")
@@ -187,7 +191,7 @@ class ShardStream(IterableDataset):
     def fingerprint(self, num_workers: int) -> dict:
         return fingerprint(self.urls, self.factors, seed=self.seed, resampled=self.resampled,
                            shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
-                           num_workers=num_workers)
+                           num_workers=num_workers, length_buckets=self.length_buckets)
 
     def plan(self, num_workers: int) -> ShardPlan:
         return ShardPlan(tuple(self.urls), tuple(self.factors) if self.factors else None, self.seed,
@@ -240,25 +244,33 @@ class ShardStream(IterableDataset):
             rep = replay(saved["shard_counts"], saved["emitted"], buffer, pieces)
             counts = saved["shard_counts"] if rep.draining else saved["shard_counts"][:rep.next_shard] + [rep.next_sample]
             tracker.begin(epoch, saved["emitted"], counts)
+        # released before the checkpoint but still waiting in a length bucket: (shard, index, release number)
+        waiting = [tuple(w) for w in saved.get("pool", ())] if saved else []
         payload: dict[tuple[int, int], dict] = {}
-        held = set(rep.held)
-        for shard, index, sample in self._read(pieces, rep, counter):
+        held = set(rep.held) | {(s, j) for s, j, _ in waiting}
+        for shard, index, sample in self._read(pieces, rep, counter, [(s, j) for s, j, _ in waiting]):
             sid = (shard, index)
             payload[sid] = sample
             tracker.members.update(k for k in sample if not k.startswith("__"))
-            if sid in held:  # was in the shuffle buffer at the checkpoint
+            if sid in held:  # was in the shuffle buffer or a length bucket at the checkpoint
                 continue
+            if waiting:  # all read before any new sample: they go back into their buckets first
+                yield from self._restore(waiting, payload, epoch, worker, counter)
+                waiting = []
             tracker.read(shard, index)
             out = buffer.push(sid)
             if out is not None:
                 yield self._release(out, payload, epoch, worker, tracker, counter)
+        yield from self._restore(waiting, payload, epoch, worker, counter)
         for sid in (rep.held if rep.draining else buffer.drain()):
             yield self._release(sid, payload, epoch, worker, tracker, counter)
 
-    def _read(self, pieces: list[Piece], rep: Replay, counter: SkipCounter) -> Iterator[tuple[int, int, dict]]:
-        """(piece, index, sample) in reading order; after a resume, only what is still to come."""
+    def _read(self, pieces: list[Piece], rep: Replay, counter: SkipCounter,
+              waiting: list[tuple[int, int]] = ()) -> Iterator[tuple[int, int, dict]]:
+        """(piece, index, sample) in reading order; after a resume, only what is still to come (and the samples
+        the shuffle buffer held or that waited in a length bucket)."""
         need: dict[int, set[int]] = {}
-        for s, j in rep.held:
+        for s, j in list(rep.held) + list(waiting):
             need.setdefault(s, set()).add(j)
         first = len(pieces) if rep.draining else rep.next_shard
         for shard in sorted(set(need) | set(range(first, len(pieces)))):
@@ -288,8 +300,24 @@ class ShardStream(IterableDataset):
         if sample is None:  # held at the checkpoint, but its shard cannot be read again now
             counter.skip("lost_on_resume", f"shard #{sid[0]} sample #{sid[1]} of worker {worker}")
         else:
-            sample["__aug__"] = f"{self.seed}/aug/{epoch}/{self.rank}/{worker}/{tracker.emitted}"
+            self._tag(sample, sid, epoch, worker, tracker.emitted)
         tracker.emitted += 1
+        return sample
+
+    def _restore(self, waiting: list[tuple[int, int, int]], payload: dict, epoch: int, worker: int,
+                 counter: SkipCounter) -> Iterator[dict]:
+        """The samples that waited in length buckets at the checkpoint, in their order, as they were released."""
+        for shard, index, n in waiting:
+            sample = payload.pop((shard, index), None)
+            if sample is None:
+                counter.skip("lost_on_resume", f"shard #{shard} sample #{index} of worker {worker}")
+            else:
+                yield self._tag(sample, (shard, index), epoch, worker, n)
+
+    def _tag(self, sample: dict, sid: tuple[int, int], epoch: int, worker: int, n: int) -> dict:
+        """The n-th sample its worker released in the epoch: its augmentation seed and where it comes from."""
+        sample["__aug__"] = f"{self.seed}/aug/{epoch}/{self.rank}/{worker}/{n}"
+        sample["__sid__"], sample["__n__"] = sid, n
         return sample
 
     def _decode(self, samples: Iterator[dict | None | _EpochEnd], counter: SkipCounter) -> Iterator[tuple | _EpochEnd]:
@@ -299,7 +327,7 @@ class ShardStream(IterableDataset):
             elif sample is not None:
                 item = self._decode_one(sample, counter)
                 if item is not None:
-                    yield item
+                    yield item + (sample.get("__sid__"), sample.get("__n__"))
 
     def _decode_one(self, sample: dict, counter: SkipCounter) -> tuple | None:
         where = f"{sample['__url__']}:{sample['__key__']}"
@@ -328,12 +356,14 @@ class ShardStream(IterableDataset):
 
     def _batches(self, items: Iterator[tuple | _EpochEnd], counter: SkipCounter, tracker: _Tracker, worker: int,
                  num_workers: int) -> Iterator[Batch | EmptyPass]:
-        buf: list[tuple] = []
+        group = self._grouper()
         usable = 0  # samples decoded in the current epoch
         for item in items:
             if isinstance(item, _EpochEnd):
+                for batch in group.end_epoch():
+                    yield self._collate(batch, group, counter, tracker, worker)
                 if not usable and item.whole and self.require_samples:
-                    report = self._empty_pass(item, buf, counter, tracker, worker, num_workers)
+                    report = self._empty_pass(item, group.holding(), counter, tracker, worker, num_workers)
                     if report is None:
                         return
                     yield report
@@ -341,29 +371,36 @@ class ShardStream(IterableDataset):
                 tracker.members.clear()
                 continue
             usable += 1
-            buf.append(item)
-            if len(buf) == self.batch_size:
-                yield self._collate(buf, counter, tracker, worker, num_workers)
-                buf = []
-        if buf and self.epochs is not None:  # a finite pass keeps its last partial batch
-            yield self._collate(buf, counter, tracker, worker, num_workers)
+            batch = group.add(item)
+            if batch is not None:
+                yield self._collate(batch, group, counter, tracker, worker)
+        rest = group.rest()
+        if rest and self.epochs is not None:  # a finite pass keeps its last partial batch
+            yield self._collate(rest, group, counter, tracker, worker)
 
-    def _collate(self, items: list[tuple], counter: SkipCounter, tracker: _Tracker, worker: int,
-                 num_workers: int) -> Batch:
-        images, targets, keys = zip(*items)
+    def _grouper(self) -> Consecutive | LengthBuckets:
+        if not self.length_buckets:
+            return Consecutive(self.batch_size)
+        return LengthBuckets(self.length_buckets, self.batch_size, lambda item: caption_length(item[1]))
+
+    def _collate(self, items: list[tuple], group: Consecutive | LengthBuckets, counter: SkipCounter,
+                 tracker: _Tracker, worker: int) -> Batch:
+        images, targets, keys = list(zip(*items))[:3]
+        # samples released but waiting in a length bucket: a resume reads them again (by id) and puts them back
+        pool = tuple((sid[0], sid[1], n) for *_, sid, n in group.waiting())
         position = StreamPosition(worker, tracker.epoch, tracker.emitted, tuple(tracker.counts),
-                                  self._fingerprint, self.resume_token)
+                                  self._fingerprint, self.resume_token, pool)
         in_worker = get_worker_info() is not None
         targets = torch.stack(targets) if isinstance(targets[0], torch.Tensor) else list(targets)
         return Batch(self.images.collate(list(images), in_worker), targets, list(keys), counter.take(), position)
 
-    def _empty_pass(self, end: _EpochEnd, buf: list, counter: SkipCounter, tracker: _Tracker, worker: int,
+    def _empty_pass(self, end: _EpochEnd, holding: bool, counter: SkipCounter, tracker: _Tracker, worker: int,
                     num_workers: int) -> EmptyPass | None:
         """The report of a whole epoch without a usable sample; raises NoUsableSamples where no loader takes
         reports and this is the rank's only worker; None: stop this worker (one of several in a plain
         DataLoader, which would otherwise wait on it for ever)."""
         position = None
-        if not buf:  # on resume, start from the next epoch (a half-made batch would be lost: then don't move)
+        if not holding:  # on resume, start from the next epoch (a half-made batch would be lost: then don't move)
             position = StreamPosition(worker, end.epoch + 1, 0, (), self._fingerprint, self.resume_token)
         report = EmptyPass(worker, end.epoch, end.pieces, counter.take(), tuple(sorted(tracker.members)), position)
         if self.report_empty_passes:
@@ -462,9 +499,9 @@ def build_train_loader(cfg, *, transform: Callable, tokenizer: Callable, local_b
 
     cfg is the run config's `data` section (a clipkit.config.DataConfig; data does not import the config
     module, which sits above it): the spec, its upsampling factors (train_weights), resampled or epoch
-    mode, workers, shuffle buffer, member keys, image size limit and normalize_on_device. The rest are
-    runtime facts: where this rank stands, the seed, the stream state from this rank's checkpoint (same
-    spec, seed, ranks and workers), and epochs (None streams forever). With normalize_on_device, batches
+    mode, workers, shuffle buffer, caption-length buckets, member keys, image size limit and
+    normalize_on_device. The rest are runtime facts: where this rank stands, the seed, the stream state from
+    this rank's checkpoint (same spec, seed, ranks and workers), and epochs (None streams forever). With normalize_on_device, batches
     hold uint8 images: apply `loader.dataset.normalize` to them where they arrive (on the GPU), which moves
     a quarter of the bytes between processes and to the device.
 
@@ -484,7 +521,7 @@ def build_train_loader(cfg, *, transform: Callable, tokenizer: Callable, local_b
                          seed=seed, shuffle_buffer=cfg.shuffle_buffer, image_keys=cfg.image_key,
                          text_key=cfg.caption_key, epochs=epochs, factors=factors, resampled=cfg.resampled,
                          num_workers=workers, max_image_pixels=cfg.max_image_pixels, resume_state=resume_state,
-                         normalize_on_device=cfg.normalize_on_device)
+                         normalize_on_device=cfg.normalize_on_device, length_buckets=cfg.length_buckets)
     return make_loader(stream, workers, cfg.prefetch)
 
 

@@ -1,7 +1,8 @@
 """Where a rank's training stream stands, for checkpoints: resume continues the epoch exactly.
 
 Each batch carries a StreamPosition: which loader worker made it and how far that worker is into
-its epoch (samples released by its shuffle buffer, samples read from each of its shards). The
+its epoch (samples released by its shuffle buffer, samples read from each of its shards, and, with
+data.length_buckets, the ids of the released samples still waiting in a length bucket). The
 trainer folds the batches it actually consumes into a StreamState:
 
     state = StreamState(resume_state)          # None on a fresh start
@@ -55,16 +56,22 @@ class StreamPosition:
     shard_counts: tuple[int, ...]  # samples read so far from each of the worker's shards of the epoch
     fingerprint: dict = field(default_factory=dict)
     resume_token: str | None = None  # identifies the resume state the loader was built with
+    # released samples waiting in a length bucket, as (shard, index, release number), in bucket order
+    pool: tuple[tuple[int, int, int], ...] = ()
 
 
 def fingerprint(urls: list[str], factors: list[float] | None, *, seed: int, resampled: bool,
-                shuffle_buffer: int, rank: int, world_size: int, num_workers: int) -> dict:
+                shuffle_buffer: int, rank: int, world_size: int, num_workers: int,
+                length_buckets: tuple[int, ...] | list[int] | None = ()) -> dict:
     """What must stay the same for a saved position to mean the same samples."""
     digest = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
     weights = hashlib.sha256(json.dumps(factors).encode()).hexdigest()[:16] if factors else None
-    return {"shards": len(urls), "shard_list": digest, "weights": weights, "seed": seed,
-            "resampled": resampled, "shuffle_buffer": shuffle_buffer, "rank": rank,
-            "world_size": world_size, "workers": num_workers}
+    out = {"shards": len(urls), "shard_list": digest, "weights": weights, "seed": seed,
+           "resampled": resampled, "shuffle_buffer": shuffle_buffer, "rank": rank,
+           "world_size": world_size, "workers": num_workers}
+    if length_buckets:  # only then: states saved without bucketing keep their fingerprint
+        out["length_buckets"] = list(length_buckets)
+    return out
 
 
 _WHAT = {
@@ -77,6 +84,7 @@ _WHAT = {
     "rank": "the rank this state belongs to",
     "world_size": "the number of ranks",
     "workers": "the number of loader workers (data.workers)",
+    "length_buckets": "data.length_buckets",
 }
 
 
@@ -98,10 +106,11 @@ def check_resume_state(resume_state: dict, current: dict) -> None:
     saved = resume_state["fingerprint"]
     if not saved:  # saved before any batch was consumed: nothing to continue
         return
-    changed = [f"{_WHAT.get(k, k)}: {saved.get(k)!r} at the checkpoint, {current[k]!r} now"
-               for k in current if saved.get(k) != current[k]]
+    keys = list(current) + [k for k in saved if k not in current]
+    changed = [f"{_WHAT.get(k, k)}: {saved.get(k)!r} at the checkpoint, {current.get(k)!r} now"
+               for k in keys if saved.get(k) != current.get(k)]
     if changed:
-        relayout = any(saved.get(k) != current[k] for k in ("world_size", "workers"))
+        relayout = any(saved.get(k) != current.get(k) for k in ("world_size", "workers"))
         hint = (" A checkpoint can continue on another number of ranks or loader workers once all its ranks' "
                 "states are passed through clipkit.data.repartition." if relayout else "")
         raise StreamStateError("cannot continue the data stream of the checkpoint, because " + "; ".join(changed)
@@ -153,6 +162,8 @@ class StreamState:
             raise StreamStateError("batches from two different loaders were observed by one StreamState")
         self.workers[pos.worker] = {"epoch": pos.epoch, "emitted": pos.emitted,
                                     "shard_counts": list(pos.shard_counts)}
+        if pos.pool:
+            self.workers[pos.worker]["pool"] = [list(p) for p in pos.pool]
 
     def state_dict(self) -> dict:
         state = {"format": FORMAT, "fingerprint": dict(self.fingerprint or {}),
@@ -213,7 +224,8 @@ def repartition(states: list[dict], world_size: int, workers: int, urls: list[st
             raise StreamStateError(f"the data states of ranks 0 and {rank} come from different runs "
                                    f"({', '.join(_WHAT.get(k, k) for k in other)} differ)")
     current = fingerprint(urls, factors, seed=ref["seed"], resampled=ref["resampled"],
-                          shuffle_buffer=ref["shuffle_buffer"], rank=0, world_size=old_ranks, num_workers=old_workers)
+                          shuffle_buffer=ref["shuffle_buffer"], rank=0, world_size=old_ranks, num_workers=old_workers,
+                          length_buckets=ref.get("length_buckets"))
     check_resume_state({"format": FORMAT, "fingerprint": {**ref, "rank": 0}}, current)
     if (old_ranks, old_workers) == (world_size, new_workers):
         return copy.deepcopy(list(states))
@@ -240,7 +252,8 @@ def repartition(states: list[dict], world_size: int, workers: int, urls: list[st
                 continue
             buffer = ShuffleBuffer(ref["shuffle_buffer"], buffer_rng(ref["seed"], pos["epoch"], rank, worker))
             try:
-                rest = remainder(pieces(pos["epoch"]), pos["shard_counts"], pos["emitted"], buffer)
+                waiting = [(s, j) for s, j, _ in pos.get("pool", ())]  # released, not yet in a batch
+                rest = remainder(pieces(pos["epoch"]), pos["shard_counts"], pos["emitted"], buffer, waiting)
             except ValueError as e:
                 raise StreamStateError(f"the data state of rank {rank} worker {worker} does not fit its shards: {e}")
             left.append((pos["epoch"], {pos["epoch"]: rest}, pieces))

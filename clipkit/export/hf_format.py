@@ -95,7 +95,7 @@ def _check_vision(visual: nn.Module) -> tuple[str, float]:
 
 def _check_text(model: nn.Module, model_cfg: dict) -> tuple[str, float]:
     text_cfg = model_cfg.get("text_cfg", {})
-    if type(model) is not open_clip.CLIP:
+    if not isinstance(model, open_clip.CLIP):  # TrimmedTextCLIP included: same modules and weights
         _fail(f"the model is {type(model).__name__}, not open_clip's CLIP with its standard text transformer "
               "(a custom or Hugging Face text tower)")
     for key in ("hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs", "embed_cls"):

@@ -10,6 +10,7 @@ from .factory import (
     list_models,
     register_model_config,
 )
+from .trim import TrimmedTextCLIP, set_text_trimming, text_trimming, trim_unsupported
 from .weights import WEIGHTS_FILE, LoadedModel, load_model, save_weights
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "LoadedModel",
     "MODEL_CONFIG_DIR",
     "ModelNotFoundError",
+    "TrimmedTextCLIP",
     "create_model",
     "create_transforms",
     "eval_mode",
@@ -26,4 +28,7 @@ __all__ = [
     "load_model",
     "register_model_config",
     "save_weights",
+    "set_text_trimming",
+    "text_trimming",
+    "trim_unsupported",
 ]

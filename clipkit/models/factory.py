@@ -20,6 +20,8 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from .trim import set_text_trimming
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -56,13 +58,18 @@ def get_model_config(name: str) -> dict:
     return copy.deepcopy(cfg)
 
 
-def create_model(name: str, device: str | torch.device = "cpu", precision: str = "fp32",
-                 **kwargs) -> open_clip.CLIP:
-    """Build an untrained model from its architecture config (no pretrained weights, no download)."""
+def create_model(name: str, device: str | torch.device = "cpu", precision: str = "fp32", *,
+                 trim_text: bool = True, **kwargs) -> open_clip.CLIP:
+    """Build an untrained model from its architecture config (no pretrained weights, no download).
+
+    trim_text: run the text tower only up to the batch's longest caption wherever that gives the same
+    features (see trim.py; exact, so on unless asked otherwise)."""
     get_model_config(name)  # clear error for unknown names before open_clip's own
     with _quiet_root_logger():
-        return open_clip.create_model(_resolve_name(name), pretrained=None, precision=precision, device=device,
-                                      output_dict=True, **kwargs)
+        model = open_clip.create_model(_resolve_name(name), pretrained=None, precision=precision, device=device,
+                                       output_dict=True, **kwargs)
+    set_text_trimming(model, trim_text)
+    return model
 
 
 @contextmanager

@@ -165,31 +165,12 @@ def read_part_info(path: Path) -> dict:
 
 # -------------------------------------------------------------------------------------------- encoding
 
-def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """model.encode_text, run only up to the longest caption of the batch when that is exact: with a causal
-    mask, positions after a caption's end-of-text token never reach its end-of-text features (open_clip's
-    argmax pooling reads those). Other text towers run as they are."""
-    import open_clip
-    from open_clip.transformer import text_global_pool
-
-    if type(model) is not open_clip.CLIP or model.attn_mask is None or model.text_pool_type != "argmax":
-        return model.encode_text(tokens)
-    length = int(tokens.argmax(dim=-1).max()) + 1
-    tokens = tokens[:, :length]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = text_global_pool(x, tokens, "argmax")
-    if model.text_projection is None:
-        return x
-    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-
-
 @torch.inference_mode()
 def encode_batch(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised (in fp32) image and text embeddings as float16 arrays."""
+    """L2-normalised (in fp32) image and text embeddings as float16 arrays. A model from clipkit.models runs
+    its text tower only up to the batch's longest caption where that is exact (clipkit.models.trim)."""
     img = F.normalize(model.encode_image(images).float(), dim=-1)
-    txt = F.normalize(encode_text(model, tokens).float(), dim=-1)
+    txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
     return img.half().cpu().numpy(), txt.half().cpu().numpy()
 
 

@@ -75,12 +75,13 @@ EXIT_PREEMPTED = 75  # `clipkit train`'s exit status after such a stop (EX_TEMPF
 class TrainingDiverged(UserError):
     """train.max_nonfinite_steps steps in a row had a non-finite loss or gradients: the run stopped."""
 
-# Keys a resumed run may change: how it is observed, saved, evaluated and exported, and how far it goes.
+# Keys a resumed run may change: how it is observed, saved, evaluated and exported, how far it goes, and
+# exact speed-ups (model.trim_text gives the same numbers either way).
 # Any other difference from the checkpoint's config would silently not apply (or apply halfway).
 RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "run.report", "train.steps", "train.resume",
                      "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
                      "eval.", "export.", "train.max_nonfinite_steps", "train.stall_timeout_s", "dist.", "data.workers",
-                     "finetune.", "data.synth.downstream_")
+                     "finetune.", "data.synth.downstream_", "model.trim_text")
 
 
 def seed_everything(seed: int) -> None:
@@ -96,7 +97,7 @@ def build_model(cfg: Config, device: torch.device, **engine_kwargs) -> torch.nn.
         kwargs.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
     if cfg.model.patch_dropout > 0:
         kwargs["force_patch_dropout"] = cfg.model.patch_dropout
-    model = create_model(cfg.model.name, device=device, **kwargs)
+    model = create_model(cfg.model.name, device=device, trim_text=cfg.model.trim_text, **kwargs)
     m = cfg.model
     if m.lock_image:
         model.lock_image_tower(unlocked_groups=m.lock_image_unlocked_groups, freeze_bn_stats=m.lock_image_freeze_bn_stats)

@@ -1,0 +1,222 @@
+"""Training step time with the text tower cut at the batch's longest caption (model.trim_text), and with
+caption-length bucketing (data.length_buckets), against the full-length tower.
+
+    clipkit bench text [--model ViT-S-32] [--batch 32] [--batches 6] [--repeats 3] [--threads 2]
+                       [--buckets 12,16,24,32,48] [--captions 1536] [--out bench_text.json]
+    python -m clipkit.bench.text ...            (the same)
+
+The captions are web-like (median 11 words, a long tail: about 29 at the 95th percentile, at most 63), drawn
+with a fixed seed and tokenised by the model's tokenizer. They are streamed once in random order and grouped
+two ways: in order (`plain`: what a training loader makes today) and through the length buckets of
+data.length_buckets (`bucketed`, clipkit.data.buckets.LengthBuckets). `--batches` batches evenly spaced over
+each stream are timed, each with random 224-pixel images (the step, not the loader, is measured).
+
+One training step is what `clipkit train` runs (trainer.build_model, the torch engine's AdamW, clipkit's
+InfoNCE, ContrastiveStep): forward, backward and the optimizer step, fp32, on the CPU, `--threads` threads.
+
+- full:           plain batches, model.trim_text=false (open_clip's own encode_text, 77 positions)
+- trim:           plain batches, model.trim_text=true (exact: same loss and gradients)
+- trim+buckets:   bucketed batches, model.trim_text=true
+
+Methods alternate within each repeat; the median over repeats of each batch is taken, then the mean over
+the batches, of wall time and of the process's CPU time (which other jobs on a shared machine move less);
+also the mean of each batch's fastest repeat, the least disturbed figure on a shared machine.
+FLOPs per step are counted (torch.utils.flop_counter) and achieved GFLOP/s reported against a measured
+fp32 matmul peak of the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+WORDS = ("a the of and with in on at near under over by two three small large old new young little big red blue "
+         "green white black yellow brown dark bright wooden stone glass metal dog cat bird horse cow sheep man woman "
+         "child people group boy girl family friends house building street road bridge river lake sea beach "
+         "mountain forest tree trees flowers garden park city town village car bus train bicycle boat plane photo "
+         "picture view image close-up portrait landscape sunset sunrise night morning winter summer snow rain sky "
+         "clouds table chair kitchen room window door wall sitting standing walking running playing looking holding "
+         "wearing eating vintage modern beautiful famous 2019 2021 hd stock illustration vector background pattern "
+         "design logo poster print sale free shipping size cotton shirt dress shoes bag").split()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench text", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ViT-S-32")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batches", type=int, default=6, help="batches timed per stream, evenly spaced")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per batch and method")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--buckets", default="12,16,24,32,48", help="data.length_buckets edges, comma-separated")
+    p.add_argument("--captions", type=int, default=1536, help="captions streamed (an epoch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_text.json")
+    args = p.parse_args(argv)
+    for name in ("batch", "batches", "repeats", "threads", "captions"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    try:
+        args.edges = [int(e) for e in args.buckets.split(",") if e.strip()]
+    except ValueError:
+        p.error(f"--buckets must be comma-separated integers (got {args.buckets!r})")
+    return args
+
+
+def web_captions(n: int, seed: int) -> list[str]:
+    """Median 11 words; lognormal spread (sigma 0.59: 95th percentile ~29), at most 63."""
+    rng = random.Random(seed)
+    lengths = [max(1, min(63, round(rng.lognormvariate(math.log(11), 0.59)))) for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(k)) for k in lengths]
+
+
+def streams(tokens, batch: int, edges: list[int]) -> dict[str, list]:
+    """Index batches of the caption stream: in order, and through data.length_buckets' grouping."""
+    from clipkit.data.buckets import Consecutive, LengthBuckets, caption_length
+
+    out = {}
+    for name, group in [("plain", Consecutive(batch)),
+                        ("bucketed", LengthBuckets(tuple(edges), batch, lambda i: caption_length(tokens[i])))]:
+        batches = [b for b in (group.add(i) for i in range(len(tokens))) if b is not None]
+        batches += list(group.end_epoch())
+        out[name] = batches
+    return out
+
+
+def image_size(model: str) -> int:
+    from clipkit.models import get_model_config
+
+    size = get_model_config(model)["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
+def build_step(model: str, batch: int, trim: bool):
+    import torch
+
+    from clipkit.config import load_config
+    from clipkit.distributed import DistEnv
+    from clipkit.losses import create_loss
+    from clipkit.models import get_model_config
+    from clipkit.training.engine import build_engine
+    from clipkit.training.step import ContrastiveStep
+    from clipkit.training.trainer import build_model
+
+    cfg = load_config(None, [f"model.name={model}", f"model.trim_text={str(trim).lower()}",
+                             f"train.global_batch_size={batch}"])
+    torch.manual_seed(0)
+    module = build_model(cfg, torch.device("cpu"))
+    engine = build_engine(cfg, module, DistEnv(), model, get_model_config(model))
+    return ContrastiveStep(engine, create_loss(cfg.train.loss)), module
+
+
+def matmul_peak() -> float:
+    """fp32 GFLOP/s of a 2048^3 matmul, best of 5."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)  # fp32
+    best = 0.0
+    for _ in range(6):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def step_flops(step, images, tokens) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step.compute_gradients(images, tokens)
+    step.engine.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from clipkit.models import get_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokens = get_tokenizer(args.model)(web_captions(args.captions, args.seed))
+    lengths = (tokens.argmax(dim=-1) + 1).tolist()
+    groups = streams(tokens, args.batch, args.edges)
+    size = image_size(args.model)
+    plan = {"full": ("plain", False), "trim": ("plain", True), "trim+buckets": ("bucketed", True)}
+    steps = {trim: build_step(args.model, args.batch, trim) for trim in (False, True)}
+    picked = {name: [b[round(i * (len(b) - 1) / max(1, args.batches - 1))] for i in range(args.batches)]
+              for name, b in groups.items()}
+    gen = torch.Generator().manual_seed(args.seed)
+    images = [torch.randn(args.batch, 3, size, size, generator=gen) for _ in range(args.batches)]
+    first = {m: steps[trim][0].compute_gradients(images[0], tokens[picked[s][0]]) for m, (s, trim) in plan.items()
+             if s == "plain"}
+    for step, _ in steps.values():
+        step.engine.optimizer.zero_grad(set_to_none=True)
+    flops = {m: statistics.mean(step_flops(steps[trim][0], images[i], tokens[picked[s][i]])
+                                for i in range(args.batches)) for m, (s, trim) in plan.items()}
+    for m, (s, trim) in plan.items():  # warm-up: the optimizer's state is allocated on the first step
+        steps[trim][0](images[0], tokens[picked[s][0]])
+    times = {m: [[] for _ in range(args.batches)] for m in plan}
+    cpu = {m: [[] for _ in range(args.batches)] for m in plan}
+    for _ in range(args.repeats):
+        for i in range(args.batches):
+            for m, (s, trim) in plan.items():
+                t, c = time.perf_counter(), time.process_time()
+                steps[trim][0](images[i], tokens[picked[s][i]])
+                times[m][i].append(time.perf_counter() - t)
+                cpu[m][i].append(time.process_time() - c)
+    peak = matmul_peak()
+    seconds = {m: statistics.mean(statistics.median(r) for r in per) for m, per in times.items()}
+    cpu_seconds = {m: statistics.mean(statistics.median(r) for r in per) for m, per in cpu.items()}
+    fastest = {m: statistics.mean(min(r) for r in per) for m, per in times.items()}
+    longest = {s: statistics.mean(max(lengths[j] for j in b) for b in groups[s]) for s in groups}
+    return {
+        "model": args.model, "batch": args.batch, "threads": args.threads, "precision": "fp32",
+        "captions": {"count": args.captions, "words_median": statistics.median(len(c.split()) for c in
+                                                                               web_captions(args.captions, args.seed)),
+                     "tokens_median": statistics.median(lengths),
+                     "tokens_p95": sorted(lengths)[int(0.95 * len(lengths))], "tokens_max": max(lengths)},
+        "length_buckets": args.edges,
+        "mean_longest_caption_per_batch": longest,
+        "timed_batches_longest": {m: [max(lengths[j] for j in b) for b in picked[s]] for m, (s, _) in plan.items()},
+        "step_seconds": seconds,
+        "step_seconds_runs": times,
+        "speedup_vs_full": {m: seconds["full"] / seconds[m] for m in plan},
+        # the fastest of the repeats of each batch: the least disturbed by other jobs
+        "step_seconds_fastest": fastest,
+        "fastest_speedup_vs_full": {m: fastest["full"] / fastest[m] for m in plan},
+        # CPU time of the process per step: the work, less moved than wall time by other jobs on a shared machine
+        "step_cpu_seconds": cpu_seconds,
+        "cpu_speedup_vs_full": {m: cpu_seconds["full"] / cpu_seconds[m] for m in plan},
+        "first_step_loss": first, "loss_difference_trim_vs_full": abs(first["trim"] - first["full"]),
+        "gflop_per_step": {m: f / 1e9 for m, f in flops.items()},
+        "flop_ratio_full_over": {m: flops["full"] / flops[m] for m in plan},
+        "achieved_gflop_s": {m: flops[m] / 1e9 / seconds[m] for m in plan},
+        "matmul_peak_gflop_s": peak,
+        "mfu": {m: flops[m] / 1e9 / seconds[m] / peak for m in plan},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    result = {"command": "clipkit bench text " + " ".join(argv), **run(args)}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    s, f, g = result["step_seconds"], result["speedup_vs_full"], result["mean_longest_caption_per_batch"]
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads; longest caption per batch (mean): plain "
+          f"{g['plain']:.1f}, bucketed {g['bucketed']:.1f} tokens")
+    for m in s:
+        print(f"  {m:13s} {s[m]:.3f} s/step  {f[m]:.2f}x  (CPU {result['step_cpu_seconds'][m]:.2f} s, "
+              f"{result['cpu_speedup_vs_full'][m]:.2f}x; fastest {result['step_seconds_fastest'][m]:.3f} s, "
+              f"{result['fastest_speedup_vs_full'][m]:.2f}x)  {result['gflop_per_step'][m]:.1f} GFLOP  "
+              f"MFU {result['mfu'][m]:.2f}")
+    print(f"  loss trim vs full on the same batch and weights: |diff| = {result['loss_difference_trim_vs_full']:.2e}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
