@@ -5,7 +5,7 @@
     clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
     clipkit export --checkpoint CKPT --format open_clip --out DIR
     clipkit config [CONFIG.yaml] [dotted.key=value ...]       (the resolved config, as YAML)
-    clipkit data make-shards ...  /  clipkit bench loss ...  /  clipkit bench data ...   (see --help of each)
+    clipkit data make-shards ...  /  clipkit bench loss|data|embed|onnx|train ...   (see --help of each)
     clipkit models
 """
 from __future__ import annotations
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in [("loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP"),
                             ("data", "data loading samples/s per core, clipkit vs OpenCLIP"),
                             ("embed", "embedding images/s per core, clipkit embed vs a plain open_clip loop"),
+                            ("train", "training samples/s and MFU, clipkit train vs OpenCLIP's trainer"),
                             ("onnx", "ONNX Runtime fp32 and int8 exports: zero-shot accuracy and speed vs torch"),
                             ("text", "training step time: text tower cut at the longest caption, length buckets")]:
         bp = bsub.add_parser(name, add_help=False, help=help_text)

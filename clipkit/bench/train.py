@@ -1,0 +1,547 @@
+"""Training speed: `clipkit train` against OpenCLIP's trainer (`open_clip_train.main`), same work.
+
+    clipkit bench train [--model ViT-S-32] [--batch-size 32] [--precision fp32] [--workers 1] [--threads N]
+                        [--steps 18] [--skip-steps 4] [--repeats 3] [--data SPEC | --images 600 --shards DIR]
+                        [--out bench_train.json]
+
+Both trainers train `--model` from scratch (random weights, seed 0) on the same shards with the same global
+batch, precision, loader workers, torch threads (OMP_NUM_THREADS and torch.set_num_threads), optimiser
+(AdamW, lr, warm-up + cosine, weight decay 0.1, betas 0.9/0.98, eps 1e-6, gradient clipping at norm 1),
+sample shuffle buffer (1000) and logging (every step), each in a fresh process of its own; the methods
+alternate over the repeats.
+
+- clipkit:  `clipkit train` (clipkit.cli.main) with dotted overrides, no evaluation or export at the end (its
+  final checkpoint, which it always writes, comes after the timed steps).
+- openclip: `open_clip_train.main.main(argv)` of the installed open_clip_torch, from scratch (no pretrained
+  weights), `--dataset-type webdataset --train-num-samples STEPS x BATCH --epochs 1 --save-frequency 0 --logs
+  none` (no checkpoint; the text log still goes to none/NAME/ under the run's temporary folder). Its data
+  pipeline needs webdataset<=0.2.86 and pandas, installed once into a folder placed ahead on its path (as
+  `clipkit bench data` does); `open_clip.add_model_config` is given clipkit's model configs first, so that
+  clipkit's own architectures (clipkit-nano, ...) train there too.
+
+The shards (unless `--data` names the user's own) are realistic: JPEG photographs of 640x480 to 1280x960
+pixels (the photo recipe of `clipkit bench data`) with web-like captions of long-tailed length (median 11
+words, about 5% over 29, at most 63), written once into a cache.
+
+Timing. Each trainer process records, for every batch its DataLoader hands out, when the trainer asked for
+it and when it got it (a wrapper on torch's DataLoader iterator, the same in both processes; nothing else is
+changed). The steady state is the steps after `--skip-steps` (start-up, loader warm-up, first steps): from
+the moment step skip+1 asks for its batch to the moment the last step asks for its batch, i.e. steps
+skip+1 .. steps-1 whole. samples/s = their samples / that time; the time blocked waiting for batches is the
+data wait, the rest is compute (forward, backward, optimiser, logging). Each trainer's own per-step times
+from its own log over the same steps are reported beside it as a cross-check.
+
+FLOPs per sample are counted with torch's FlopCounterMode for forward + backward of the model at its full
+context length (77 for OpenAI-style text towers) plus the contrastive loss at the batch size: "model FLOPs",
+the same for both trainers whatever either executes (a trainer that cuts the text tower at the longest
+caption executes fewer). MFU = achieved model FLOP/s / the measured fp32 matmul peak of the same threads (also
+for --precision bf16/fp16, whose own peak on a CPU may be lower or higher).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from .data import CACHE, BenchError, _source_photos, _variant, peer_site
+
+METHODS = ("clipkit", "openclip")
+TARGET = 1.5  # clipkit >= 1.5x OpenCLIP's samples/s
+CAPTION_FORMAT = "c1"  # bump when the caption recipe changes, so cached shards are rebuilt
+# clipkit's precision -> OpenCLIP's --precision of the same arithmetic (autocast, fp32 master weights)
+OPENCLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
+SHUFFLE_BUFFER = 1000  # samples; OpenCLIP's trainer hard-codes 1000, clipkit's is set to match
+
+
+# -------------------------------------------------------------------------------------------- captions
+
+_SUBJECTS = {
+    "astronaut": ["an astronaut", "a nasa astronaut", "an astronaut in a white spacesuit", "astronaut portrait"],
+    "coffee": ["a cup of coffee", "coffee", "an espresso cup on a saucer", "latte art in a white cup"],
+    "chelsea": ["a cat", "a tabby cat", "ginger kitten", "a cute cat looking at the camera"],
+    "rocket": ["a rocket", "rocket launch", "the space shuttle on the launch pad", "a rocket before launch"],
+    "immunohistochemistry": ["a microscope slide", "stained tissue", "cells under the microscope", "histology"],
+    "hubble_deep_field": ["galaxies", "deep space", "the hubble deep field", "a night sky full of distant galaxies"],
+}
+_ADJECTIVES = ("small large old new white black red blue green bright dark vintage modern beautiful cute happy "
+               "close-up aerial colorful wooden quiet busy cozy sunny rainy famous rare classic natural").split()
+_NOUNS = ("table window light background street city garden room sky water tree book desk wall floor morning "
+          "evening sunset kitchen office camera lens detail texture pattern view home studio museum").split()
+_PREPOSITIONS = "on in with near under behind at over by from".split()
+_WEB_TERMS = ["stock photo", "free download", "hd wallpaper", "royalty free image", "high resolution",
+              "photo by", "image", "picture", "jpg", "4k", "for sale", "buy online", "- Pinterest", "| Flickr"]
+_TAGS = ["#photography", "#travel", "#love", "#instagood", "#nature", "#art", "#science", "#space", "#coffee",
+         "#cat", "#photooftheday", "#picoftheday"]
+
+
+def caption_words(rng: random.Random) -> int:
+    """Words in a caption: log-normal, median 11, about 5% over 29 (as in web alt-text), 2..63."""
+    return max(2, min(63, round(math.exp(rng.gauss(math.log(11), 0.59)))))
+
+
+def _phrase(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.5:
+        return (f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_PREPOSITIONS)} the "
+                f"{rng.choice(_NOUNS)}")
+    if r < 0.7:
+        return f"{rng.choice(_PREPOSITIONS)} a {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
+    if r < 0.85:
+        return rng.choice(_WEB_TERMS)
+    if r < 0.93:
+        return " ".join(rng.sample(_TAGS, rng.randint(1, 3)))
+    return rng.choice([str(rng.randint(1995, 2024)), f"{rng.randint(640, 4000)}x{rng.randint(480, 3000)}",
+                       f"IMG_{rng.randint(1000, 9999)}", f"({rng.randint(1, 99)})"])
+
+
+def web_caption(rng: random.Random, photo_name: str) -> str:
+    """A caption of caption_words() words: the photo's subject, then web-like phrases, cut at the count."""
+    words = caption_words(rng)
+    subject = rng.choice(_SUBJECTS.get(photo_name, [photo_name.replace("_", " ")]))
+    parts = rng.choice([f"photo of {subject}", subject, f"{subject} stock photo", f"close-up of {subject}"]).split()
+    while len(parts) < words:
+        if rng.random() < 0.4:
+            parts[-1] += ","
+        parts += _phrase(rng).split()
+    text = " ".join(parts[:words]).rstrip(",")
+    return text[0].upper() + text[1:] if rng.random() < 0.5 else text
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+def write_train_shards(out: Path, images: int, per_shard: int = 100, seed: int = 0) -> str:
+    """Shards 00000.tar ... of photos (bench data's recipe: the same photos for the same seed) with web-like
+    captions (KEY.jpg, KEY.txt, KEY.json, img2dataset's layout) under OUT; returns the brace spec. Cached."""
+    out = Path(out)
+    manifest = out / "manifest.json"
+    wanted = {"images": images, "per_shard": per_shard, "seed": seed, "captions": CAPTION_FORMAT}
+    shards = (images + per_shard - 1) // per_shard
+    spec = str(out / f"{{00000..{shards - 1:05d}}}.tar")
+    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
+        return spec
+    out.mkdir(parents=True, exist_ok=True)
+    photos = _source_photos()
+    photo_rng, caption_rng = random.Random(seed), random.Random(f"captions-{seed}")
+    for s in range(shards):
+        with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
+            for i in range(s * per_shard, min(images, (s + 1) * per_shard)):
+                name, photo = photos[i % len(photos)]
+                jpg, _ = _variant(name, photo, photo_rng)
+                caption = web_caption(caption_rng, name)
+                key = f"{s:05d}{i - s * per_shard:04d}"
+                for ext, payload in (("jpg", jpg), ("txt", caption.encode()),
+                                     ("json", json.dumps({"key": key, "caption": caption}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    manifest.write_text(json.dumps(wanted))
+    return spec
+
+
+def caption_token_stats(spec: str, model: str, batch_size: int, limit: int) -> dict | None:
+    """Token counts (start and end tokens included, capped at the context) of the first `limit` captions of
+    local shards: how much of the context real captions fill. None for shards that are not local files."""
+    from ..data import expand_shards
+    from ..models import get_tokenizer
+
+    try:
+        paths = [Path(p) for p in expand_shards(spec)]
+    except Exception:
+        return None
+    if not all(p.is_file() for p in paths):
+        return None
+    captions = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            captions += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+        if len(captions) >= limit:
+            break
+    tokens = get_tokenizer(model)(captions[:limit])
+    lengths = [int(n) for n in (tokens != 0).sum(dim=1)]  # padding is token 0
+    ordered = sorted(lengths)
+    # The longest caption of each batch (in shard order: the captions are drawn independently of it)
+    # is how far a text tower cut at the longest caption has to run.
+    longest = [max(lengths[i:i + batch_size]) for i in range(0, len(lengths), batch_size)]
+    return {"captions": len(lengths), "context_length": int(tokens.shape[1]), "median": statistics.median(lengths),
+            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1],
+            "mean": statistics.fmean(lengths), "batch_longest_mean": statistics.fmean(longest)}
+
+
+# ----------------------------------------------------------------------------------- the two trainers
+
+def clipkit_command(args: argparse.Namespace, spec: str, run_dir: Path) -> list[str]:
+    """`clipkit train` with the run's settings (no evaluation, export or progress bar)."""
+    return ["train", f"run.dir={run_dir}", f"data.train={spec}", f"model.name={args.model}",
+            f"train.global_batch_size={args.batch_size}", f"train.steps={args.steps}",
+            f"train.precision={args.precision}", f"data.workers={args.workers}",
+            f"data.shuffle_buffer={SHUFFLE_BUFFER}", f"train.lr={args.lr}", f"train.warmup_steps={args.skip_steps}",
+            "train.weight_decay=0.1", "train.beta1=0.9", "train.beta2=0.98", "train.eps=1e-6", "train.grad_clip=1.0",
+            f"train.checkpoint_every={args.steps}", "run.seed=0", "run.log_every=1", "run.progress=false",
+            "eval.zeroshot_at_end=false", "eval.retrieval_at_end=false", "export.at_end=false"]
+
+
+def openclip_command(args: argparse.Namespace, spec: str) -> list[str]:
+    """open_clip_train.main's arguments for the same run (one epoch of exactly steps x batch samples)."""
+    return ["--train-data", spec, "--train-num-samples", str(args.steps * args.batch_size),
+            "--dataset-type", "webdataset", "--model", args.model, "--batch-size", str(args.batch_size),
+            "--workers", str(args.workers), "--precision", OPENCLIP_PRECISION[args.precision], "--epochs", "1",
+            "--lr", str(args.lr), "--warmup", str(args.skip_steps), "--wd", "0.1", "--beta1", "0.9",
+            "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0", "--seed", "0",
+            "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", "none", "--name", "bench"]
+
+
+class BatchClock:
+    """When the trainer asked its DataLoader for each batch, when it got it, the batch's size, and the CPU time
+    the training process (all its threads; not the loader workers) had used when it asked.
+
+    Installed on torch's DataLoader iterator, which both trainers' loaders use (OpenCLIP's WebLoader wraps a
+    torch DataLoader; clipkit's StreamLoader is one), so both are timed by the same code."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self.got: list[float] = []
+        self.sizes: list[int] = []
+        self.cpu: list[float] = []
+
+    def install(self) -> None:
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        original, clock = _BaseDataLoaderIter.__next__, self
+
+        def timed_next(iterator):
+            asked, cpu = time.perf_counter(), time.process_time()
+            batch = original(iterator)
+            clock.asked.append(asked)
+            clock.cpu.append(cpu)
+            clock.got.append(time.perf_counter())
+            clock.sizes.append(_batch_size(batch))
+            return batch
+
+        _BaseDataLoaderIter.__next__ = timed_next
+
+    def to_dict(self) -> dict:
+        return {"asked": self.asked, "got": self.got, "sizes": self.sizes, "cpu": self.cpu}
+
+
+def _batch_size(batch) -> int:
+    images = batch.images if hasattr(batch, "images") else batch[0]  # clipkit's Batch; OpenCLIP's (images, texts)
+    return int(images.shape[0])
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """The measured process: one trainer's own entry point, with the batch clock on its loader."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    clock = BatchClock()
+    clock.install()
+    trainer_args = json.loads(args.trainer_args)
+    try:
+        if args.worker == "clipkit":
+            from ..cli import main as clipkit_main
+
+            rc = clipkit_main(trainer_args)
+        else:
+            import open_clip
+            from open_clip_train.main import main as openclip_main
+
+            open_clip.add_model_config(args.model_configs)  # clipkit's architectures, by name
+            rc = openclip_main(trainer_args)
+            rc = 0 if rc is None else rc
+    finally:
+        Path(args.clock).write_text(json.dumps(clock.to_dict()))
+    return rc
+
+
+# ------------------------------------------------------------------------------------ reading the runs
+
+_OPENCLIP_STEP = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([\d.]+),.*? Loss: (\S+) \(")
+
+
+def read_openclip_log(text: str, batch_size: int) -> list[dict]:
+    """Per step (OpenCLIP logs every step here): samples trained so far, the step's time, its loss."""
+    steps = []
+    for samples, seconds, loss in _OPENCLIP_STEP.findall(text):
+        steps.append({"step": int(samples) // batch_size, "samples": int(samples), "seconds": float(seconds),
+                      "loss": float(loss)})
+    return steps
+
+
+def read_clipkit_metrics(path: Path, batch_size: int) -> list[dict]:
+    """The same from clipkit's metrics.jsonl (run.log_every=1): its samples/s of each one-step window."""
+    steps = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            steps.append({"step": record["step"], "samples": record["step"] * batch_size,
+                          "seconds": batch_size / record["samples_per_s"], "loss": record["loss"]})
+    return steps
+
+
+def steady_state(clock: dict, skip: int, threads: int) -> dict:
+    """samples/s and data wait of steps skip+1 .. N-1 (N: the batches handed out), from the batch clock, and how
+    much of its `threads` threads' time the training process got (below 1: waits, or other jobs on the CPUs)."""
+    asked, got, sizes = clock["asked"], clock["got"], clock["sizes"]
+    first, last = skip, len(asked) - 1  # 0-based: step skip+1 asks at asked[skip]; step N at asked[N-1]
+    if last <= first:
+        raise BenchError(f"only {len(asked)} batches were handed out: too few to skip {skip} steps")
+    seconds = asked[last] - asked[first]
+    samples = sum(sizes[first:last])
+    wait = sum(got[k] - asked[k] for k in range(first, last))
+    cpu = clock["cpu"][last] - clock["cpu"][first]
+    return {"steps_timed": last - first, "samples_timed": samples, "seconds": seconds,
+            "samples_per_s": samples / seconds, "data_wait_s_per_step": wait / (last - first),
+            "compute_s_per_step": (seconds - wait) / (last - first), "data_wait_fraction": wait / seconds,
+            "cpu_s_per_sample": cpu / samples, "cpu_utilisation": cpu / (seconds * threads),
+            "batches": len(asked), "samples_trained": sum(sizes)}
+
+
+def _own_log_rate(steps: list[dict], skip: int, last_step: int, batch_size: int) -> float | None:
+    """samples/s over steps skip+1 .. last_step from the trainer's own per-step times."""
+    window = [s["seconds"] for s in steps if skip < s["step"] <= last_step]
+    return batch_size * len(window) / sum(window) if window and sum(window) > 0 else None
+
+
+def _run_one(method: str, args: argparse.Namespace, spec: str, folder: Path) -> dict:
+    from ..models import MODEL_CONFIG_DIR
+
+    folder.mkdir(parents=True)
+    clock_file, log_file, run_dir = folder / "clock.json", folder / "trainer.log", folder / "run"
+    trainer_args = clipkit_command(args, spec, run_dir) if method == "clipkit" else openclip_command(args, spec)
+    root = str(Path(__file__).resolve().parents[2])  # where clipkit imports from, whatever the working folder
+    paths = ([str(peer_site())] if method == "openclip" else []) + [root, os.environ.get("PYTHONPATH", "")]
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    cmd = [sys.executable, "-m", "clipkit.bench.train", "--worker", method, "--clock", str(clock_file),
+           "--threads", str(args.threads), "--model-configs", str(MODEL_CONFIG_DIR),
+           "--trainer-args", json.dumps(trainer_args)]
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    with open(log_file, "w") as log:  # cwd: OpenCLIP's `--logs none` still writes none/NAME/out.log there
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, timeout=args.timeout)
+    wall = time.perf_counter() - start
+    text = log_file.read_text(errors="replace")
+    if proc.returncode != 0 or not clock_file.is_file():
+        raise BenchError(f"{method} trainer failed ({proc.returncode}); the end of its output:\n{text[-3000:]}")
+    steps = (read_clipkit_metrics(run_dir / "metrics.jsonl", args.batch_size) if method == "clipkit"
+             else read_openclip_log(text, args.batch_size))
+    result = steady_state(json.loads(clock_file.read_text()), args.skip_steps, args.threads)
+    losses = [s["loss"] for s in steps]
+    return {**result, "method": method, "process_seconds": wall, "load_average_1min": [load, os.getloadavg()[0]],
+            "steps_logged": len(steps),
+            "samples_logged": steps[-1]["samples"] if steps else 0,
+            "own_log_samples_per_s": _own_log_rate(steps, args.skip_steps, result["batches"] - 1, args.batch_size),
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "losses_finite": bool(losses) and all(math.isfinite(x) for x in losses)}
+
+
+# ----------------------------------------------------------------------------------------- FLOPs, peak
+
+def _count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def model_flops_per_sample(model_name: str, batch_size: int) -> dict:
+    """Forward + backward FLOPs per sample of each tower at its full input (image size, context length),
+    plus the contrastive loss over a batch of batch_size (its share per sample)."""
+    import torch
+
+    from ..losses import create_loss
+    from ..models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_name).train()
+    size = model.visual.image_size
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    n = 2  # per-sample tower FLOPs do not depend on the batch
+    images, tokens = torch.randn(n, 3, h, w), torch.randint(1, 1000, (n, model.context_length))
+    image = _count_flops(lambda: model.encode_image(images).sum().backward()) / n
+    text = _count_flops(lambda: model.encode_text(tokens).sum().backward()) / n
+    dim = model.encode_text(tokens[:1]).shape[-1]
+    feats = [torch.nn.functional.normalize(torch.randn(batch_size, dim), dim=-1).requires_grad_() for _ in "it"]
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss = _count_flops(lambda: create_loss("infonce")(feats[0], feats[1], scale, None).backward()) / batch_size
+    return {"total": image + text + loss, "image_tower": image, "text_tower": text, "loss": loss,
+            "image_size": [h, w], "context_length": model.context_length}
+
+
+def fp32_matmul_peak(threads: int, tries: int = 3) -> float:
+    """The best of a few measurements of bench embed's fp32 matmul FLOP/s (other jobs only lower it)."""
+    from .embed import matmul_peak
+
+    return max(matmul_peak(threads) for _ in range(tries))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ViT-S-32", help="an architecture both open_clip and clipkit build by name")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="fp32", choices=sorted(OPENCLIP_PRECISION))
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes of each trainer")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each trainer (default: torch's)")
+    p.add_argument("--steps", type=int, default=18, help="optimiser steps per run")
+    p.add_argument("--skip-steps", type=int, default=4, help="first steps left out of the timing (start-up)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up: --skip-steps steps)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data", default=None, help="the user's own shards (spec); default: the benchmark's photos")
+    p.add_argument("--images", type=int, default=600, help="photos in the benchmark shards")
+    p.add_argument("--per-shard", type=int, default=100)
+    p.add_argument("--shards", default=None, help="folder for the benchmark shards (default: a cache)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one trainer run may take")
+    p.add_argument("--out", default="bench_train.json")
+    for hidden in ("--worker", "--clock", "--model-configs", "--trainer-args"):
+        p.add_argument(hidden, help=argparse.SUPPRESS, **({"choices": METHODS} if hidden == "--worker" else {}))
+    args = p.parse_args(argv)
+    if args.threads is None:
+        import torch
+
+        args.threads = torch.get_num_threads()
+    for name in ("batch_size", "threads", "steps", "repeats", "images", "per_shard"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0 or args.skip_steps < 0:
+        p.error("--workers and --skip-steps must be 0 or more")
+    if args.steps < args.skip_steps + 2:
+        p.error(f"--steps {args.steps} leaves no step to time after --skip-steps {args.skip_steps} "
+                "(the last step's end is not observed): use at least skip + 2")
+    if args.data is None and args.images < args.steps * args.batch_size:
+        p.error(f"--images {args.images} is fewer than the {args.steps * args.batch_size} samples of one run "
+                "(--steps x --batch-size; each trainer makes one pass): raise --images")
+    if args.data is None and args.images // args.per_shard < max(1, args.workers):
+        p.error(f"{args.images // args.per_shard} shards cannot feed {args.workers} workers: lower --per-shard")
+    return args
+
+
+def _shards(args: argparse.Namespace) -> str:
+    if args.data:
+        return args.data
+    name = f"{CAPTION_FORMAT}-{args.images}-{args.per_shard}"
+    t0 = time.perf_counter()
+    spec = write_train_shards(Path(args.shards) if args.shards else CACHE / "bench_train" / name, args.images,
+                              args.per_shard)
+    print(f"shards: {spec} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return spec
+
+
+def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
+    spec = _shards(args)
+    peer_site()
+    flops = model_flops_per_sample(args.model, args.batch_size)
+    peaks = [fp32_matmul_peak(args.threads)]  # measured again after every repeat: other jobs only lower it
+    print(f"model FLOPs: {flops['total'] / 1e9:.2f} GFLOP per sample (forward + backward, context "
+          f"{flops['context_length']}); fp32 matmul peak {peaks[0] / 1e9:.1f} GFLOP/s on {args.threads} threads",
+          flush=True)
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="clipkit-bench-train-") as tmp:
+            for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
+                r = _run_one(method, args, spec, Path(tmp) / method)
+                runs[method].append(r)
+                print(f"repeat {repeat + 1}/{args.repeats} {method}: {r['samples_per_s']:.2f} samples/s over "
+                      f"{r['steps_timed']} steps (data wait {100 * r['data_wait_fraction']:.0f}%, the trainer's "
+                      f"threads busy {100 * r['cpu_utilisation']:.0f}%, load {r['load_average_1min'][0]:.1f}), loss "
+                      f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}", flush=True)
+        peaks.append(fp32_matmul_peak(args.threads))
+    expected = args.steps * args.batch_size
+    for m, rs in runs.items():
+        for r in rs:
+            if r["samples_trained"] != expected or r["samples_logged"] != expected:
+                raise BenchError(f"{m} trained {r['samples_trained']} samples ({r['samples_logged']} by its log), not "
+                                 f"--steps x --batch-size = {expected}: do the shards hold that many?")
+    return _report(args, argv, spec, flops, peaks, runs)
+
+
+def _summary(rs: list[dict], flops: float, peak: float) -> dict:
+    rates = [r["samples_per_s"] for r in rs]
+    median = statistics.median(rates)
+    own = [r["own_log_samples_per_s"] for r in rs]
+    return {"samples_per_s": rates, "samples_per_s_median": median,
+            "model_gflop_per_s": median * flops / 1e9, "mfu_model_flops": median * flops / peak,
+            "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in rs),
+            "data_wait_s_per_step": statistics.median(r["data_wait_s_per_step"] for r in rs),
+            "compute_s_per_step": statistics.median(r["compute_s_per_step"] for r in rs),
+            "cpu_s_per_sample": statistics.median(r["cpu_s_per_sample"] for r in rs),
+            "cpu_utilisation": [r["cpu_utilisation"] for r in rs],
+            "load_average_1min": [r["load_average_1min"] for r in rs],
+            "own_log_samples_per_s": own,
+            "own_log_samples_per_s_median": statistics.median(own) if None not in own else None,
+            "samples_trained": rs[0]["samples_trained"], "steps_timed": rs[0]["steps_timed"],
+            "samples_timed": rs[0]["samples_timed"], "losses_finite": all(r["losses_finite"] for r in rs),
+            "loss_first": [r["loss_first"] for r in rs], "loss_last": [r["loss_last"] for r in rs],
+            "process_seconds": [r["process_seconds"] for r in rs]}
+
+
+def _home_as_tilde(spec: str) -> str:
+    """The spec as written in the report: the user's home folder as ~ (the cache lives there)."""
+    home = str(Path.home())
+    return "~" + spec[len(home):] if spec.startswith(home + os.sep) else spec
+
+
+def _report(args, argv, spec: str, flops: dict, peaks: list[float], runs: dict[str, list[dict]]) -> dict:
+    import torch
+
+    peak = max(peaks)
+    methods = {m: _summary(rs, flops["total"], peak) for m, rs in runs.items()}
+    ratio = methods["clipkit"]["samples_per_s_median"] / methods["openclip"]["samples_per_s_median"]
+    return {
+        "benchmark": "training samples/s, steady state: clipkit train vs OpenCLIP's open_clip_train.main",
+        "command": "clipkit bench train " + " ".join(argv),
+        "config": {"model": args.model, "batch_size": args.batch_size, "precision": args.precision,
+                   "workers": args.workers, "threads": args.threads, "steps": args.steps,
+                   "skip_steps": args.skip_steps, "lr": args.lr, "repeats": args.repeats, "data": _home_as_tilde(spec),
+                   "openclip_precision": OPENCLIP_PRECISION[args.precision]},
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "device": "cuda" if torch.cuda.is_available() else "cpu",
+                    "fp32_matmul_peak_gflop_per_s": peak / 1e9,
+                    "fp32_matmul_peak_measurements_gflop_per_s": [x / 1e9 for x in peaks]},
+        "model_flops_per_sample": {
+            "gflop": flops["total"] / 1e9, "image_tower_gflop": flops["image_tower"] / 1e9,
+            "text_tower_gflop": flops["text_tower"] / 1e9, "loss_gflop": flops["loss"] / 1e9,
+            "counted_at": f"forward + backward, images {flops['image_size'][0]}x{flops['image_size'][1]}, text at "
+                          f"the full context {flops['context_length']}, loss over a batch of {args.batch_size}"},
+        "captions_tokens": caption_token_stats(spec, args.model, args.batch_size, args.steps * args.batch_size),
+        "methods": methods,
+        "ratio_clipkit_over_openclip": ratio,
+        "target": {"ratio_min": TARGET, "met": ratio >= TARGET},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        return _launch(args)
+    try:
+        report = _drive(args, argv)
+    except (BenchError, subprocess.TimeoutExpired) as e:
+        print(f"clipkit bench train: error: {e}", file=sys.stderr)
+        return 2
+    for m, r in report["methods"].items():
+        print(f"{m:<9} {r['samples_per_s_median']:7.2f} samples/s  {r['model_gflop_per_s']:7.1f} GFLOP/s  "
+              f"MFU {r['mfu_model_flops']:.2f}  data wait {100 * r['data_wait_fraction']:.0f}%")
+    print(f"clipkit/openclip: {report['ratio_clipkit_over_openclip']:.2f}x (target >= {TARGET}x, "
+          f"{'met' if report['target']['met'] else 'NOT met'})")
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
