@@ -30,6 +30,9 @@ class ConfigError(ValueError):
 # Keys that changed name, so an old config gets told the new one.
 RENAMED = {"train.batch_size": "train.global_batch_size (the global batch, split evenly over the ranks)"}
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast with fp32 master weights; fp16 adds loss scaling
+# torch.optim.AdamW's implementations: one fused kernel over all tensors (CPU and CUDA), per-op multi-tensor, or
+# one tensor at a time (torch's default on CPU). The same update up to float rounding.
+OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
 
 
 @dataclass
@@ -121,6 +124,7 @@ class TrainConfig:
     # equals the one from the whole batch at once (features cached, loss over the full batch).
     accum_steps: int = 1
     precision: str = "fp32"  # one of PRECISIONS
+    optimizer_impl: str = "fused"  # one of OPTIMIZER_IMPLS (the torch engine; DeepSpeed uses its own)
     # A step whose loss or gradients are not finite is skipped (no update) and counted; this many in a row
     # stop the run with a message, with nothing non-finite saved.
     max_nonfinite_steps: int = 5
@@ -407,6 +411,8 @@ def validate(cfg: Config) -> None:
     _check(t.loss in LOSS_NAMES, "train.loss", f"must be one of {', '.join(LOSS_NAMES)} (got {t.loss!r})")
     _check(t.tile_size > 0, "train.tile_size", "must be positive")
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
+    _check(t.optimizer_impl in OPTIMIZER_IMPLS, "train.optimizer_impl",
+           f"must be one of {', '.join(OPTIMIZER_IMPLS)} (got {t.optimizer_impl!r})")
     _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 (keep all) or more")
     _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be positive")

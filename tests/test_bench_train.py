@@ -38,7 +38,7 @@ def test_steady_state_times_the_steps_after_the_skipped_ones():
     assert r["batches"] == 5 and r["samples_trained"] == 40
 
 
-def test_bench_train_runs_both_trainers_on_the_same_samples(tmp_path):
+def test_bench_train_runs_every_trainer_on_the_same_samples(tmp_path):
     out = tmp_path / "bench.json"
     steps, batch = 4, 8
     proc = subprocess.run([sys.executable, "-m", "clipkit", "bench", "train", "--model", "clipkit-nano",
@@ -57,7 +57,10 @@ def test_bench_train_runs_both_trainers_on_the_same_samples(tmp_path):
     peak = report["machine"]["fp32_matmul_peak_gflop_per_s"] * 1e9
     assert peak / 1e9 == max(report["machine"]["fp32_matmul_peak_measurements_gflop_per_s"])  # before + each repeat
     assert len(report["machine"]["fp32_matmul_peak_measurements_gflop_per_s"]) == 2
-    for name in ("clipkit", "openclip"):
+    assert report["methods"]["clipkit"]["settings"] == {"model.trim_text": True, "data.length_buckets": []}
+    assert report["methods"]["clipkit_buckets"]["settings"] == {"model.trim_text": True,
+                                                                "data.length_buckets": [12, 16, 24, 32, 48]}
+    for name in ("clipkit", "clipkit_buckets", "openclip"):
         m = report["methods"][name]
         assert m["samples_trained"] == steps * batch  # both trained the same samples: the whole 32
         assert m["steps_timed"] == steps - 2 and m["samples_timed"] == (steps - 2) * batch
@@ -67,8 +70,21 @@ def test_bench_train_runs_both_trainers_on_the_same_samples(tmp_path):
         assert 0 <= m["data_wait_fraction"] < 1 and m["compute_s_per_step"] > 0
         assert m["cpu_s_per_sample"] > 0 and len(m["cpu_utilisation"]) == len(m["load_average_1min"]) == 1
         assert math.isclose(m["mfu_model_flops"], m["samples_per_s_median"] * flops["gflop"] * 1e9 / peak)
-    ratio = report["methods"]["clipkit"]["samples_per_s_median"] / report["methods"]["openclip"]["samples_per_s_median"]
-    assert report["ratio_clipkit_over_openclip"] == ratio
-    assert report["target"] == {"ratio_min": 1.5, "met": ratio >= 1.5}
+    peer = report["methods"]["openclip"]["samples_per_s_median"]
+    ratios = {m: report["methods"][m]["samples_per_s_median"] / peer for m in ("clipkit", "clipkit_buckets")}
+    assert report["ratio_clipkit_over_openclip"] == ratios["clipkit"] and report["ratios_over_openclip"] == ratios
+    assert report["target"] == {"ratio_min": 1.5, "met": {m: r >= 1.5 for m, r in ratios.items()}}
     assert report["captions_tokens"]["captions"] == steps * batch
     assert not (tmp_path / "none").exists()  # OpenCLIP's log folder stays in the run's own temporary folder
+
+
+def test_bench_train_options_reach_clipkits_command(tmp_path):
+    from clipkit.bench.train import clipkit_command, parse_args
+
+    args = parse_args(["--set", "model.trim_text=false", "--buckets", "10, 20"])
+    assert args.methods == ("clipkit", "clipkit_buckets", "openclip")
+    plain = clipkit_command(args, "s.tar", tmp_path)
+    bucketed = clipkit_command(args, "s.tar", tmp_path, buckets=True)
+    assert plain[-1] == "model.trim_text=false" and not any("length_buckets" in a for a in plain)
+    assert bucketed[-2:] == ["data.length_buckets=[10,20]", "model.trim_text=false"]
+    assert parse_args(["--buckets", ""]).methods == ("clipkit", "openclip")

@@ -163,3 +163,33 @@ def test_fp16_autocast_with_loss_scaling_steps_and_checkpoints_its_scale(tmp_pat
     _, _, fresh = _setup("train.precision=fp16")
     fresh.load_state(tmp_path)
     assert fresh.scaler.get_scale() == engine16.scaler.get_scale()
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_optimizer_impls_give_torchs_one_tensor_at_a_time_update(impl, tmp_path):
+    """train.optimizer_impl: the fused (the default) and multi-tensor AdamW make the update of torch's
+    reference implementation (one tensor at a time) up to float rounding, step after step (warm-up, decay,
+    clipping), and their state continues in the other: a checkpoint written with one loads into another."""
+    assert load_config(None, []).train.optimizer_impl == "fused"
+    images, tokens = _batch()
+    runs = {}
+    for name in (impl, "for_loop"):
+        _, model, engine = _setup(f"train.optimizer_impl={name}", "train.lr=1e-3", "train.warmup_steps=2")
+        expected = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[name]
+        assert all(engine.optimizer.defaults[k] == v for k, v in expected.items())
+        start = [p.detach().clone() for p in model.parameters()]
+        step = ContrastiveStep(engine, create_loss("infonce"))
+        for i in range(4):
+            step(*_batch(seed=10 + i))
+        runs[name] = (model, engine)
+    (model, engine), (ref, _) = runs[impl], runs["for_loop"]
+    assert max((q - s).abs().max().item() for q, s in zip(ref.parameters(), start)) > 1e-3  # the steps moved it
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    engine.save_state(tmp_path)
+    _, other_model, other = _setup("train.optimizer_impl=for_loop", "train.lr=1e-3", "train.warmup_steps=2")
+    other.load_state(tmp_path)
+    for key, state in engine.optimizer.state_dict()["state"].items():
+        loaded = other.optimizer.state_dict()["state"][key]
+        assert torch.equal(state["exp_avg"], loaded["exp_avg"]) and torch.equal(state["exp_avg_sq"], loaded["exp_avg_sq"])
+        assert float(state["step"]) == float(loaded["step"]) == 4

@@ -70,17 +70,15 @@ def image_flops(model, image_size: tuple[int, int]) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_peak(threads: int, n: int = 1024, reps: int = 10) -> float:
-    """Measured fp32 matmul FLOP/s of this process with `threads` threads (the MFU denominator)."""
+def matmul_peak(threads: int) -> float:
+    """Measured fp32 matmul FLOP/s of this process with `threads` threads (the MFU denominator): the
+    trainer's own measurement (clipkit.models.flops.matmul_peak)."""
     import torch
 
+    from ..models.flops import matmul_peak as measured
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    return measured(torch.device("cpu"), torch.float32)
 
 
 # ----------------------------------------------------------------------------------------- measurements

@@ -146,17 +146,14 @@ def _reset_peak_rss() -> tuple[int, str]:
         return _status_bytes("VmHWM"), "VmHWM not resettable; baseline VmHWM (may understate)" + trimmed
 
 
-def _matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
-    """Measured fp32 matmul throughput of this rank while the others measure theirs (the MFU reference)."""
+def _matmul_gflops(seconds: float = 1.0) -> float:
+    """Measured fp32 matmul throughput of this rank while the others measure theirs (the MFU reference; the
+    trainer's own measurement, clipkit.models.flops.matmul_peak)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
+    from ..models.flops import matmul_peak
+
+    return matmul_peak(torch.device("cpu"), torch.float32, seconds=seconds) / 1e9
 
 
 def _inputs(batch: int, dim: int, seed: int, requires_grad: bool = True):

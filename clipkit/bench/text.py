@@ -114,16 +114,12 @@ def build_step(model: str, batch: int, trim: bool):
 
 
 def matmul_peak() -> float:
-    """fp32 GFLOP/s of a 2048^3 matmul, best of 5."""
+    """fp32 GFLOP/s of this process's matmuls (clipkit.models.flops.matmul_peak, the trainer's MFU denominator)."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)  # fp32
-    best = 0.0
-    for _ in range(6):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
+    from ..models.flops import matmul_peak as measured
+
+    return measured(torch.device("cpu"), torch.float32) / 1e9
 
 
 def step_flops(step, images, tokens) -> int:

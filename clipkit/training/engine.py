@@ -81,7 +81,7 @@ class TorchEngine:
         if env.distributed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
             self.model = DistributedDataParallel(module, device_ids=device_ids)
-        self.optimizer = build_optimizer(module, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+        self.optimizer = build_optimizer(module, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, t.optimizer_impl)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.steps)
         self.input_dtype = None  # fp32 weights; bf16/fp16 run under autocast
         self.autocast_dtype = AUTOCAST_DTYPES.get(t.precision)

@@ -27,8 +27,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+                    eps: float, impl: str = "fused") -> torch.optim.AdamW:
+    """AdamW over param_groups. impl (train.optimizer_impl): "fused", one kernel over every tensor (on CPU
+    about 10x faster than torch's default there, which updates one tensor at a time with several passes over
+    memory: a large share of a small model's step); "foreach"; "for_loop". The same update up to rounding, and
+    the same state, so a checkpoint written with one continues with another."""
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kwargs)
 
 
 class WarmupCosine:

@@ -81,7 +81,7 @@ class TrainingDiverged(UserError):
 RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "run.report", "train.steps", "train.resume",
                      "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
                      "eval.", "export.", "train.max_nonfinite_steps", "train.stall_timeout_s", "dist.", "data.workers",
-                     "finetune.", "data.synth.downstream_", "model.trim_text")
+                     "finetune.", "data.synth.downstream_", "model.trim_text", "train.optimizer_impl")
 
 
 def seed_everything(seed: int) -> None:
