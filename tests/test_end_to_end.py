@@ -146,10 +146,11 @@ def test_full_train_writes_summary_zeroshot_and_export(tmp_path, synth_small):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f'src="report/{name}.png"' in page
     assert f"{summary['zeroshot']['acc1']:.3f}" in page
     # MFU as torchtitan logs it: the model's FLOPs per sample (FlopCounterMode over one forward and
-    # backward of a freshly built model) times samples/s, over the measured peak
+    # backward of a freshly built model, its text tower at the full context: model FLOPs, whatever the run's
+    # trimmed tower executes) times samples/s, over the measured peak
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = create_model("clipkit-nano")
+    model = create_model("clipkit-nano", trim_text=False)
     counter = FlopCounterMode(display=False)
     with counter:
         (model.encode_image(torch.zeros(1, 3, 32, 32)) @ model.encode_text(

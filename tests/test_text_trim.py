@@ -214,3 +214,22 @@ def test_two_ranks_with_trimmed_text_train_as_one_process_with_the_full_tower(ar
     assert full["losses"][-1] != full["losses"][0]  # the weights do move between the steps compared
     for got, want in zip(trimmed["losses"], full["losses"], strict=True):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_model_flops_are_counted_at_the_full_context_while_trimming(one_thread):
+    """MFU's numerator is the model's FLOPs: a trimming model is counted as open_clip's untouched model
+    (FlopCounterMode by hand), and it keeps trimming afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipkit.models.flops import train_flops_per_sample
+
+    trimmed = create_model("clipkit-nano")
+    reference = create_model("clipkit-nano", trim_text=False)
+    assert type(reference) is open_clip.CLIP
+    counter = FlopCounterMode(display=False)
+    with counter:
+        tokens = torch.zeros(1, reference.context_length, dtype=torch.long)
+        tokens[0, -1] = 49407  # the end-of-text token at the last position: the whole context is read
+        (reference.encode_image(torch.zeros(1, 3, 32, 32)) @ reference.encode_text(tokens).T).sum().backward()
+    assert train_flops_per_sample(trimmed, (32, 32), trimmed.context_length) == counter.get_total_flops()
+    assert type(trimmed) is TrimmedTextCLIP and all(p.grad is None for p in trimmed.parameters())

@@ -383,7 +383,7 @@ def model_flops_per_sample(model_name: str, batch_size: int) -> dict:
     from ..models import create_model
 
     torch.manual_seed(0)
-    model = create_model(model_name).train()
+    model = create_model(model_name, trim_text=False).train()  # model FLOPs: the text at its full context
     size = model.visual.image_size
     h, w = size if isinstance(size, (tuple, list)) else (size, size)
     n = 2  # per-sample tower FLOPs do not depend on the batch

@@ -19,8 +19,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def train_flops_per_sample(model: nn.Module, image_size: tuple[int, int], context_length: int) -> float:
-    """FLOPs of the forward and backward of one (image, text) pair through `model` (an open_clip CLIP);
-    the model's gradients are left as they were (None)."""
+    """FLOPs of the forward and backward of one (image, text) pair through `model` (an open_clip CLIP), the
+    text at the full context length even where the model cuts its text tower at the longest caption
+    (model.trim_text: counted untrimmed, then switched back); the model's gradients are left as they were."""
+    from .trim import set_text_trimming, text_trimming
+
+    trimmed = text_trimming(model)
+    set_text_trimming(model, False)
+    try:
+        return _count(model, image_size, context_length)
+    finally:
+        set_text_trimming(model, trimmed)
+
+
+def _count(model: nn.Module, image_size: tuple[int, int], context_length: int) -> float:
     param = next(model.parameters())
     images = torch.zeros(1, 3, *image_size, device=param.device, dtype=param.dtype)
     tokens = torch.ones(1, context_length, dtype=torch.long, device=param.device)
