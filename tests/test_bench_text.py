@@ -28,3 +28,10 @@ def test_bench_text_reports_the_three_methods(tmp_path, one_thread):
     assert report["matmul_peak_gflop_s"] > 0 and set(report["mfu"]) == methods
     tokens = open_clip.get_tokenizer("clipkit-tiny")(text.web_captions(64, 0))
     assert report["captions"]["tokens_max"] == int(tokens.argmax(-1).max()) + 1
+    # the profile: every phase of the step took time, and the phases fit inside the profiled step
+    prof = report["profile_trim"]
+    phases = prof["phase_seconds_per_step"]
+    assert set(phases) == {"forward", "loss", "backward", "grad_norm", "optimizer"} and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= prof["step_seconds_profiled"] * 1.05
+    assert 0 < prof["matmul_attention_conv_seconds_per_step"] < prof["step_seconds_profiled"]
+    assert len(prof["top_ops_self_seconds_per_step"]) == 15

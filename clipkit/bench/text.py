@@ -2,7 +2,7 @@
 caption-length bucketing (data.length_buckets), against the full-length tower.
 
     clipkit bench text [--model ViT-S-32] [--batch 32] [--batches 6] [--repeats 3] [--threads 2]
-                       [--buckets 12,16,24,32,48] [--captions 1536] [--out bench_text.json]
+                       [--buckets 12,16,24,32,48] [--captions 1536] [--profile-steps 3] [--out bench_text.json]
     python -m clipkit.bench.text ...            (the same)
 
 The captions are web-like (median 11 words, a long tail: about 29 at the 95th percentile, at most 63), drawn
@@ -22,7 +22,9 @@ Methods alternate within each repeat; the median over repeats of each batch is t
 the batches, of wall time and of the process's CPU time (which other jobs on a shared machine move less);
 also the mean of each batch's fastest repeat, the least disturbed figure on a shared machine.
 FLOPs per step are counted (torch.utils.flop_counter) and achieved GFLOP/s reported against a measured
-fp32 matmul peak of the same process.
+fp32 matmul peak of the same process. Then `--profile-steps` trimmed steps run under torch.profiler: the time
+per step in each phase (forward, loss, backward, gradient norm, optimizer: clipkit.training.step's
+record_function ranges), the matmul/attention kernels' own time, and the ops that take the most.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--buckets", default="12,16,24,32,48", help="data.length_buckets edges, comma-separated")
     p.add_argument("--captions", type=int, default=1536, help="captions streamed (an epoch)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="steps of the default (trimmed) step profiled with torch.profiler afterwards; 0: none")
     p.add_argument("--out", default="bench_text.json")
     args = p.parse_args(argv)
     for name in ("batch", "batches", "repeats", "threads", "captions"):
@@ -122,6 +126,36 @@ def matmul_peak() -> float:
     return measured(torch.device("cpu"), torch.float32) / 1e9
 
 
+PHASES = ("clipkit.forward", "clipkit.loss", "clipkit.backward", "clipkit.grad_norm", "clipkit.optimizer")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::convolution_backward",
+              "aten::mkldnn_convolution", "aten::_convolution")
+
+
+def profile_steps(step, batches: list) -> dict:
+    """Where a training step's time goes: torch.profiler over the steps, wall seconds per step in each phase
+    (the record_function ranges of clipkit.training.step), the matmul/attention/convolution kernels' share,
+    and the ops that take the most time themselves."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step(*batches[0])  # warm
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for images, tokens in batches:
+            step(images, tokens)
+    wall = (time.perf_counter() - start) / len(batches)
+    events = prof.key_averages()
+    n = len(batches)
+    phases = {name.split(".", 1)[1]: sum(e.cpu_time_total for e in events if e.key == name) / 1e6 / n for name in PHASES}
+    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6 / n
+    return {"steps": n, "threads": torch.get_num_threads(), "step_seconds_profiled": wall,
+            "phase_seconds_per_step": phases,
+            "matmul_attention_conv_seconds_per_step": matmul,
+            "top_ops_self_seconds_per_step": {e.key: e.self_cpu_time_total / 1e6 / n for e in ops[:15]}}
+
+
 def step_flops(step, images, tokens) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -164,6 +198,8 @@ def run(args: argparse.Namespace) -> dict:
                 steps[trim][0](images[i], tokens[picked[s][i]])
                 times[m][i].append(time.perf_counter() - t)
                 cpu[m][i].append(time.process_time() - c)
+    profile = profile_steps(steps[True][0], [(images[i % args.batches], tokens[picked["plain"][i % args.batches]])
+                                             for i in range(args.profile_steps)]) if args.profile_steps else None
     peak = matmul_peak()
     seconds = {m: statistics.mean(statistics.median(r) for r in per) for m, per in times.items()}
     cpu_seconds = {m: statistics.mean(statistics.median(r) for r in per) for m, per in cpu.items()}
@@ -193,6 +229,7 @@ def run(args: argparse.Namespace) -> dict:
         "achieved_gflop_s": {m: flops[m] / 1e9 / seconds[m] for m in plan},
         "matmul_peak_gflop_s": peak,
         "mfu": {m: flops[m] / 1e9 / seconds[m] / peak for m in plan},
+        "profile_trim": profile,
     }
 
 
@@ -210,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['fastest_speedup_vs_full'][m]:.2f}x)  {result['gflop_per_step'][m]:.1f} GFLOP  "
               f"MFU {result['mfu'][m]:.2f}")
     print(f"  loss trim vs full on the same batch and weights: |diff| = {result['loss_difference_trim_vs_full']:.2e}")
+    if result["profile_trim"]:
+        prof = result["profile_trim"]
+        print(f"  profile of the trimmed step ({prof['step_seconds_profiled']:.2f} s profiled): " + ", ".join(
+            f"{k} {v:.2f} s" for k, v in prof["phase_seconds_per_step"].items())
+              + f"; matmul/attention kernels {prof['matmul_attention_conv_seconds_per_step']:.2f} s")
     print(f"wrote {args.out}")
     return 0
 

@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 
 def _rng_snapshot(device: torch.device) -> tuple:
@@ -81,10 +82,14 @@ class ContrastiveStep:
         images = images.to(self.device, dtype=self.engine.input_dtype, non_blocking=True)
         tokens = tokens.to(self.device, non_blocking=True)
         if self.accum_steps == 1:
-            loss = self._loss(self._forward(images, tokens))
-            value = loss.item()
+            with record_function("clipkit.forward"):
+                out = self._forward(images, tokens)
+            with record_function("clipkit.loss"):
+                loss = self._loss(out)
+                value = loss.item()
             if before_backward is None or before_backward(value):
-                self.engine.backward(loss)
+                with record_function("clipkit.backward"):
+                    self.engine.backward(loss)
             return value
         return self._accumulated(images.chunk(self.accum_steps), tokens.chunk(self.accum_steps), before_backward)
 
@@ -151,13 +156,16 @@ class ContrastiveStep:
         if self.engine.checks_gradients:
             loss = self.compute_gradients(images, tokens, before_backward)
             nonfinite, stop_all = decided[0]
-            applied = self.engine.step(apply=not nonfinite)  # DeepSpeed skips non-finite gradients itself
+            with record_function("clipkit.optimizer"):
+                applied = self.engine.step(apply=not nonfinite)  # DeepSpeed skips non-finite gradients itself
         else:
             loss = self.compute_gradients(images, tokens)
-            norm = self.engine.grad_norm()
-            local = ~torch.isfinite(norm) if math.isfinite(loss) else True  # one device sync, in _agree
-            nonfinite, stop_all = self._agree(local, stop)
-            applied = self.engine.step(apply=not nonfinite)
+            with record_function("clipkit.grad_norm"):
+                norm = self.engine.grad_norm()
+                local = ~torch.isfinite(norm) if math.isfinite(loss) else True  # one device sync, in _agree
+                nonfinite, stop_all = self._agree(local, stop)
+            with record_function("clipkit.optimizer"):
+                applied = self.engine.step(apply=not nonfinite)
         return StepResult(loss, applied, stop_all)
 
     def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
