@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: train clipkit-tiny on the built-in dataset, evaluate zero-shot and retrieval, export; then adapt
+# The main job: train clipkit-tiny-rn on the built-in dataset, evaluate zero-shot and retrieval, export; then adapt
 # it to the built-in downstream task with every fine-tuning method and print them against zero-shot.
 # Extra arguments are passed to `clipkit train` (a YAML file and/or dotted overrides).
 set -euo pipefail

@@ -8,7 +8,7 @@ def test_defaults_load_and_have_documented_keys():
     cfg = load_config()
     assert isinstance(cfg, Config)
     # keys that docs and scripts rely on
-    assert cfg.data.train is None and cfg.model.name == "clipkit-tiny"
+    assert cfg.data.train is None and cfg.model.name == "clipkit-tiny-rn"
     assert cfg.train.global_batch_size > 0 and cfg.train.steps > 0 and cfg.train.lr > 0
     assert cfg.run.dir
 
