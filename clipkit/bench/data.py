@@ -46,6 +46,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -106,11 +107,16 @@ def _variant(name: str, photo: np.ndarray, rng: random.Random) -> tuple[bytes, s
     return buf.getvalue(), caption
 
 
-def write_bench_shards(out: Path, images: int, per_shard: int = 100, seed: int = 0) -> str:
-    """Shards 00000.tar ... (KEY.jpg, KEY.txt, KEY.json) under OUT; returns the brace spec. Cached."""
+def write_bench_shards(out: Path, images: int, per_shard: int = 100, seed: int = 0,
+                       caption_for: Callable[[str], str] | None = None, caption_format: str | None = None) -> str:
+    """Shards 00000.tar ... (KEY.jpg, KEY.txt, KEY.json) under OUT; returns the brace spec. Cached.
+    caption_for(photo name), when given, writes its caption instead of the photo's own (the photos stay the
+    same for the seed); caption_format names that recipe in the cache's manifest."""
     out = Path(out)
     manifest = out / "manifest.json"
     wanted = {"images": images, "per_shard": per_shard, "seed": seed, "format": SHARD_FORMAT}
+    if caption_format:
+        wanted["captions"] = caption_format
     shards = (images + per_shard - 1) // per_shard
     spec = str(out / f"{{00000..{shards - 1:05d}}}.tar")
     if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
@@ -123,6 +129,7 @@ def write_bench_shards(out: Path, images: int, per_shard: int = 100, seed: int =
             for i in range(s * per_shard, min(images, (s + 1) * per_shard)):
                 name, photo = photos[i % len(photos)]
                 jpg, caption = _variant(name, photo, rng)
+                caption = caption if caption_for is None else caption_for(name)
                 key = f"{s:05d}{i - s * per_shard:04d}"
                 for ext, payload in (("jpg", jpg), ("txt", caption.encode()),
                                      ("json", json.dumps({"key": key, "caption": caption}).encode())):

@@ -44,7 +44,6 @@ for --precision bf16/fp16, whose own peak on a CPU may be lower or higher).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -58,7 +57,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import CACHE, BenchError, _source_photos, _variant, peer_site
+from .data import CACHE, BenchError, peer_site, write_bench_shards
 
 # clipkit: its defaults (exact speed-ups only: the same numbers as a full-length text tower);
 # clipkit_buckets: the same plus caption-length bucketing (data.length_buckets, a different batching);
@@ -131,30 +130,9 @@ def web_caption(rng: random.Random, photo_name: str) -> str:
 def write_train_shards(out: Path, images: int, per_shard: int = 100, seed: int = 0) -> str:
     """Shards 00000.tar ... of photos (bench data's recipe: the same photos for the same seed) with web-like
     captions (KEY.jpg, KEY.txt, KEY.json, img2dataset's layout) under OUT; returns the brace spec. Cached."""
-    out = Path(out)
-    manifest = out / "manifest.json"
-    wanted = {"images": images, "per_shard": per_shard, "seed": seed, "captions": CAPTION_FORMAT}
-    shards = (images + per_shard - 1) // per_shard
-    spec = str(out / f"{{00000..{shards - 1:05d}}}.tar")
-    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
-        return spec
-    out.mkdir(parents=True, exist_ok=True)
-    photos = _source_photos()
-    photo_rng, caption_rng = random.Random(seed), random.Random(f"captions-{seed}")
-    for s in range(shards):
-        with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
-            for i in range(s * per_shard, min(images, (s + 1) * per_shard)):
-                name, photo = photos[i % len(photos)]
-                jpg, _ = _variant(name, photo, photo_rng)
-                caption = web_caption(caption_rng, name)
-                key = f"{s:05d}{i - s * per_shard:04d}"
-                for ext, payload in (("jpg", jpg), ("txt", caption.encode()),
-                                     ("json", json.dumps({"key": key, "caption": caption}).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    manifest.write_text(json.dumps(wanted))
-    return spec
+    caption_rng = random.Random(f"captions-{seed}")
+    return write_bench_shards(out, images, per_shard, seed, caption_for=lambda name: web_caption(caption_rng, name),
+                              caption_format=CAPTION_FORMAT)
 
 
 def caption_token_stats(spec: str, model: str, batch_size: int, limit: int) -> dict | None:
