@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 
-from clipkit.bench.train import steady_state, web_caption, write_train_shards
+from clipkit.bench.train import steady_state, web_caption
 from clipkit.data import expand_shards
 
 
