@@ -3,40 +3,47 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # torch/torchvision are pinned to the releases this project is built and tested against; a looser
-# range would let pip pull a different (multi-GB) CUDA build from the registry.
+# range would let pip pull a different (multi-GB) CUDA build from the registry. Every package clipkit
+# imports is declared here or in an extra; an upper bound stands where the next major version would
+# break an API clipkit uses.
 INSTALL_REQUIRES = [
     "torch==2.14.1",
     "torchvision==0.29.1",
     "open_clip_torch==3.3.0",
     "webdataset==1.0.2",
-    "deepspeed==0.19.8",
-    "timm>=1.0",
-    "transformers>=5.0",  # the HF export uses the 5.x tokenizer and processor API
+    "timm>=1.0,<2",
+    "transformers>=5.0,<6",  # the HF export uses the 5.x tokenizer and processor API
     "fsspec>=2024.1",
-    "safetensors>=0.4",
-    "tensorboard>=2.15",
-    "tqdm>=4.60",
-    "pyyaml>=6.0",
+    "safetensors>=0.4,<1",
+    "numpy>=2.0,<3",
+    "Pillow>=10.1,<14",  # Image.open(formats=...), the decompression-bomb checks
+    "tensorboard>=2.15,<3",
+    "tqdm>=4.60,<5",
+    "pyyaml>=6.0,<7",
     "braceexpand>=0.1.7",
     "pyarrow>=14",  # parquet: make-shards input, img2dataset-style per-shard metadata, embedding metadata
-    # using what was trained: indexes, the retrieval service, ONNX export
-    "faiss-cpu>=1.8",
-    "fastapi>=0.110",
-    "uvicorn>=0.29",
-    "onnx>=1.16",
-    "onnxruntime>=1.18",
-    "onnxscript>=0.5",  # torch.onnx's (dynamo) exporter
-    "peft>=0.13",  # LoRA fine-tuning (clipkit finetune --method lora)
-    "matplotlib>=3.8",  # a run's report.html plots, the loss benchmark's curve
+    "matplotlib>=3.8,<4",  # a run's report.html plots, the loss benchmark's curve
 ]
 
+# The heavy optional parts: each command that needs one names its extra in a one-line error when it is
+# missing (clipkit/extras.py holds the same table).
+OPTIONAL = {
+    "deepspeed": ["deepspeed==0.19.8"],  # deepspeed.enabled=true (ZeRO 1-3)
+    "onnx": ["onnx>=1.16,<2", "onnxruntime>=1.18,<2", "onnxscript>=0.5,<1"],  # export --format onnx, bench onnx
+    "lora": ["peft>=0.13,<1"],  # finetune --method lora
+    # index, search, serve: faiss builds from 1.9 on are made against numpy 2
+    "retrieval": ["faiss-cpu>=1.9,<2", "fastapi>=0.110,<1", "starlette>=0.37,<2", "pydantic>=2,<3",
+                  "uvicorn>=0.29,<1"],
+}
 BENCH = ["scikit-image>=0.22"]  # its sample photographs build the realistic shards of `clipkit bench data`
+ALL = sorted({req for reqs in OPTIONAL.values() for req in reqs})
 EXTRAS = {
+    **OPTIONAL,
+    "all": ALL,
     "bench": BENCH,
     # clip-benchmark: the independent reference for zero-shot and retrieval evaluation
-    "test": ["pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0", "httpx>=0.27", "clip-benchmark==1.6.2",
-             "scikit-learn>=1.3",  # the reference the linear probe is tested against
-             *BENCH],
+    "test": [*ALL, *BENCH, "pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0", "httpx>=0.27", "clip-benchmark==1.6.2",
+             "scikit-learn>=1.3"],  # the reference the linear probe is tested against
 }
 
 setup(

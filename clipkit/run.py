@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .config import Config
 from .data import ensure_synth_dataset
+from .extras import check_config
 from .distributed import DistEnv, cleanup, init_distributed
 from .evaluation import (
     RetrievalSet,
@@ -76,6 +77,7 @@ def resolve_data(cfg: Config, env: DistEnv) -> tuple[Config, HeldOut]:
 
 def run(cfg: Config) -> dict:
     """Train, then (rank 0) evaluate and export as configured; returns the run summary."""
+    check_config(cfg)
     env = init_distributed(timeout_s=cfg.dist.timeout_s)
     try:
         cfg, held_out = resolve_data(cfg, env)

@@ -268,12 +268,15 @@ def run(args: argparse.Namespace, argv: list[str], export_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from clipkit.errors import UserError
+    from clipkit.extras import require
     from clipkit.evaluation import ZeroShotDataError
     from clipkit.checkpoint import CheckpointError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
+        for module in ("onnx", "onnxruntime", "onnxscript"):
+            require(module, "clipkit bench onnx")
         with tempfile.TemporaryDirectory(prefix="clipkit_bench_onnx_") as tmp:
             report = run(args, argv, Path(args.export_dir or tmp))
     except (BenchError, UserError, ZeroShotDataError, CheckpointError) as e:

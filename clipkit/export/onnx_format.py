@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..extras import require
 from ..models import eval_mode
 
 CONFIG_NAME = "onnx_config.json"
@@ -214,6 +215,8 @@ def describe(model: nn.Module, model_name: str, model_cfg: dict, out: Path, file
 
 
 def export_onnx(model, model_name: str, model_cfg: dict, out: str | Path) -> dict[str, Path]:
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        require(module, "the ONNX export")
     """Write OUT (see the module docstring) and return the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..extras import require
 from ..training.optim import is_no_decay
 
 # The parts of open_clip's VisionTransformer before its first block (the embedding "layer 0").
@@ -162,7 +163,8 @@ def add_lora(model: ImageClassifier, rank: int, alpha: float, dropout: float, ta
              text: bool = False) -> None:
     """LoRA adapters (peft) on the image tower's modules named in `targets` (and the text tower's, with
     text=True); the adapted towers' own weights are frozen, the head stays as set_trainable left it."""
-    from peft import LoraConfig, get_peft_model
+    peft = require("peft", "LoRA fine-tuning")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     model.clip.visual = get_peft_model(model.clip.visual, config)

@@ -27,6 +27,7 @@ from ..checkpoint import commit, remove_stale_temporaries
 from ..config import Config, load_config, parse_alphas, save_config
 from ..distributed import DistEnv, cleanup, init_distributed
 from ..errors import UserError
+from ..extras import check_config
 from ..evaluation import build_classifier
 from ..export import export_open_clip
 from ..models import WEIGHTS_FILE, create_transforms, get_tokenizer, load_model, save_weights
@@ -254,6 +255,7 @@ def finetune(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
     if (run_dir / RESULT_FILE).exists():
         raise UserError(f"{run_dir} already holds a finished fine-tune ({RESULT_FILE}): choose another --out")
+    check_config(cfg)
     env = init_distributed()
     try:
         torch.manual_seed(cfg.run.seed)

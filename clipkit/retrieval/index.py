@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
+from ..extras import require
 
 KINDS = {"image": ("img_emb", "image.index"), "text": ("text_emb", "text.index")}
 METADATA_FILE = "metadata.parquet"
@@ -311,6 +312,7 @@ def build_index(embeddings: str | Path, out: str | Path, memory_budget: str | in
     if any(k not in KINDS for k in kinds):
         raise UserError(f"--kind {kind!r}: expected image, text or both")
     budget = parse_memory(memory_budget)
+    require("faiss", "building an index")
     parts, dim = find_parts(embeddings, kinds)
     embed_info = _embed_info(Path(embeddings), allow_incomplete)
     n = sum(p.rows for p in parts)

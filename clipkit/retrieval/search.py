@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import UserError
+from ..extras import require
 from .index import EMBED_INFO, INDEX_FORMAT, INFO_FILE, KINDS, set_search_params
 
 # Search parameters each index type takes; an override meant for another type (--nprobe on an exact
@@ -103,7 +104,7 @@ class Searcher:
 
     def __init__(self, index_dir: str | Path, checkpoint: str | Path | None = None,
                  search_params: dict | None = None, device: str = "cpu") -> None:
-        import faiss
+        faiss = require("faiss", "searching an index")
 
         self.dir = Path(index_dir)
         self.info = read_index_info(self.dir)

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from ..errors import UserError
+from ..extras import require
 from .search import Searcher
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a base64 photo is a few MB; anything far larger is refused unread
@@ -72,6 +73,7 @@ class ShardImages:
 def create_app(searcher: Searcher, name: str | None = None, shards: str | None = None, max_k: int = 1000,
                max_body: int = MAX_BODY_BYTES):
     """The FastAPI application serving one index."""
+    require("fastapi", "the retrieval service")
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (overrides index_info.json)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (overrides index_info.json)")
     args = p.parse_args(argv)
-    import uvicorn
+    uvicorn = require("uvicorn", "the retrieval service")
 
     params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
     searcher = Searcher(args.index, args.checkpoint, params)

@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import CheckpointError
 from ..config import Config
 from ..distributed import DistEnv, gather_objects
+from ..extras import require
 from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
@@ -186,7 +187,7 @@ class DeepSpeedEngine:
         return {"nonscalar_logit_scale": True}
 
     def __init__(self, module: nn.Module, cfg: Config, env: DistEnv, model_name: str, model_cfg: dict) -> None:
-        import deepspeed
+        deepspeed = require("deepspeed", "deepspeed.enabled=true")
 
         self.module, self.env, self.cfg = module, env, cfg
         self.name = f"deepspeed-zero{cfg.deepspeed.zero_stage}"
