@@ -1,13 +1,12 @@
 """Names read from files are data, never paths; and building a model fetches no pretrained weights.
 
 A weights file whose header names its model "../../x/settings" or an absolute path goes through every command
-that loads weights (export in its three formats, zeroshot, embed, serve's model loading, finetune): each
-refuses it with one line naming it, and no file appears anywhere in the test area but the command's own
-output and temporary folders. A header name that is the path of a JSON config (as training with
+that loads weights (export in its three formats, zeroshot, retrieval, embed, search, serve's model loading,
+finetune): each refuses it with one line naming it, and no file appears anywhere in the test area but the
+command's own output and temporary folders. A header name that is the path of a JSON config (as training with
 model.name=cfgs/arch.json writes) is taken by its stem; such a run exports, and open_clip itself loads the
 export both ways the export documents."""
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -90,6 +89,9 @@ def _commands(weights: Path, out: Path, synth, index: Path) -> dict:
                      "--workers", "0", "--batch-size", "64"],
         "embed": ["embed", "--checkpoint", weights, "--data", synth.train_spec.replace("{0..3}", "0"), "--out", out,
                   "--workers", "0", "--no-progress"],
+        "retrieval": ["retrieval", "--checkpoint", weights, "--data", synth.retrieval_root, "--out", out / "r.json",
+                      "--workers", "0", "--batch-size", "64", "--device", "cpu"],
+        "search": ["search", "--index", index, "--checkpoint", weights, "--text", "a red square"],
         # `clipkit serve` loads its model this way before it binds a port
         "serve": lambda: Searcher(index, checkpoint=weights).load_model(),
         "finetune": ["finetune", "--checkpoint", weights, "--data", synth.downstream_root, "--method",
@@ -98,8 +100,8 @@ def _commands(weights: Path, out: Path, synth, index: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("command", ["export-open_clip", "export-hf", "export-onnx", "zeroshot", "embed", "serve",
-                                     "finetune"])
+@pytest.mark.parametrize("command", ["export-open_clip", "export-hf", "export-onnx", "zeroshot", "retrieval", "embed",
+                                     "search", "serve", "finetune"])
 @pytest.mark.parametrize("label", list(CRAFTED))
 def test_crafted_header_name_is_refused_and_writes_nothing_outside(label, command, crafted, area, synth_small,
                                                                      index_dir, monkeypatch, capsys):
