@@ -55,7 +55,7 @@ def plain_model_name(name: str) -> str:
     stem = Path(name).stem if name.endswith(".json") else name
     if not PLAIN_NAME.fullmatch(stem):
         shown = repr(name[:120]) + ("..." if len(name) > 120 else "")
-        raise ModelNameError(f"model name {shown} is not a plain name (letters, digits, '.', '_', '-', at most 128, "
+        raise ModelNameError(f"model name {shown} is not a plain name (up to 128 letters, digits, '.', '_', '-', "
                              "or a path ending in .json): refused, clipkit never uses a name read from a file as "
                              "a path")
     return stem
