@@ -122,7 +122,8 @@ def _openclip(args: argparse.Namespace, out: Path) -> tuple[int, _Clock]:
     from ..models import MODEL_CONFIG_DIR
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)  # clipkit's architectures (clipkit-tiny, ...) by name
-    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None)
+    # pretrained_text=False: no Hugging Face text-tower weights fetched before the file's weights replace them
+    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None, pretrained_text=False)
     model.load_state_dict(load_file(args.weights))
     model.eval()
     feats, keys = [], []

@@ -2,9 +2,12 @@
 
     OUT/open_clip_model.safetensors   the state dict
     OUT/open_clip_config.json         {"model_cfg": ..., "preprocess_cfg": ...}  (local-dir: schema)
-    OUT/<model name>.json             the bare architecture config (open_clip.add_model_config)
+    OUT/<name>.json                   the bare architecture config (open_clip.add_model_config)
 
-Both ways of loading work with no hub access:
+<name> is the model's plain name (factory.plain_model_name: letters, digits, '.', '_', '-'; a JSON config's
+path gives its stem), so every file lands directly in OUT whatever name a weights file's header carries;
+another name is refused before anything is written. open_clip registers a config file under its stem, so
+the name to build by is <name>. Both ways of loading work with no hub access:
     open_clip.create_model_and_transforms("local-dir:OUT")
     open_clip.add_model_config("OUT/<name>.json")
     open_clip.create_model_and_transforms("<name>", pretrained="OUT/open_clip_model.safetensors")
@@ -16,13 +19,17 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..models import load_model
+from ..models import ModelNameError, load_model, plain_model_name
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
 
 
 def export_open_clip(model, model_name: str, model_cfg: dict, out: str | Path) -> dict[str, Path]:
+    model_name = plain_model_name(model_name)  # the architecture file's name: data, never a path
+    if f"{model_name}.json" == CONFIG_NAME:
+        raise ModelNameError(f"model name {model_name!r} would overwrite the export's {CONFIG_NAME}: train or "
+                             "export under another name")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

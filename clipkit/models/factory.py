@@ -3,14 +3,22 @@
 Architectures are data: `model_configs/*.json` in open_clip's schema (embed_dim, vision_cfg,
 text_cfg). `model.name` may be any registered name (ViT-B-32, RN50, clipkit-tiny, ...) or the path of
 a JSON file in that schema. Weights are never downloaded: models are built from their configs and
-trained here, or loaded from a local file.
+trained here, or loaded from a local file (a Hugging Face text tower is built from its config, not with
+its pretrained weights).
+
+A model name read from a file (a weights file's header) is data, never a path: `plain_model_name` accepts
+letters, digits, '.', '_' and '-' only (a JSON config's path gives its stem), and the configs that
+checkpoints carry are registered under `<name>-ckpt<digest>` from a private directory of this process.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import json
 import logging
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +28,7 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from ..errors import UserError
 from .trim import set_text_trimming
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -28,6 +37,28 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 class ModelNotFoundError(ValueError):
     pass
+
+
+class ModelNameError(UserError):
+    """A model name that is not a plain name: it could name a path or an open_clip schema (local-dir:, hf-hub:)."""
+
+
+# Letters, digits, '.', '_', '-', starting with a letter or digit (no hidden files, nothing read as an option).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def plain_model_name(name: str) -> str:
+    """The name as data: a JSON config's path gives its stem, anything else must already be plain.
+
+    Raises ModelNameError naming it otherwise: such a name is refused, never mapped, so a crafted name cannot
+    pass for another model's."""
+    stem = Path(name).stem if name.endswith(".json") else name
+    if not PLAIN_NAME.fullmatch(stem):
+        shown = repr(name[:120]) + ("..." if len(name) > 120 else "")
+        raise ModelNameError(f"model name {shown} is not a plain name (up to 128 letters, digits, '.', '_', '-', "
+                             "or a path ending in .json): refused, clipkit never uses a name read from a file as "
+                             "a path")
+    return stem
 
 
 def list_models() -> list[str]:
@@ -66,8 +97,10 @@ def create_model(name: str, device: str | torch.device = "cpu", precision: str =
     features (see trim.py; exact, so on unless asked otherwise)."""
     get_model_config(name)  # clear error for unknown names before open_clip's own
     with _quiet_root_logger():
+        # pretrained_text=False: open_clip would otherwise load a Hugging Face text tower's pretrained weights
+        # (a hub download where HF_HUB_OFFLINE is unset) before ours replace them.
         model = open_clip.create_model(_resolve_name(name), pretrained=None, precision=precision, device=device,
-                                       output_dict=True, **kwargs)
+                                       output_dict=True, pretrained_text=False, **kwargs)
     set_text_trimming(model, trim_text)
     return model
 
@@ -96,21 +129,35 @@ def eval_mode(model: torch.nn.Module):
 
 
 def register_model_config(name: str, model_cfg: dict) -> str:
-    """Make an architecture stored elsewhere (a checkpoint, an export) buildable by name.
+    """Make an architecture stored elsewhere (a checkpoint, an export) buildable; returns the name to build by.
 
-    A name already registered with a different config is registered under a suffixed name, so a
-    checkpoint always rebuilds exactly the architecture it was trained with."""
-    name = Path(name).stem if name.endswith(".json") else name
-    existing = open_clip.get_model_config(name)
-    if existing == model_cfg:
+    `name` (often read from a file) is only data: a plain name whose registered config is this one is
+    returned as it is; otherwise the config registers as `<name>-ckpt<digest of the config>`, the same name
+    for the same architecture in every process. The name keeps its plain part because open_clip picks some
+    tokenizers by name (SigLIP). The JSON file open_clip reads is named by that alone, in a directory of this
+    process that no one else can write to."""
+    name = plain_model_name(name)
+    if open_clip.get_model_config(name) == model_cfg:
         return name
-    if existing is not None:
-        digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
-        name = f"{name}-ckpt{digest}"  # the same name for the same architecture in every process
-    path = Path(tempfile.mkdtemp(prefix="clipkit-cfg-")) / f"{name}.json"
-    path.write_text(json.dumps(model_cfg))
-    open_clip.add_model_config(path)
-    return name
+    digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16]
+    registered = f"{name}-ckpt{digest}"
+    if open_clip.get_model_config(registered) != model_cfg:
+        path = _private_config_dir() / f"{registered}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)  # open_clip rescans its config paths, this one included, on each add
+    return registered
+
+
+_config_dir: Path | None = None
+
+
+def _private_config_dir() -> Path:
+    """One directory (mode 0700, removed at exit) for the configs this process registers."""
+    global _config_dir
+    if _config_dir is None:
+        _config_dir = Path(tempfile.mkdtemp(prefix="clipkit-cfg-"))
+        atexit.register(shutil.rmtree, _config_dir, ignore_errors=True)
+    return _config_dir
 
 
 def create_transforms(model: torch.nn.Module) -> tuple[Callable, Callable]:

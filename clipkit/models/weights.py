@@ -5,13 +5,16 @@
     loaded.model, loaded.name, loaded.model_cfg                     # export directory, or a run directory
                                                                     # (its newest checkpoint)
 
-safetensors holds tensors and a JSON header only: loading a file never runs code from it. Weights that
+safetensors holds tensors and a JSON header only: loading a file never runs code from it, and the model
+name in the header is data, never a path: a name that is not plain (see factory.plain_model_name) is
+refused with CheckpointError naming it. Weights that
 hold a NaN or an infinity (a diverged run) are refused with CheckpointError naming the first such tensor:
 zero-shot, retrieval, embeddings and exports of them would be meaningless numbers.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, read_manifest, verify
-from .factory import create_model, register_model_config
+from .factory import ModelNameError, create_model, plain_model_name, register_model_config
 
 WEIGHTS_FILE = "model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -31,7 +34,7 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 class LoadedModel:
     model: torch.nn.Module
     name: str  # the name it is buildable under here (tokenizer and transforms follow it)
-    model_name: str  # the name it was trained under
+    model_name: str  # the name it was trained under, plain (a JSON config's path gives its stem)
     model_cfg: dict
     source: Path
 
@@ -58,7 +61,7 @@ def _weights_and_architecture(path: Path) -> tuple[Path, str, dict]:
         path = latest.parent / latest.read_text().strip()
     if path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file():  # an open_clip model directory
         cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
-        return path / OPEN_CLIP_WEIGHTS, path.name, cfg
+        return path / OPEN_CLIP_WEIGHTS, _directory_model_name(path), cfg
     if path.is_dir():  # a clipkit checkpoint: only its weights file is read, once its checksum matches
         manifest = read_manifest(path)
         if WEIGHTS_FILE not in manifest["files"]:
@@ -76,7 +79,17 @@ def _weights_and_architecture(path: Path) -> tuple[Path, str, dict]:
     if "model_cfg" not in meta or "model_name" not in meta:
         raise CheckpointError(f"{path} does not say which architecture it holds (no model_name/model_cfg in "
                               "its header): it was not written by clipkit")
-    return path, meta["model_name"], json.loads(meta["model_cfg"])
+    try:
+        name = plain_model_name(meta["model_name"])
+    except ModelNameError as e:
+        raise CheckpointError(f"{path}: its header's {e}") from None
+    return path, name, json.loads(meta["model_cfg"])
+
+
+def _directory_model_name(path: Path) -> str:
+    """An open_clip model directory is named by its folder (a name the user chose), mapped to a plain name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).lstrip("._-")[:128]
+    return name or "open_clip-model"
 
 
 def first_nonfinite(state: dict) -> str | None:
