@@ -1,7 +1,7 @@
 """The package's declared dependencies against what it imports, what pip sees, and what a core-only install does.
 
-- Every third-party module clipkit's code imports comes from a distribution that clipkit's installed metadata
-  (setup.py) declares, in install_requires or in the extra that clipkit.extras names for it.
+- Every third-party module clipkit's code imports comes from a distribution that setup.py declares, in
+  install_requires or in the extra that clipkit.extras names for it.
 - The environment the README's commands build passes `pip check`.
 - With every optional part missing (a core-only install), every clipkit module still imports, and each command
   that needs an extra stops with one line naming that extra.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import runpy
 import subprocess
 import sys
 from importlib import metadata
@@ -26,13 +27,30 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _setup_arguments() -> dict:
+    """The keyword arguments setup.py gives setuptools (read from the file under test, not from an install's
+    metadata, which may be another checkout's)."""
+    import setuptools
+
+    captured: dict = {}
+    real = setuptools.setup
+    setuptools.setup = lambda **kwargs: captured.update(kwargs)
+    try:
+        runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    finally:
+        setuptools.setup = real
+    return captured
+
+
 def _declared() -> dict[str, set[str]]:
-    """distribution -> the extras that declare it ('' for install_requires), from clipkit's installed metadata."""
+    """distribution -> the extras that declare it ('' for install_requires), as setup.py says."""
+    args = _setup_arguments()
     declared: dict[str, set[str]] = {}
-    for req in metadata.requires("clipkit") or []:
-        name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0)
-        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
-        declared.setdefault(_canonical(name), set()).add(extra.group(1) if extra else "")
+    groups = {"": args["install_requires"], **args["extras_require"]}
+    for extra, reqs in groups.items():
+        for req in reqs:
+            name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0)
+            declared.setdefault(_canonical(name), set()).add(extra)
     return declared
 
 
