@@ -5,7 +5,7 @@
     clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
     clipkit export --checkpoint CKPT --format open_clip --out DIR
     clipkit config [CONFIG.yaml] [dotted.key=value ...]       (the resolved config, as YAML)
-    clipkit data make-shards ...  /  clipkit bench loss|data|embed|onnx|train ...   (see --help of each)
+    clipkit data make-shards ...  /  clipkit bench loss|data|embed|onnx|train|text|serve ...   (see --help of each)
     clipkit models
 """
 from __future__ import annotations
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("embed", "embedding images/s per core, clipkit embed vs a plain open_clip loop"),
                             ("train", "training samples/s and MFU, clipkit train vs OpenCLIP's trainer"),
                             ("onnx", "ONNX Runtime fp32 and int8 exports: zero-shot accuracy and speed vs torch"),
-                            ("text", "training step time: text tower cut at the longest caption, length buckets")]:
+                            ("text", "training step time: text tower cut at the longest caption, length buckets"),
+                            ("serve", "the retrieval service under load on loopback, with hostile requests mixed in")]:
         bp = bsub.add_parser(name, add_help=False, help=help_text)
         bp.set_defaults(func=_delegate(f"clipkit.bench.{name}"))
 

@@ -37,16 +37,22 @@ class ImageTooLarge(ValueError):
     pass
 
 
-def open_image(data: bytes, max_pixels: int | None) -> Image.Image:
-    """A lazily decoded image (header read only), refused above `max_pixels`."""
-    pillow_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # ours, checked just below, replaces Pillow's global one
+def open_image(data: bytes, max_pixels: int | None, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """A lazily decoded image (header read only), refused above `max_pixels` before any pixel is decoded.
+
+    Pillow's process-wide Image.MAX_IMAGE_PIXELS is left alone: changing it would change it for every thread
+    and for the application around us (and a save/restore pair under threads can leave it None). It stays a
+    second, outer ceiling that Image.open applies itself: past twice its value Pillow raises
+    DecompressionBombError, which is refused here as ImageTooLarge like our own limit. (Between its value and
+    twice it Pillow only warns; our default limit equals its value, so those images are refused just below.)
+    `formats`: the only Pillow formats tried (None: all of them)."""
     try:
-        im = Image.open(io.BytesIO(data))
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
-    if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-        raise ImageTooLarge(f"{im.size[0]}x{im.size[1]} pixels is above the limit of {max_pixels}")
+        im = Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{e} (Pillow's process-wide PIL.Image.MAX_IMAGE_PIXELS)") from None
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} pixels is above the limit of {max_pixels}")
     return im
 
 

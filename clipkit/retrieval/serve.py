@@ -1,6 +1,7 @@
 """`clipkit serve`: an HTTP retrieval service over an index, shaped like clip-retrieval's back end.
 
     clipkit serve --index IDX [--checkpoint CK] [--host 127.0.0.1] [--port 8000] [--shards 'data/{00000..00009}.tar']
+                  [--allowed-hosts NAMES] [--max-body-bytes N] [--max-image-pixels N] [--max-decodes N]
 
     GET  /indices-list   ["NAME"]  (the index directory's name, or --name)
     POST /knn-service    {"text" | "image" (base64) | "embedding_input", "modality": "image"|"text",
@@ -12,7 +13,11 @@
 clip-retrieval's other request fields (deduplicate, use_safety_model, use_violence_detector, use_mclip,
 aesthetic_score, num_result_ids) are accepted and ignored: none of those models exist here. `image_url` is
 refused: the service fetches nothing from the network. Every bad request gets a 4xx answer with
-{"error": "<reason>"}.
+{"error": "<reason>"}; a fault of the service a 500 with {"error": ..., "id": ...}, its details in the log.
+
+Every input is bounded before it costs memory: request bodies are counted as they arrive (413 past the
+limit, chunked or not), query images are JPEG, PNG or WebP only, their pixel count is checked from the header
+before decoding, and at most `max_decodes` are decoded at once. The Host header must name the service.
 """
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time, and the
 # request models are local to create_app (they would not resolve from strings).
@@ -20,8 +25,13 @@ import argparse
 import base64
 import binascii
 import html
+import ipaddress
 import json
+import logging
 import tarfile
+import threading
+import uuid
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -32,6 +42,16 @@ from .search import Searcher
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a base64 photo is a few MB; anything far larger is refused unread
 MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+# A query image only becomes one 224-ish pixel input: 16.7 megapixels (4096x4096) takes any phone photo, and
+# decodes to 50 MB, against the 268 MB that Pillow's own limit (89 megapixels, training's) lets one image take.
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_DECODES = 4  # query images decoded at once; the others wait up to DECODE_WAIT_S, then get a 503
+DECODE_WAIT_S = 10.0
+# Decoded in-process by Pillow; EPS (Ghostscript) and the other formats that run external programs never open.
+QUERY_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host header names a loopback service answers to
+
+log = logging.getLogger("clipkit.serve")
 
 
 class ShardImages:
@@ -70,19 +90,160 @@ class ShardImages:
             return f.read(size), MEDIA_TYPES[ext]
 
 
+def _too_large(limit: int):
+    from starlette.exceptions import HTTPException
+
+    # Raised from `receive`: FastAPI's body reader passes HTTPExceptions on, so the route answers 413.
+    return HTTPException(413, f"request body over the limit of {limit} bytes")
+
+
+class LimitBody:
+    """Pure ASGI middleware: a request body over `limit` bytes is refused with 413 on every route, at once when
+    its Content-Length says so, else by counting the bytes as they arrive (a chunked body has no
+    Content-Length): nothing past the limit is read. The 413 closes the connection, so the rest is not read
+    either."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(scope, receive, send)
+        received, tripped, started = 0, False, False
+
+        async def counting_receive():
+            nonlocal received, tripped
+            if tripped:
+                raise _too_large(self.limit)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    tripped = True
+                    raise _too_large(self.limit)
+            return message
+
+        async def closing_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if tripped:  # the unread rest of the body must not be taken for a next request
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, closing_send)
+        except Exception as e:
+            if started or not (tripped and getattr(e, "status_code", None) == 413):
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        from starlette.responses import JSONResponse
+
+        await JSONResponse({"error": f"request body over the limit of {self.limit} bytes"}, status_code=413,
+                           headers={"connection": "close"})(scope, receive, send)
+
+
+class QueryImages:
+    """Query images -> RGB PIL images within bounds: JPEG, PNG or WebP only, at most `max_pixels` (read from
+    the header, before any pixel is decoded), at most `slots` decoded (and encoded) at once; a query that
+    finds no free slot within `wait` seconds gets a 503."""
+
+    def __init__(self, max_pixels: int, slots: int, wait: float) -> None:
+        self.max_pixels, self.slots, self.wait = max_pixels, slots, wait
+        self.free = threading.BoundedSemaphore(slots)
+
+    @contextmanager
+    def slot(self):
+        from starlette.exceptions import HTTPException
+
+        if not self.free.acquire(timeout=self.wait):
+            raise HTTPException(503, f"busy: {self.slots} query images are being decoded; retry shortly",
+                                headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self.free.release()
+
+    def decode(self, data: bytes):
+        from PIL import UnidentifiedImageError
+        from starlette.exceptions import HTTPException
+
+        from ..data.decode import ImageTooLarge, open_image
+
+        # Reasons name the problem only: Pillow's messages carry object reprs and internal detail.
+        try:
+            im = open_image(data, self.max_pixels, QUERY_IMAGE_FORMATS)
+        except ImageTooLarge:
+            raise HTTPException(413, f"image too large: more than the service's limit of {self.max_pixels} "
+                                     "pixels") from None
+        except UnidentifiedImageError:
+            raise UserError("the image could not be decoded: not a JPEG, PNG or WebP image") from None
+        except Exception as e:  # a damaged header: Pillow raises SyntaxError, OSError, ValueError, ...
+            raise UserError(f"the image could not be decoded: damaged header ({type(e).__name__})") from None
+        try:
+            return im.convert("RGB")  # decodes the pixels: truncated data fails here
+        except Exception as e:
+            raise UserError(f"the image could not be decoded: truncated or damaged data ({type(e).__name__})") \
+                from None
+
+
+def host_names(host: str) -> str:
+    """A host as the Host header carries it: IPv6 literals in brackets."""
+    host = host.strip().lower()
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host.strip("[]")).version == 6 else host
+    except ValueError:
+        return host
+
+
+def allowed_hosts(bind: str, given: list[str]) -> list[str]:
+    """The Host header values the service answers (DNS rebinding: a page on another site that resolves its
+    name to 127.0.0.1 still sends its own name). A loopback bind: the loopback names, the bound host and any
+    given; a wildcard bind (0.0.0.0, ::) listens on every interface and needs the names said (or '*')."""
+    named = [host_names(h) for h in given if h.strip()]
+    if "*" in named:
+        return ["*"]
+    bare = bind.strip("[]")
+    if bare in ("", "0.0.0.0", "::"):
+        if not named:
+            raise UserError(f"--host {bind or '(empty)'} listens on every interface: name the host names clients "
+                            "will use with --allowed-hosts (e.g. --allowed-hosts search.example.org,10.0.0.5), or "
+                            "--allowed-hosts '*' to accept any Host header")
+        return named
+    try:
+        loopback = bare == "localhost" or ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        loopback = False
+    names = [*LOOPBACK_HOSTS] if loopback else []
+    return list(dict.fromkeys([*names, host_names(bind), *named]))
+
+
 def create_app(searcher: Searcher, name: str | None = None, shards: str | None = None, max_k: int = 1000,
-               max_body: int = MAX_BODY_BYTES):
-    """The FastAPI application serving one index."""
+               max_body: int = MAX_BODY_BYTES, max_image_pixels: int = MAX_IMAGE_PIXELS,
+               max_decodes: int = MAX_DECODES, decode_wait: float = DECODE_WAIT_S,
+               hosts: list[str] | tuple[str, ...] = LOOPBACK_HOSTS):
+    """The FastAPI application serving one index. `hosts`: the Host header values answered (['*']: any)."""
     require("fastapi", "the retrieval service")
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, ConfigDict
     from starlette.exceptions import HTTPException
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     name = name or searcher.dir.resolve().name
     images = ShardImages(shards) if shards else None
     app = FastAPI(title="clipkit retrieval", docs_url=None, redoc_url=None)
+    app.state.query_images = query_images = QueryImages(max_image_pixels, max_decodes, decode_wait)
+    app.add_middleware(LimitBody, limit=max_body)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts), www_redirect=False)  # outermost: first
 
     class KnnQuery(BaseModel):
         model_config = ConfigDict(extra="ignore")  # clip-retrieval's front end sends options we do not have
@@ -99,8 +260,8 @@ def create_app(searcher: Searcher, name: str | None = None, shards: str | None =
         ids: list[int]
         indice_name: str | None = None
 
-    def error(status: int, reason: str) -> JSONResponse:
-        return JSONResponse({"error": reason}, status_code=status)
+    def error(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
     @app.exception_handler(UserError)
     async def bad_query(request: Request, exc: UserError):
@@ -113,19 +274,16 @@ def create_app(searcher: Searcher, name: str | None = None, shards: str | None =
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail))
+        return error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
-        # A fault of ours, not of the query: still answered as JSON, with the exception named.
-        return error(500, f"internal error: {type(exc).__name__}: {exc}")
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > max_body:
-            return error(413, f"request body over the limit of {max_body} bytes")
-        return await call_next(request)
+        # A fault of ours, not of the query: its message may name files and objects of this machine, so the
+        # answer carries only an id, and the log the details under the same id.
+        error_id = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error (id {error_id}; the details are in the service's log)",
+                             "id": error_id}, status_code=500)
 
     def check_indice(indice_name: str | None) -> None:
         if indice_name not in (None, name):
@@ -160,7 +318,9 @@ def create_app(searcher: Searcher, name: str | None = None, shards: str | None =
         if given == ["text"]:
             return searcher.encode_text([query.text])
         if given == ["image"]:
-            return searcher.encode_image([decode_base64(query.image)])
+            data = decode_base64(query.image)
+            with query_images.slot():  # the decoded image and its encoding are what the slots bound
+                return searcher.encode_image([query_images.decode(data)])
         vector = np.asarray(query.embedding_input, dtype=np.float32)
         norm = float(np.linalg.norm(vector)) if np.isfinite(vector).all() else 0.0
         if vector.shape != (searcher.dim,) or norm == 0:
@@ -258,7 +418,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-k", type=int, default=1000, help="most results a query may ask for (default 1000)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (overrides index_info.json)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (overrides index_info.json)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated Host header names to answer besides the bound host (loopback binds also "
+                        "answer localhost, 127.0.0.1, [::1]): the names a reverse proxy or clients use; required "
+                        "with --host 0.0.0.0 or ::; '*' answers any")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help=f"largest request body, counted as it arrives (default {MAX_BODY_BYTES})")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"largest query image, width x height, checked before decoding (default {MAX_IMAGE_PIXELS}"
+                        "; training's data.max_image_pixels is separate)")
+    p.add_argument("--max-decodes", type=int, default=MAX_DECODES,
+                   help=f"query images decoded at once (default {MAX_DECODES})")
+    p.add_argument("--decode-wait", type=float, default=DECODE_WAIT_S,
+                   help=f"seconds an image query waits for a decode slot before a 503 (default {DECODE_WAIT_S:g})")
     args = p.parse_args(argv)
+    for flag in ("max_body_bytes", "max_image_pixels", "max_decodes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.decode_wait < 0:
+        p.error("--decode-wait must be >= 0")
+    hosts = allowed_hosts(args.host, args.allowed_hosts.split(","))  # a wildcard bind without names fails here
     uvicorn = require("uvicorn", "the retrieval service")
 
     params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
@@ -268,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("clipkit serve: no checkpoint recorded in the index and none given: only embedding_input queries "
               "will be answered")
-    app = create_app(searcher, args.name, args.shards, args.max_k)
+    app = create_app(searcher, args.name, args.shards, args.max_k, max_body=args.max_body_bytes,
+                     max_image_pixels=args.max_image_pixels, max_decodes=args.max_decodes,
+                     decode_wait=args.decode_wait, hosts=hosts)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
