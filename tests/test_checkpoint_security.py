@@ -75,6 +75,13 @@ def test_symlinked_deepspeed_folder_is_refused(trained_nano, tmp_path):
     (checkpoint / "deepspeed").symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(CheckpointError, match="holds a symbolic link, deepspeed: a checkpoint holds regular files"):
         verify(checkpoint, signed=True)
+    from clipkit.checkpoint import stage_verified  # what a resume runs before DeepSpeed's loader
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(CheckpointError, match="holds a symbolic link, deepspeed: a checkpoint holds regular files"):
+        stage_verified(checkpoint, private, signed=True)
+    assert list(private.iterdir()) == []
 
 
 def test_symlinked_file_and_fifo_are_refused_by_verify_and_by_every_loader(trained_nano, synth_small, tmp_path):
