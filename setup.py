@@ -35,7 +35,10 @@ OPTIONAL = {
     "retrieval": ["faiss-cpu>=1.9,<2", "fastapi>=0.110,<1", "starlette>=0.37,<2", "pydantic>=2,<3",
                   "uvicorn>=0.29,<1"],
 }
-BENCH = ["scikit-image>=0.22"]  # its sample photographs build the realistic shards of `clipkit bench data`
+BENCH = [
+    "scikit-image>=0.22",  # its sample photographs build the realistic shards of `clipkit bench data`
+    "psutil>=5.9",  # bench serve: the server's RSS where there is no /proc
+]
 ALL = sorted({req for reqs in OPTIONAL.values() for req in reqs})
 EXTRAS = {
     **OPTIONAL,

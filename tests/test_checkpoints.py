@@ -201,6 +201,35 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(synth_small, t
     assert result["step1_verifies"]
 
 
+DS_SWAP = textwrap.dedent("""
+    import os, shutil, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import load_file
+    from clipkit.config import load_config
+    from clipkit.training import Trainer
+    from clipkit.training.engine import DeepSpeedEngine
+
+    checkpoint, older, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    real_load_state = DeepSpeedEngine.load_state
+
+    def swap_then_load(engine, directory, *args, **kwargs):
+        # after verification, before DeepSpeed reads: the checkpoint's DeepSpeed files become an older step's
+        state = checkpoint / "deepspeed" / "state"
+        for path in (older / "deepspeed" / "state").iterdir():
+            shutil.copy(path, state / f"{path.name}.new")
+            os.replace(state / f"{path.name}.new", state / path.name)
+        return real_load_state(engine, directory, *args, **kwargs)
+
+    DeepSpeedEngine.load_state = swap_then_load
+    trainer = Trainer(load_config(None, overrides))
+    loaded, verified = trainer.engine.full_state_dict(), load_file(str(checkpoint / "model.safetensors"))
+    differ = [k for k in verified if not torch.equal(loaded[k].reshape(verified[k].shape), verified[k])]
+    print("resumed at", trainer.step, "; weights that differ from the verified checkpoint's:", differ)
+    sys.exit(0 if trainer.step == 3 and sorted(loaded) == sorted(verified) and not differ else 1)
+""")
+
+
 def test_deepspeed_checkpoints_are_signed_retained_consolidated_and_engine_checked(synth_small, tmp_path):
     """One-process DeepSpeed through the CLI (no torchrun variables set): retention applies, the final
     checkpoint carries consolidated weights, resuming with another engine is refused, and a checkpoint
@@ -235,3 +264,16 @@ def test_deepspeed_checkpoints_are_signed_retained_consolidated_and_engine_check
                                      f"train.resume={evil}", *common), env=env)
     assert proc.returncode == 2 and "was not written by this clipkit installation" in proc.stderr, proc.stderr
     assert not marker.exists()
+
+    # DeepSpeed reads the files that were verified: its files swapped for an older step's after verification
+    # (in the window before DeepSpeed's loader runs) do not reach it; it resumes step 3's consolidated weights
+    victim = tmp_path / "victim" / "step_00000003"
+    shutil.copytree(checkpoints / "step_00000003", victim)
+    script = tmp_path / "ds_swap.py"
+    script.write_text(DS_SWAP)
+    resumed = tmp_path / "resumed"
+    proc = subprocess.run([sys.executable, str(script), str(victim), str(checkpoints / "step_00000002"),
+                           *_overrides(resumed, synth_small, "deepspeed.enabled=true", f"train.resume={victim}",
+                                       *common)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert list((resumed / "checkpoints").iterdir()) == []  # the private copy it loaded is removed

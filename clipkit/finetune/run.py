@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import commit, remove_stale_temporaries
+from ..checkpoint import commit, read_latest, recover_interrupted
 from ..config import Config, load_config, parse_alphas, save_config
 from ..distributed import DistEnv, cleanup, init_distributed
 from ..errors import UserError
@@ -85,7 +85,7 @@ def save_best(model: ImageClassifier, run_dir: Path, loaded: LoadedModel, classn
     """RUN_DIR/checkpoints/best: the adapted CLIP model (loads wherever a clipkit checkpoint does) + its head."""
     directory = run_dir / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(directory)
+    recover_interrupted(directory)
     tmp = directory / "best.tmp"
     tmp.mkdir()
     save_weights(model.clip.state_dict(), tmp / WEIGHTS_FILE, loaded.model_name, loaded.model_cfg)
@@ -223,9 +223,9 @@ class Finetune:
     def load_finetuned(self, path: str) -> ImageClassifier:
         """A fine-tuned classifier from an earlier run's checkpoints/best (or its export directory)."""
         path = Path(path)
-        latest = path / "checkpoints" / "latest"
-        if latest.is_file():  # an earlier fine-tune's run directory: its best checkpoint
-            path = latest.parent / latest.read_text().strip()
+        latest = read_latest(path / "checkpoints")
+        if latest is not None:  # an earlier fine-tune's run directory: its best checkpoint
+            path = latest
         # what that fine-tune trained (its result.json, beside checkpoints/best), when it is there
         run_result = path.parent.parent / RESULT_FILE
         self.finetuned_trainable = (json.loads(run_result.read_text()).get("trainable_params")

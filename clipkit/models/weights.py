@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, read_manifest, verify
+from ..checkpoint import CheckpointError, read_latest, read_manifest, verify
 from .factory import ModelNameError, create_model, plain_model_name, register_model_config
 
 WEIGHTS_FILE = "model.safetensors"
@@ -56,9 +56,9 @@ def _read(path: Path) -> tuple[dict, dict]:
 
 
 def _weights_and_architecture(path: Path) -> tuple[Path, str, dict]:
-    latest = path / "checkpoints" / "latest"
-    if path.is_dir() and latest.is_file():  # a run directory: its newest checkpoint
-        path = latest.parent / latest.read_text().strip()
+    latest = read_latest(path / "checkpoints") if path.is_dir() else None
+    if latest is not None:  # a run directory: its newest checkpoint
+        path = latest
     if path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file():  # an open_clip model directory
         cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
         return path / OPEN_CLIP_WEIGHTS, _directory_model_name(path), cfg

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -32,9 +33,11 @@ from ..checkpoint import (
     disk_full_error,
     is_disk_full,
     list_steps,
-    remove_stale_temporaries,
+    recover_interrupted,
+    remove_checkpoint,
+    signing_key,
+    stage_verified,
     step_dir,
-    verify,
     write_json,
 )
 from ..distributed import DistEnv, gather_objects
@@ -44,6 +47,7 @@ log = logging.getLogger("clipkit.training")
 
 TRAINER_FILE = "trainer.json"
 RANKS_FILE = "ranks.json"
+PRIVATE_PREFIX = ".verified-"  # the private copy a resume loads from, in the checkpoints directory
 
 
 class StateProvider(Protocol):
@@ -103,6 +107,8 @@ class CheckpointManager:
         self.reshard = reshard or {}
         self.last: Path | None = None
         self.load_note: str | None = None  # what the engine said about the last resume (a conversion), for the log
+        if env.is_main:  # a missing key is made, a weak one refused, now rather than at the first save
+            signing_key()
 
     def existing(self) -> Path | None:
         """The newest checkpoint directory, complete or not (a run.dir holding one holds a run)."""
@@ -114,10 +120,11 @@ class CheckpointManager:
         return (self.last is not None and self.last.name == step_dir(self.directory, step).name
                 and (self.last / WEIGHTS_FILE).is_file())
 
-    def remove_stale(self) -> None:
+    def recover_interrupted(self) -> None:
+        """Complete or undo an interrupted save, remove what an interrupted save or resume left."""
         if self.env.is_main:
-            for path in remove_stale_temporaries(self.directory):
-                log.warning("removed %s, left by an interrupted save or resume", path)
+            for note in recover_interrupted(self.directory):
+                log.warning("%s", note)
 
     # -- saving ---------------------------------------------------------------------------------------
 
@@ -167,32 +174,54 @@ class CheckpointManager:
         commit(tmp, {"step": step, "engine": self.engine.name})
         if self.keep > 0:
             for old in list_steps(self.directory)[:-self.keep]:
-                shutil.rmtree(old)
+                remove_checkpoint(old)
 
     # -- resuming -------------------------------------------------------------------------------------
 
     def resume(self, spec: str) -> tuple[int, dict] | None:
         """Load 'latest' (the newest checkpoint that verifies) or a given checkpoint directory into the
-        engine and providers; returns (step, trainer.json) or None when 'latest' finds nothing."""
-        path, error = None, None
+        engine and providers; returns (step, trainer.json) or None when 'latest' finds nothing.
+
+        Rank 0 verifies the checkpoint into a private copy (clipkit.checkpoint.stage_verified), which every
+        rank then loads: nothing swapped in the checkpoint after it was checked is read."""
+        chosen, error = (None, None), None
         if self.env.is_main:
             try:
-                path = self._choose(spec)
+                chosen = self._choose(spec)
             except CheckpointError as e:
                 error = str(e)
         _agree(error, self.env)
         if self.env.distributed:
-            box = [str(path) if path else None]
+            box = [tuple(str(p) if p else None for p in chosen)]
             dist.broadcast_object_list(box, src=0)
-            path = Path(box[0]) if box[0] else None
+            chosen = tuple(Path(p) if p else None for p in box[0])
+        path, private = chosen
         if path is None:
             return None
-        info = json.loads((path / TRAINER_FILE).read_text())
+        failure = None
+        try:
+            result = self._load(path, private)
+        except CheckpointError as e:  # named after the checkpoint, not after its private copy
+            failure = CheckpointError(str(e).replace(str(private), str(path)))
+        except Exception as e:
+            failure = e
+        others = [e for e in gather_objects(None if failure is None else str(failure), self.env) if e]
+        if self.env.is_main:  # every rank has read the copy
+            shutil.rmtree(private, ignore_errors=True)
+        if failure is not None:
+            raise failure
+        if others:
+            raise CheckpointError(others[0])
+        return result
+
+    def _load(self, path: Path, private: Path) -> tuple[int, dict]:
+        """Load the private copy `private` of checkpoint `path` into the engine and the providers."""
+        info = json.loads((private / TRAINER_FILE).read_text())
         self._check_compatible(path, info)
         # the engine's temporaries (a DeepSpeed checkpoint converted for another world size) go in this run's
         # checkpoints directory, never in the sealed checkpoint
-        self.load_note = self.engine.load_state(path, saved_world_size=info["world_size"], scratch=self.directory)
-        ranks = json.loads((path / RANKS_FILE).read_text())
+        self.load_note = self.engine.load_state(private, saved_world_size=info["world_size"], scratch=self.directory)
+        ranks = json.loads((private / RANKS_FILE).read_text())
         if len(ranks) != info["world_size"]:
             raise CheckpointError(f"{path / RANKS_FILE} holds {len(ranks)} ranks' states; the checkpoint was "
                                   f"written by {info['world_size']}")
@@ -209,20 +238,31 @@ class CheckpointManager:
         self.last = path
         return info["step"], info
 
-    def _choose(self, spec: str) -> Path | None:
-        signed = self.engine.unpickles_on_load
-        if spec != "latest":
-            verify(spec, signed=signed)
-            return Path(spec)
-        for candidate in reversed(list_steps(self.directory)):
+    def _choose(self, spec: str) -> tuple[Path, Path] | tuple[None, None]:
+        """(checkpoint, its verified private copy): the one named, or the newest that verifies for 'latest'."""
+        candidates = [Path(spec)] if spec != "latest" else list(reversed(list_steps(self.directory)))
+        for candidate in candidates:
             try:
-                verify(candidate, signed=signed)
-                return candidate
+                return candidate, self._private_copy(candidate)
             except CheckpointError as e:
+                if spec != "latest":
+                    raise
                 print(f"clipkit: skipping checkpoint {candidate}: {e}", flush=True)
-        if list_steps(self.directory):
+        if candidates:
             raise CheckpointError(f"no checkpoint in {self.directory} verifies (see the reasons above)")
-        return None
+        return None, None
+
+    def _private_copy(self, checkpoint: Path) -> Path:
+        """A new directory of this run, readable by this user alone, holding the verified files of checkpoint;
+        signed: the engine's loader unpickles, so the checkpoint must be one this installation wrote."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, suffix=".tmp", dir=self.directory))
+        try:
+            stage_verified(checkpoint, private, signed=self.engine.unpickles_on_load)
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+        return private
 
     def _check_compatible(self, path: Path, info: dict) -> None:
         if info["engine"] != self.engine.name:

@@ -269,7 +269,8 @@ class DeepSpeedEngine:
 
     def load_state(self, directory: Path, saved_world_size: int | None = None,
                    scratch: Path | None = None) -> str | None:
-        # Only ever called on a checkpoint whose manifest signature and checksums were verified.
+        # Only ever called on a private copy of a checkpoint, made as its signature and checksums were verified
+        # (CheckpointManager.resume): DeepSpeed finds files by pattern there and unpickles them.
         # Without ZeRO (stage 0) the weights and the optimizer state are whole in the model-states file: DeepSpeed
         # loads them on any world size.
         if (saved_world_size is not None and saved_world_size != self.env.world_size

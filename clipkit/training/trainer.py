@@ -290,7 +290,7 @@ class Trainer:
         if resume is None and existing is not None:  # never mix a new run's files with an old run's
             raise ConfigError(f"run.dir={self.run_dir} already holds a run (checkpoint {existing}): continue "
                               "it with train.resume=latest, or start this one in another run.dir")
-        self.checkpoints.remove_stale()
+        self.checkpoints.recover_interrupted()
         if resume is not None:
             resumed = self.checkpoints.resume(resume)
             if resumed is not None:
