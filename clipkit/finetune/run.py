@@ -44,10 +44,10 @@ HEAD_FILE = "head.safetensors"
 RESULT_FILE = "result.json"
 
 
-def write_result(run_dir: Path, result: dict) -> Path:
+def write_result(run_dir: str | Path, result: dict) -> Path:
     """RUN_DIR/result.json, replaced whole (a run that fails or is killed while writing it leaves the previous
     one, never a truncated file that finetune-report would choke on)."""
-    return atomic_write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2))
+    return atomic_write_text(Path(run_dir) / RESULT_FILE, json.dumps(result, indent=2))
 
 
 def save_head(model: ImageClassifier, path: Path, classnames: list[str], model_name: str) -> Path:
