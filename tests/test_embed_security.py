@@ -110,7 +110,7 @@ def test_rerun_after_the_run_trained_on_recomputes_with_the_later_weights(run, d
     # Everything recomputed, nothing kept from the early weights, and one line saying why.
     assert (again.rows_embedded, again.parts_written, again.parts_reused) == (20, 4, 0)
     said = [r.getMessage() for r in caplog.records if r.name == "clipkit.embed"]
-    assert len(said) == 1 and "discarded 4 parts made with other weights" in said[0]
+    assert len(said) == 1 and "discarded 4 parts made by another model" in said[0]
     assert info["weights_sha256"][:16] in said[0] and again.info["weights_sha256"] in said[0]
     info = json.loads((root / "emb" / "clipkit_embed.json").read_text())
     assert info["checkpoint"] == str(later.resolve()) and info["complete"] and info["count"] == 20

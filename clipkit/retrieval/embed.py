@@ -105,7 +105,6 @@ class Layout:
                           if f.startswith(prefix) and f.endswith(suffix)})
         return names[0] & names[1] & names[2]
 
-
     def remove_part(self, name: str) -> None:
         """Metadata first: from its removal on, the part no longer counts as finished."""
         for path in reversed(self.paths(name)):
@@ -293,6 +292,7 @@ class Scan:
     todo: list[int]  # the shards still to read
     done_chunks: dict[int, set[int]]  # their finished chunks
     discarded: int = 0  # parts made by another model, removed
+    stale_weights: set[str] = field(default_factory=set)  # their weights' digests ("not recorded": older parts)
 
 
 def scan(layout: Layout, shards: list[int], model: dict) -> Scan:
@@ -316,11 +316,13 @@ def scan(layout: Layout, shards: list[int], model: dict) -> Scan:
         kept = {}
         for name in by_shard.get(shard, []):
             info = read_part_info(layout.paths(name)[2])
-            if info.pop("model") == model:
+            made_by = info.pop("model")
+            if made_by == model:
                 kept[name] = info
             else:
                 layout.remove_part(name)
                 result.discarded += 1
+                result.stale_weights.add((made_by or {}).get("weights_sha256") or "not recorded")
         result.states[shard] = _Shard(kept)
         result.done_chunks[shard] = {layout.chunk_of(n)[1] for n in kept}
         result.todo.append(shard)
@@ -402,15 +404,6 @@ def _load(checkpoint):
     return loaded, made_by
 
 
-def _read_info(layout: Layout) -> dict:
-    """What the last run recorded in OUT/clipkit_embed.json (for the message when its parts are discarded)."""
-    try:
-        info = json.loads((layout.out / INFO_FILE).read_text())
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _progress(enabled: bool, total_shards: int):
     from tqdm import tqdm
 
@@ -438,14 +431,13 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
     layout.create()
     plan = _plan(urls, part_size, draft_margin)
     check_plan(layout, plan, rank == 0)
-    earlier = _read_info(layout)
     found = scan(layout, list(range(rank, len(urls), world_size)), made_by["model"])
     states, todo, done_chunks = found.states, found.todo, found.done_chunks
     dim = int(loaded.model_cfg.get("embed_dim") or loaded.model.text_projection.shape[-1])
     if found.discarded:
-        log.warning("%s: discarded %d parts made with other weights (sha256 %s, from %s); recomputing them with "
-                    "sha256 %s from %s", layout.out, found.discarded, earlier.get("weights_sha256", "not recorded"),
-                    earlier.get("checkpoint", "?"), made_by["model"]["weights_sha256"], made_by["checkpoint"])
+        log.warning("%s: discarded %d parts made by another model (weights sha256 %s); recomputing them with "
+                    "%s (weights sha256 %s)", layout.out, found.discarded, ", ".join(sorted(found.stale_weights)),
+                    made_by["checkpoint"], made_by["model"]["weights_sha256"])
         # Until the new parts are in, OUT must not claim the old totals and digest: `clipkit index` reads them.
         write_info(layout, plan, made_by, dim, len(urls))
     reused = sum(len(s.parts) for s in states.values())
