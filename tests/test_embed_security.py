@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from clipkit import cli
@@ -53,8 +54,6 @@ def train_on(run_dir):
         state[key] = state[key] + 0.1 * torch.randn(state[key].shape, generator=g)
     tmp = checkpoints / "step_00000041.tmp"
     tmp.mkdir()
-    from safetensors import safe_open
-
     with safe_open(str(early / "model.safetensors"), framework="pt") as f:
         header = f.metadata()
     save_weights(state, tmp / "model.safetensors", header["model_name"], json.loads(header["model_cfg"]))

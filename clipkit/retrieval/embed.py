@@ -417,7 +417,8 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
                  rank: int = 0, world_size: int = 1) -> EmbedResult:
     """Embed every (image, caption) sample of the shards in `spec` with a checkpoint (a path load_model reads,
     or a LoadedModel) into OUT in clip-retrieval's layout; shards s with s % world_size == rank are this
-    process's. Finished parts of an earlier run into the same OUT are kept."""
+    process's. Finished parts of an earlier run into the same OUT are kept when the same weights made them
+    (whatever path named them), and discarded and recomputed when other weights did."""
     from ..data import expand_shards
     from ..data.pipeline import build_embed_loader
     from ..models import create_transforms, get_tokenizer
@@ -484,7 +485,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                        "open_clip model directory")
     p.add_argument("--data", required=True, help="shard spec: local paths, fsspec URLs (s3://...) or pipe:CMD, "
                                                  "with {000..999} braces, several joined by '::'")
-    p.add_argument("--out", required=True, help="output folder (re-running into it skips finished parts)")
+    p.add_argument("--out", required=True, help="output folder (re-running into it skips the parts finished with "
+                                                "the same weights, and recomputes those made with other weights)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--part-size", type=int, default=10_000, help="most rows per part (a part never spans shards)")
     p.add_argument("--workers", type=int, default=1, help="loader processes per rank (decoding, tokenising)")
