@@ -18,6 +18,7 @@ from clipkit.cli import main as cli
 from clipkit.config import load_config
 from clipkit.errors import UserError
 from clipkit.models import create_transforms, get_tokenizer, load_model
+from clipkit.models.digest import weights_sha256
 from clipkit.retrieval.index import build_index, parse_memory
 from clipkit.retrieval.search import Searcher
 from clipkit.training import Trainer
@@ -92,6 +93,7 @@ def write_export(synth, checkpoint: Path, out: Path) -> Reference:
         ref.txt.append(txt)
     ref.img, ref.txt = np.concatenate(ref.img), np.concatenate(ref.txt)
     (out / "clipkit_embed.json").write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()),
+                                                        "weights_sha256": weights_sha256(ref.model),
                                                         "model_name": "clipkit-nano", "dim": ref.img.shape[1],
                                                         "count": len(ref.keys)}))
     return ref
@@ -183,7 +185,8 @@ def test_checkpoint_override_and_clear_errors_for_bad_inputs(export, index_dir, 
     emb, ref, checkpoint = export
     moved = tmp_path / "moved"  # an index whose recorded checkpoint no longer exists
     build_index(emb, moved, kind="text")
-    (moved / "clipkit_embed.json").write_text(json.dumps({"checkpoint": str(tmp_path / "gone")}))
+    (moved / "clipkit_embed.json").write_text(json.dumps({"checkpoint": str(tmp_path / "gone"),
+                                                          "weights_sha256": weights_sha256(ref.model)}))
     with pytest.raises(UserError, match="gone .* not found: pass --checkpoint"):
         Searcher(moved).search_text("a red circle", 3, "text")
     results = Searcher(moved, checkpoint=checkpoint).search_text(QUERIES[2], 5, "text")

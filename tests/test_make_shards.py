@@ -122,3 +122,28 @@ def test_cli_and_clear_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "clipkit", "data", "make-shards", "--input",
                            str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "input not found" in proc.stderr
+
+
+def test_paths_are_recorded_as_given_never_resolved(tmp_path):
+    """A table's relative paths stay relative in the shards (read from beside the table, not from the working
+    folder), an absolute one stays as written, and a folder's images are recorded below the folder: nothing
+    of the converting machine's file system goes into the shards unless the input says it."""
+    src = _photos(tmp_path / "data" / "photos")
+    table = tmp_path / "data" / "pairs.csv"
+    given = ["photos/img0.jpg", "./photos/../photos/img1.jpg", str(src / "img3.jpg")]
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        w.writerows([[p, f"row {i}"] for i, p in enumerate(given)])
+    out = tmp_path / "out"
+    assert make_shards(table, out, max_side=256)["samples"] == 3
+    recorded = {json.loads(v)["caption"]: json.loads(v)["path"] for k, v in _members(out / "00000.tar").items()
+                if k.endswith(".json")}
+    assert recorded == {f"row {i}": p for i, p in enumerate(given)}
+    assert pq.read_table(out / "00000.parquet").column("path").to_pylist() == given
+
+    folder_out = tmp_path / "folder_out"
+    make_shards(src, folder_out, max_side=256)
+    recorded = sorted(json.loads(v)["path"] for k, v in _members(folder_out / "00000.tar").items()
+                      if k.endswith(".json"))
+    assert recorded == ["img0.jpg", "img1.jpg", "img2.png", "img3.jpg", "img4.jpg"]

@@ -10,6 +10,12 @@ Output, as img2dataset writes it (so every tool that reads LAION/DataComp shards
     OUT/00000.parquet        one row per sample of the shard (the json fields)
     OUT/00000_stats.json     counts of the shard (successes, failures by reason)
 
+`path` is the image's path as given: the table's string as it stands (a relative one stays relative: it is
+read relative to the table's folder, but never resolved into the shards), or for a folder the image's path
+below that folder. Shards carry no absolute path of the machine that made them unless the table holds one.
+Each file is written under a hidden temporary name and renamed when complete (clipkit.atomic), the stats
+last: a run that is interrupted leaves no truncated .tar, .parquet or stats file under a final name.
+
 An image folder pairs IMAGE.EXT with the caption in IMAGE.txt beside it. Images are re-encoded as JPEG
 (or kept as they are with --keep-original) and, like img2dataset's `keep_ratio_largest` with
 `resize_only_if_bigger`, scaled down so that their longer side is at most --max-side, keeping the aspect.
@@ -32,6 +38,8 @@ from typing import Iterator
 
 from PIL import Image
 
+from ..atomic import atomic_file, atomic_write, atomic_write_text
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -41,8 +49,9 @@ class MakeShardsError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    path: str  # absolute path of the image
+    path: str  # where the image is read from (relative paths of a table resolved against the table's folder)
     caption: str | None
+    given: str = ""  # the path as the input gives it: what the sample's json records
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ def pairs_from_folder(root: str | Path) -> list[Pair]:
     for image in images:
         sidecar = image.with_suffix(".txt")
         caption = sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.is_file() else None
-        pairs.append(Pair(str(image.resolve()), caption))
+        pairs.append(Pair(str(image.resolve()), caption, image.relative_to(root).as_posix()))
     return pairs
 
 
@@ -82,7 +91,7 @@ def pairs_from_table(table: str | Path, path_col: str = "path", caption_col: str
             raise MakeShardsError(f"{table} has no column {col!r} (columns: {', '.join(columns) or 'none'}); "
                                   f"name the right ones with --path-col / --caption-col")
     base = table.parent
-    return [Pair(str((base / p).resolve()) if p else "", c)
+    return [Pair(str((base / p).resolve()) if p else "", c, p or "")
             for p, c in zip(columns[path_col], columns[caption_col])]
 
 
@@ -142,7 +151,7 @@ def _write_shard(args: tuple[int, list[Pair], str, ShardOptions]) -> dict:
     shard, pairs, out, options = args
     name = f"{shard:05d}"
     rows, failures = [], Counter()
-    with wds.TarWriter(str(Path(out) / f"{name}.tar")) as sink:
+    with atomic_file(Path(out) / f"{name}.tar") as tar, wds.TarWriter(tar) as sink:
         for index, pair in enumerate(pairs):
             key = f"{shard:05d}{index:04d}"
             caption = (pair.caption or "").strip()
@@ -161,13 +170,13 @@ def _write_shard(args: tuple[int, list[Pair], str, ShardOptions]) -> dict:
                 failures["image_decode_error"] += 1
                 continue
             meta = {"key": key, "caption": caption, "status": "success", "error_message": None, **fields,
-                    "path": pair.path}
+                    "path": pair.given}
             sink.write({"__key__": key, ext: data, "txt": caption, "json": meta})
             rows.append(meta)
     _write_parquet(Path(out) / f"{name}.parquet", rows)
     stats = {"shard": name, "count": len(pairs), "successes": len(rows), "failed": sum(failures.values()),
              "failures": dict(failures)}
-    (Path(out) / f"{name}_stats.json").write_text(json.dumps(stats, indent=1))
+    atomic_write_text(Path(out) / f"{name}_stats.json", json.dumps(stats, indent=1))  # last: the shard is done
     return stats
 
 
@@ -177,7 +186,8 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
 
     fields = ["key", "caption", "status", "error_message", "width", "height", "original_width",
               "original_height", "path"]
-    pq.write_table(pa.table({f: [r[f] for r in rows] for f in fields}), path)
+    table = pa.table({f: [r[f] for r in rows] for f in fields})
+    atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def _chunks(pairs: list[Pair], size: int) -> Iterator[tuple[int, list[Pair]]]:

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..errors import UserError
 
 ORDER = {"linear_probe": 0, "full": 1, "wise": 2, "lora": 3}
@@ -62,5 +63,5 @@ def main(argv: list[str] | None = None) -> int:
     table = rows(results)
     print(format_table(table))
     if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=2))
+        atomic_write_text(args.json, json.dumps(table, indent=2))
     return 0

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_write_text
 from ..checkpoint import commit, read_latest, recover_interrupted
 from ..config import Config, load_config, parse_alphas, save_config
 from ..distributed import DistEnv, cleanup, init_distributed
@@ -31,6 +32,7 @@ from ..extras import check_config
 from ..evaluation import build_classifier
 from ..export import export_open_clip
 from ..models import WEIGHTS_FILE, create_transforms, get_tokenizer, load_model, save_weights
+from ..models.digest import weights_sha256
 from ..models.weights import LoadedModel
 from ..training.metrics import MetricsLogger
 from .data import DownstreamSet, eval_loader, load_downstream
@@ -43,13 +45,10 @@ HEAD_FILE = "head.safetensors"
 RESULT_FILE = "result.json"
 
 
-def _weights_digest(loaded: LoadedModel) -> str:
-    """sha256 of the pretrained weights (what the feature cache is keyed by)."""
-    h = hashlib.sha256()
-    for k, v in sorted(loaded.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+def write_result(run_dir: str | Path, result: dict) -> Path:
+    """RUN_DIR/result.json, replaced whole (a run that fails or is killed while writing it leaves the previous
+    one, never a truncated file that finetune-report would choke on)."""
+    return atomic_write_text(Path(run_dir) / RESULT_FILE, json.dumps(result, indent=2))
 
 
 def save_head(model: ImageClassifier, path: Path, classnames: list[str], model_name: str) -> Path:
@@ -160,7 +159,7 @@ class Finetune:
 
     def _digest(self) -> str:
         if not hasattr(self, "_weights_digest"):
-            self._weights_digest = _weights_digest(self.loaded)
+            self._weights_digest = weights_sha256(self.loaded.model)  # what the feature cache is keyed by
         return self._weights_digest
 
     def train(self, model: ImageClassifier, logger: MetricsLogger) -> tuple[ImageClassifier, FitResult]:
@@ -298,7 +297,7 @@ def finetune(cfg: Config) -> dict:
         result["best_checkpoint"] = str(best)
         result["export"] = export_classifier(model, run_dir / "export", job.loaded, job.data.classnames)
         result["seconds"] = time.perf_counter() - started
-        (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+        write_result(run_dir, result)
         return result
     finally:
         if env.distributed:

@@ -36,7 +36,16 @@ class LoadedModel:
     name: str  # the name it is buildable under here (tokenizer and transforms follow it)
     model_name: str  # the name it was trained under, plain (a JSON config's path gives its stem)
     model_cfg: dict
-    source: Path
+    source: Path  # the path as given
+    weights: Path | None = None  # the file the tensors were read from (a run directory resolved to its step)
+
+    @property
+    def checkpoint(self) -> Path:
+        """What loads these same weights again: a run directory resolved to its step directory (so a run that
+        trains on is not followed), an open_clip directory, or the weights file given."""
+        if self.weights is None:
+            return self.source
+        return self.weights.parent if self.source.is_dir() else self.weights
 
 
 def save_weights(state_dict: dict, path: str | Path, model_name: str, model_cfg: dict) -> Path:
@@ -118,4 +127,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"weights in {weights} do not fit architecture {name}: {e}") from None
-    return LoadedModel(model.to(device), registered, name, model_cfg, Path(path))
+    return LoadedModel(model.to(device), registered, name, model_cfg, Path(path), weights)

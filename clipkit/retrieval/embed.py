@@ -11,16 +11,24 @@ What it writes (what `clip-retrieval index`, autofaiss and embedding-reader read
     OUT/text_emb/text_emb_{N}.npy        float16 [rows, dim], L2-normalised caption embeddings
     OUT/metadata/metadata_{N}.parquet    key, image_path (= key, clip-retrieval's name), caption, and the
                                          fields of the sample's KEY.json (nested ones flattened as a.b)
-    OUT/clipkit_embed.json               checkpoint, model_name, dim, count, skipped by reason, ...
+    OUT/clipkit_embed.json               checkpoint, weights_sha256, model_name, dim, count, skipped by reason, ...
 
 Part N holds the samples of one fixed range of one shard: shard s, sample indices [c*P, (c+1)*P) with P
 = --part-size, bad samples left out; N is s then c as one zero-padded integer (shard digits, then 4 chunk
 digits), the same in the three folders. Parts therefore never collide across ranks, and a re-run knows
-which part every sample belongs to without reading anything. A part is written as temporary files renamed
-into place, its metadata last: a part whose three files exist is finished, and a re-run (same spec,
-checkpoint and part size) skips it; a shard whose parts are all finished is not even opened. Parts with
-no good rows are not written (embedding-reader pairs .npy and .parquet files by position and drops empty
-.npy files, so an empty part would shift every later pair).
+which part every sample belongs to without reading anything. A part's three files are written complete
+under hidden temporary names, then renamed into place, its metadata last; if a rename fails the part's
+renamed files are removed again (clip-retrieval's readers pair .npy and .parquet files by sorted position:
+a lone .npy would shift every later pair). A part whose three files exist is finished. Parts with no good
+rows are not written (embedding-reader drops empty .npy files, which would shift the pairs the same way).
+
+Finished parts are keyed by the model that made them: the sha256 of its weights as loaded
+(clipkit.models.digest) and of its architecture, recorded in every part's parquet footer, every shard
+record and OUT/clipkit_embed.json, with the checkpoint they were read from (a run directory resolved to its
+step). A re-run with the same model (whatever path names it) and the same spec and part size skips
+finished parts, and a shard whose parts are all finished is not even opened; a re-run with other weights
+(the run trained on) discards the parts made with the old ones, says so in one log line, and recomputes.
+`clipkit search` and `clipkit serve` refuse to encode queries with weights of another digest.
 
 Bookkeeping lives in OUT/.clipkit_embed/ (hidden from consumers that glob *.npy / *.parquet): the
 settings a re-run must share (plan.json) and one record per finished shard (its parts and skip counts).
@@ -40,14 +48,15 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write, publish, write_temporary
 from ..errors import UserError
 
+log = logging.getLogger("clipkit.embed")
 INFO_FILE = "clipkit_embed.json"
 STATE_DIR = ".clipkit_embed"
 FOLDERS = ("img_emb", "text_emb", "metadata")
@@ -96,25 +105,14 @@ class Layout:
                           if f.startswith(prefix) and f.endswith(suffix)})
         return names[0] & names[1] & names[2]
 
-
-def _write_temp(path: Path, write: Callable) -> Path:
-    """A complete temporary file beside `path`, to be renamed into place (hidden, and its .tmp suffix keeps it
-    out of *.npy / *.parquet globs)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """A crash leaves either no file or the whole file, never a partial one."""
-    os.replace(_write_temp(path, write), path)
+    def remove_part(self, name: str) -> None:
+        """Metadata first: from its removal on, the part no longer counts as finished."""
+        for path in reversed(self.paths(name)):
+            path.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))
 
 
 # ------------------------------------------------------------------------------------- the parquet rows
@@ -155,12 +153,13 @@ def metadata_table(keys: list[str], captions: list[str], metas: list[dict], info
 
 
 def read_part_info(path: Path) -> dict:
-    """rows and skip counts of a finished part, from its parquet footer (no rows read)."""
+    """rows, skip counts and model of a finished part, from its parquet footer (no rows read); model is None
+    for a part written before parts recorded theirs."""
     import pyarrow.parquet as pq
 
     md = pq.read_metadata(path)
     info = json.loads((md.metadata or {}).get(b"clipkit", b"{}"))
-    return {"rows": md.num_rows, "skipped": info.get("skipped", {})}
+    return {"rows": md.num_rows, "skipped": info.get("skipped", {}), "model": info.get("model")}
 
 
 # -------------------------------------------------------------------------------------------- encoding
@@ -197,8 +196,8 @@ class PartWriter:
     """Collects rows by chunk, writes each chunk as a part once its worker has moved past it, and a shard's
     record once all its chunks are in."""
 
-    def __init__(self, layout: Layout, shards: dict[int, _Shard], urls: list[str]) -> None:
-        self.layout, self.shards, self.urls = layout, shards, urls
+    def __init__(self, layout: Layout, shards: dict[int, _Shard], urls: list[str], model: dict) -> None:
+        self.layout, self.shards, self.urls, self.model = layout, shards, urls, model
         self.open: dict[tuple[int, int], _Open] = {}
         self.rows = self.parts_written = 0
 
@@ -221,7 +220,7 @@ class PartWriter:
             return
         name = self.layout.name(shard, chunk)
         img, txt = np.concatenate(part.img), np.concatenate(part.txt)
-        info = {"shard": self.urls[shard], "chunk": chunk, "skipped": skipped}
+        info = {"shard": self.urls[shard], "chunk": chunk, "skipped": skipped, "model": self.model}
         write_part(self.layout.paths(name), img, txt, metadata_table(part.keys, part.captions, part.meta, info))
         self.shards[shard].parts[name] = {"rows": len(img), "skipped": skipped}
         self.rows += len(img)
@@ -233,30 +232,48 @@ class PartWriter:
         # A shard that could not be opened is tried again by the next run; its count is kept meanwhile.
         complete = not skipped.get("shard_open_error")
         total = state.skipped + _part_skips(state.parts)
-        _write_json(self.layout.record(shard), {"url": self.urls[shard], "complete": complete,
+        _write_json(self.layout.record(shard), {"url": self.urls[shard], "complete": complete, "model": self.model,
                                                 "parts": state.parts, "skipped": dict(total)})
 
 
 def write_part(paths: tuple[Path, Path, Path], img: np.ndarray, txt: np.ndarray, table) -> None:
-    """All three files are complete before any is renamed, so a crash leaves no lone embedding file (readers
-    pair .npy and .parquet files by position); the metadata goes last: its presence marks the part finished."""
+    """All three files are complete before any is renamed, and a failed rename takes the renamed ones back,
+    so no lone embedding file is left (readers pair .npy and .parquet files by position); the metadata goes
+    last: its presence marks the part finished."""
     import pyarrow.parquet as pq
 
-    temps = [_write_temp(paths[0], lambda f: np.save(f, img)), _write_temp(paths[1], lambda f: np.save(f, txt)),
-             _write_temp(paths[2], lambda f: pq.write_table(table, f))]
-    for tmp, path in zip(temps, paths):
-        os.replace(tmp, path)
+    writes = (lambda f: np.save(f, img), lambda f: np.save(f, txt), lambda f: pq.write_table(table, f))
+    temps = []
+    try:
+        for path, write in zip(paths, writes):
+            temps.append(write_temporary(path, write))
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    publish(list(zip(temps, paths)))
 
 
 # -------------------------------------------------------------------------------------- resume and plan
 
-def _plan(urls: list[str], part_size: int, checkpoint: str, model_name: str, draft_margin: int) -> dict:
+def _plan(urls: list[str], part_size: int, draft_margin: int) -> dict:
     return {"shards": len(urls), "urls_sha256": hashlib.sha256("\n".join(urls).encode()).hexdigest(),
-            "part_size": part_size, "checkpoint": checkpoint, "model_name": model_name, "draft_margin": draft_margin}
+            "part_size": part_size, "draft_margin": draft_margin}
+
+
+def model_identity(loaded) -> dict:
+    """What the vectors depend on besides the data: the weights as loaded and the architecture. Parts,
+    shard records and clipkit_embed.json carry it; a part made by another model is stale."""
+    from ..models.digest import weights_sha256
+
+    cfg = json.dumps(loaded.model_cfg, sort_keys=True)
+    return {"weights_sha256": weights_sha256(loaded.model),
+            "model_cfg_sha256": hashlib.sha256(cfg.encode()).hexdigest()}
 
 
 def check_plan(layout: Layout, plan: dict, is_main: bool) -> None:
-    """A re-run must embed the same shards with the same model and part size, or parts would mix."""
+    """A re-run must embed the same shards with the same part size (and decoding), or parts would mix. (The
+    model may change: parts record theirs, and scan() discards the stale ones.)"""
     path = layout.state / "plan.json"
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -264,30 +281,52 @@ def check_plan(layout: Layout, plan: dict, is_main: bool) -> None:
         if diff:
             raise UserError(f"{layout.out} holds embeddings made with other settings ({', '.join(diff)} differ: "
                             f"{', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): use a new --out, or the same "
-                            "--data, --checkpoint, --part-size and --draft-margin to resume")
+                            "--data, --part-size and --draft-margin to resume")
     elif is_main:
         _write_json(path, plan)
 
 
-def scan(layout: Layout, shards: list[int]) -> tuple[dict[int, _Shard], list[int], dict[int, set[int]]]:
-    """(state of each shard, the shards still to read, their finished chunks) from what OUT holds."""
+@dataclass
+class Scan:
+    states: dict[int, _Shard]  # what each of this rank's shards holds
+    todo: list[int]  # the shards still to read
+    done_chunks: dict[int, set[int]]  # their finished chunks
+    discarded: int = 0  # parts made by another model, removed
+    stale_weights: set[str] = field(default_factory=set)  # their weights' digests ("not recorded": older parts)
+
+
+def scan(layout: Layout, shards: list[int], model: dict) -> Scan:
+    """What OUT holds for `shards`, made by `model`; parts made by another model are removed."""
     finished = layout.finished_parts()
     by_shard: dict[int, list[str]] = {}
     for name in sorted(finished):
         by_shard.setdefault(layout.chunk_of(name)[0], []).append(name)
-    states, todo, done_chunks = {}, [], {}
+    result = Scan({}, [], {})
     for shard in shards:
         record = layout.record(shard)
         saved = json.loads(record.read_text()) if record.is_file() else None
-        if saved and saved["complete"] and set(saved["parts"]) <= finished:
-            states[shard] = _Shard(dict(saved["parts"]), Counter(saved["skipped"]) - _part_skips(saved["parts"]))
+        if saved and saved.get("model") == model and saved["complete"] and set(saved["parts"]) <= finished:
+            other_skips = Counter(saved["skipped"]) - _part_skips(saved["parts"])
+            result.states[shard] = _Shard(dict(saved["parts"]), other_skips)
             continue
-        # Unfinished: keep its finished parts (their skip counts are in their parquet footers), redo the rest.
-        names = by_shard.get(shard, [])
-        states[shard] = _Shard({n: read_part_info(layout.paths(n)[2]) for n in names})
-        done_chunks[shard] = {layout.chunk_of(n)[1] for n in names}
-        todo.append(shard)
-    return states, todo, done_chunks
+        # To be read: its record goes (a crash from here on must not leave it vouching for parts being
+        # replaced); its finished parts made by this model stay (skip counts are in their footers), the rest
+        # is redone.
+        record.unlink(missing_ok=True)
+        kept = {}
+        for name in by_shard.get(shard, []):
+            info = read_part_info(layout.paths(name)[2])
+            made_by = info.pop("model")
+            if made_by == model:
+                kept[name] = info
+            else:
+                layout.remove_part(name)
+                result.discarded += 1
+                result.stale_weights.add((made_by or {}).get("weights_sha256") or "not recorded")
+        result.states[shard] = _Shard(kept)
+        result.done_chunks[shard] = {layout.chunk_of(n)[1] for n in kept}
+        result.todo.append(shard)
+    return result
 
 
 def _part_skips(parts: dict) -> Counter:
@@ -316,9 +355,10 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_info(layout: Layout, plan: dict, dim: int, num_shards: int) -> dict:
-    """OUT/clipkit_embed.json from every shard record on disk (so each rank can write it, and the last one to
-    finish writes the complete totals; the lock orders their writes)."""
+def write_info(layout: Layout, plan: dict, made_by: dict, dim: int, num_shards: int) -> dict:
+    """OUT/clipkit_embed.json from every shard record on disk made by this model (so each rank can write it,
+    and the last one to finish writes the complete totals; the lock orders their writes). `made_by`: the
+    model's identity, checkpoint and name."""
     with _locked(layout.state / "lock"):
         rows = parts = complete = 0
         skipped: Counter = Counter()
@@ -327,14 +367,16 @@ def write_info(layout: Layout, plan: dict, dim: int, num_shards: int) -> dict:
             if not path.is_file():
                 continue
             rec = json.loads(path.read_text())
+            if rec.get("model") != made_by["model"]:  # another rank's shard, not yet redone with this model
+                continue
             rows += sum(p["rows"] for p in rec["parts"].values())
             parts += len(rec["parts"])
             complete += rec["complete"]
             skipped.update(rec["skipped"])
-        info = {"checkpoint": plan["checkpoint"], "model_name": plan["model_name"], "dim": dim, "count": rows,
-                "parts": parts, "skipped": dict(sorted(skipped.items())), "shards": num_shards,
-                "shards_complete": complete, "complete": complete == num_shards, "part_size": plan["part_size"],
-                "draft_margin": plan["draft_margin"], "layout": "clip-retrieval"}
+        info = {"checkpoint": made_by["checkpoint"], "model_name": made_by["model_name"], **made_by["model"],
+                "dim": dim, "count": rows, "parts": parts, "skipped": dict(sorted(skipped.items())),
+                "shards": num_shards, "shards_complete": complete, "complete": complete == num_shards,
+                "part_size": plan["part_size"], "draft_margin": plan["draft_margin"], "layout": "clip-retrieval"}
         _write_json(layout.out / INFO_FILE, info)
     return info
 
@@ -357,7 +399,9 @@ def _load(checkpoint):
     from ..models import LoadedModel, load_model
 
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
-    return loaded, str(Path(loaded.source).resolve())
+    made_by = {"model": model_identity(loaded), "checkpoint": str(Path(loaded.checkpoint).resolve()),
+               "model_name": loaded.model_name}
+    return loaded, made_by
 
 
 def _progress(enabled: bool, total_shards: int):
@@ -373,7 +417,8 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
                  rank: int = 0, world_size: int = 1) -> EmbedResult:
     """Embed every (image, caption) sample of the shards in `spec` with a checkpoint (a path load_model reads,
     or a LoadedModel) into OUT in clip-retrieval's layout; shards s with s % world_size == rank are this
-    process's. Finished parts of an earlier run into the same OUT are kept."""
+    process's. Finished parts of an earlier run into the same OUT are kept when the same weights made them
+    (whatever path named them), and discarded and recomputed when other weights did."""
     from ..data import expand_shards
     from ..data.pipeline import build_embed_loader
     from ..models import create_transforms, get_tokenizer
@@ -382,14 +427,22 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
         raise UserError("batch size and part size must be >= 1, workers and draft margin >= 0")
     started = time.perf_counter()
     urls = expand_shards(spec)
-    loaded, checkpoint_path = _load(checkpoint)
+    loaded, made_by = _load(checkpoint)
     layout = Layout(Path(out).absolute(), len(urls))
     layout.create()
-    plan = _plan(urls, part_size, checkpoint_path, loaded.model_name, draft_margin)
+    plan = _plan(urls, part_size, draft_margin)
     check_plan(layout, plan, rank == 0)
-    states, todo, done_chunks = scan(layout, list(range(rank, len(urls), world_size)))
+    found = scan(layout, list(range(rank, len(urls), world_size)), made_by["model"])
+    states, todo, done_chunks = found.states, found.todo, found.done_chunks
+    dim = int(loaded.model_cfg.get("embed_dim") or loaded.model.text_projection.shape[-1])
+    if found.discarded:
+        log.warning("%s: discarded %d parts made by another model (weights sha256 %s); recomputing them with "
+                    "%s (weights sha256 %s)", layout.out, found.discarded, ", ".join(sorted(found.stale_weights)),
+                    made_by["checkpoint"], made_by["model"]["weights_sha256"])
+        # Until the new parts are in, OUT must not claim the old totals and digest: `clipkit index` reads them.
+        write_info(layout, plan, made_by, dim, len(urls))
     reused = sum(len(s.parts) for s in states.values())
-    writer = PartWriter(layout, states, urls)
+    writer = PartWriter(layout, states, urls, made_by["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = loaded.model.to(device).eval()
     if todo:
@@ -397,8 +450,7 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
                                     part_size, done_chunks, workers=workers, draft_margin=draft_margin,
                                     image_keys=image_key, text_key=caption_key)
         _run(model, loader, writer, device, _progress(progress and rank == 0, len(todo)), len(todo))
-    dim = int(loaded.model_cfg.get("embed_dim") or model.text_projection.shape[-1])
-    info = write_info(layout, plan, dim, len(urls))
+    info = write_info(layout, plan, made_by, dim, len(urls))
     rows, skipped = _totals(states)
     return EmbedResult(layout.out, info, rows, writer.rows, writer.parts_written, reused,
                        dict(sorted(skipped.items())), time.perf_counter() - started)
@@ -433,7 +485,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                        "open_clip model directory")
     p.add_argument("--data", required=True, help="shard spec: local paths, fsspec URLs (s3://...) or pipe:CMD, "
                                                  "with {000..999} braces, several joined by '::'")
-    p.add_argument("--out", required=True, help="output folder (re-running into it skips finished parts)")
+    p.add_argument("--out", required=True, help="output folder (re-running into it skips the parts finished with "
+                                                "the same weights, and recomputes those made with other weights)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--part-size", type=int, default=10_000, help="most rows per part (a part never spans shards)")
     p.add_argument("--workers", type=int, default=1, help="loader processes per rank (decoding, tokenising)")

@@ -7,7 +7,12 @@
     searcher.search_text("a red circle", k=5)        # -> [{"id", "key", "caption", "score", ...}, ...]
 
 Queries are encoded with the checkpoint that produced the embeddings (or --checkpoint), L2-normalised and
-searched by inner product (cosine). `modality` names the index searched: "image" finds images, "text"
+searched by inner product (cosine). Query vectors are only comparable with the index's vectors when both
+come from the same weights: the sha256 of the weights that made the embeddings (recorded by `clipkit embed`
+in clipkit_embed.json, which `clipkit index` copies) must equal that of the weights loaded to encode
+queries, or queries are refused with the reason, unless --allow-other-weights (allow_other_weights=True).
+An index with no clipkit_embed.json (embeddings from another tool) records nothing to compare: the
+checkpoint given is trusted. `modality` names the index searched: "image" finds images, "text"
 finds captions, whatever the query is. Results are ordered by score, ties by row.
 """
 from __future__ import annotations
@@ -103,7 +108,7 @@ class Searcher:
     threads: faiss searches are read-only, and model loading and metadata reads are serialised."""
 
     def __init__(self, index_dir: str | Path, checkpoint: str | Path | None = None,
-                 search_params: dict | None = None, device: str = "cpu") -> None:
+                 search_params: dict | None = None, device: str = "cpu", allow_other_weights: bool = False) -> None:
         faiss = require("faiss", "searching an index")
 
         self.dir = Path(index_dir)
@@ -115,7 +120,9 @@ class Searcher:
             overrides = {k: v for k, v in (search_params or {}).items() if k in TUNABLE.get(entry["type"], ())}
             set_search_params(self.indexes[kind], {**entry.get("search_params", {}), **overrides})
         self.metadata = MetadataStore(self.dir / self.info["metadata"])
-        self.checkpoint = str(checkpoint) if checkpoint else self._recorded_checkpoint()
+        self.embed_info = self._embed_info()
+        self.checkpoint = str(checkpoint) if checkpoint else (self.embed_info or {}).get("checkpoint")
+        self.allow_other_weights = allow_other_weights
         self.device = device
         self._model = None
         self._model_lock = threading.Lock()
@@ -124,14 +131,18 @@ class Searcher:
     def modalities(self) -> list[str]:
         return list(self.indexes)
 
-    def _recorded_checkpoint(self) -> str | None:
+    def _embed_info(self) -> dict | None:
+        """What `clipkit embed` recorded about the vectors (None: embeddings from another tool)."""
         path = self.dir / EMBED_INFO
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text()).get("checkpoint")
-        except (json.JSONDecodeError, AttributeError) as e:
+            info = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
             raise UserError(f"{path} is not the JSON object `clipkit embed` writes: {e}") from None
+        if not isinstance(info, dict):
+            raise UserError(f"{path} is not the JSON object `clipkit embed` writes")
+        return info
 
     # -- encoding queries ------------------------------------------------------------------------------
 
@@ -157,7 +168,28 @@ class Searcher:
         if width is not None and width != self.dim:
             raise UserError(f"checkpoint {self.checkpoint} encodes {width}-d embeddings; {self.dir} holds "
                             f"{self.dim}-d vectors: pass the checkpoint that made them")
+        self._check_weights(loaded.model)
         return loaded.model, get_tokenizer(loaded.name), create_transforms(loaded.model)[1]
+
+    def _check_weights(self, model) -> None:
+        """Refuse weights other than the ones the vectors were made with: their queries would land anywhere."""
+        from ..models.digest import weights_sha256
+
+        if self.embed_info is None or self.allow_other_weights:
+            return
+        made_with = self.embed_info.get("weights_sha256")
+        loaded = weights_sha256(model)
+        if made_with == loaded:
+            return
+        where = self.dir / EMBED_INFO
+        if made_with is None:
+            raise UserError(f"{where} records no weights digest (embeddings from a clipkit that did not record it), "
+                            f"so checkpoint {self.checkpoint} cannot be checked against them: re-run `clipkit embed` "
+                            "and `clipkit index`, or pass --allow-other-weights")
+        raise UserError(f"checkpoint {self.checkpoint} holds other weights (sha256 {loaded[:16]}) than the ones "
+                        f"{self.dir}'s vectors were made with (sha256 {str(made_with)[:16]}, from "
+                        f"{self.embed_info.get('checkpoint')}): pass that checkpoint, re-embed, or pass "
+                        "--allow-other-weights")
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -257,12 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modality", default="image", choices=sorted(KINDS),
                    help="which index to search: image (default) finds images, text finds captions")
     p.add_argument("--checkpoint", default=None, help="encode the query with this checkpoint instead of the "
-                   "one recorded in the index")
+                   "one recorded in the index (its weights must be the ones the embeddings were made with)")
+    p.add_argument("--allow-other-weights", action="store_true", help="encode the query even with weights "
+                   "whose sha256 differs from the one recorded with the embeddings (results may be meaningless)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (overrides index_info.json)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (overrides index_info.json)")
     args = p.parse_args(argv)
     params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
-    searcher = Searcher(args.index, args.checkpoint, params)
+    searcher = Searcher(args.index, args.checkpoint, params, allow_other_weights=args.allow_other_weights)
     if args.text is not None:
         results = searcher.search_text(args.text, args.k, args.modality)
     else:

@@ -410,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "(clip-retrieval back end's /knn-service, /indices-list, /metadata)")
     p.add_argument("--index", required=True, help="index directory written by `clipkit index`")
     p.add_argument("--checkpoint", default=None, help="encode queries with this checkpoint instead of the one "
-                   "recorded in the index")
+                   "recorded in the index (its weights must be the ones the embeddings were made with)")
+    p.add_argument("--allow-other-weights", action="store_true", help="serve even with weights whose sha256 "
+                   "differs from the one recorded with the embeddings (results may be meaningless)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--shards", default=None, help="local shard spec the embeddings came from, for thumbnails")
@@ -441,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn = require("uvicorn", "the retrieval service")
 
     params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
-    searcher = Searcher(args.index, args.checkpoint, params)
+    searcher = Searcher(args.index, args.checkpoint, params, allow_other_weights=args.allow_other_weights)
     if searcher.checkpoint:
-        searcher.load_model()  # a missing or mismatched checkpoint fails now, not on the first query
+        searcher.load_model()  # a missing checkpoint or other weights than the vectors' fail now, not on a query
     else:
         print("clipkit serve: no checkpoint recorded in the index and none given: only embedding_input queries "
               "will be answered")
