@@ -2,7 +2,6 @@
 made as they are verified; a signing key that is whole, long and private; saves that survive a crash at any
 instant; a `latest` pointer that names a checkpoint beside it and nothing else."""
 import hashlib
-import hmac
 import json
 import multiprocessing
 import os
@@ -21,25 +20,13 @@ from clipkit.config import load_config
 from clipkit.models import load_model
 from clipkit.training import Trainer
 from clipkit.training.engine import TorchEngine
+from test_checkpoints import _reseal
 
 STEP = "step_00000040"  # trained_nano's checkpoint
 
 
 def _key() -> bytes:
     return Path(os.environ["CLIPKIT_CHECKPOINT_KEY"]).read_bytes()
-
-
-def _reseal(checkpoint: Path, key: bytes) -> None:
-    """Recompute the manifest of a checkpoint changed on purpose (as clipkit would have written it), signed."""
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    files = {}
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        files[path.relative_to(checkpoint).as_posix()] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                                                          "bytes": path.stat().st_size}
-    manifest["files"] = files
-    body = json.dumps({k: v for k, v in manifest.items() if k != "hmac"}, sort_keys=True).encode()
-    manifest["hmac"] = hmac.new(key, body, hashlib.sha256).hexdigest()
-    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _resume_overrides(run_dir, synth, resume):

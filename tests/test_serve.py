@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import faiss
 import httpx
@@ -33,11 +34,9 @@ def export(synth_small, tmp_path_factory):
     return root / "synth-index", ref, synth_small
 
 
-@pytest.fixture(scope="module")
-def url(export):
-    """A uvicorn server in a thread, on a port the kernel picks on 127.0.0.1."""
-    index_dir, _, synth = export
-    app = create_app(Searcher(index_dir), shards=synth.train_spec, max_k=100, max_body=MAX_BODY)
+@contextmanager
+def serving(app):
+    """`app` under uvicorn in a thread, on a port the kernel picks on 127.0.0.1; yields the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -47,10 +46,21 @@ def url(export):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def url(export):
+    """A uvicorn server in a thread, on a port the kernel picks on 127.0.0.1."""
+    index_dir, _, synth = export
+    app = create_app(Searcher(index_dir), shards=synth.train_spec, max_k=100, max_body=MAX_BODY)
+    with serving(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def as_search_results(answer: list[dict]) -> list[dict]:

@@ -11,12 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
 from clipkit.bench.bad_inputs import eps, png_bomb
@@ -27,29 +25,9 @@ from clipkit.retrieval.search import Searcher
 from clipkit.retrieval.serve import LimitBody, allowed_hosts, create_app
 from test_bad_input import _good, _shard, parts  # noqa: F401  (fixture)
 from test_index_search import QUERIES
-from test_serve import export  # noqa: F401  (fixture: a trained tiny checkpoint's index and its shards)
+from test_serve import export, serving  # noqa: F401  (export: a fixture, a trained tiny checkpoint's index)
 
 LIMIT = 1 << 20  # body bytes
-
-
-@contextmanager
-def serving(app):
-    """`app` under uvicorn in a thread, on a port the kernel picks on 127.0.0.1; yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
