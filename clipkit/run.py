@@ -37,7 +37,7 @@ from .evaluation import (
     write_result,
 )
 from .export import EXPORT_FORMATS
-from .models import create_model, create_transforms, get_tokenizer, load_model
+from .models import create_model, load_model
 from .report import write_report
 from .training import Trainer
 
@@ -153,8 +153,7 @@ def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device
     loaded = load_model(checkpoint, device=device)
     at_end = HeldOut(held_out.zeroshot if cfg.eval.zeroshot_at_end else None,
                      held_out.retrieval if cfg.eval.retrieval_at_end else None)
-    _, transform = create_transforms(loaded.model)
-    results = evaluate(loaded.model, get_tokenizer(loaded.name), transform, at_end, cfg, device,
+    results = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, at_end, cfg, device,
                        workers=min(1, cfg.data.workers))
     for task, metrics in results.items():
         data = getattr(at_end, task)

@@ -246,19 +246,19 @@ def format_table(report: dict) -> str:
 def run(args: argparse.Namespace, argv: list[str], export_dir: Path) -> dict:
     from clipkit.evaluation import load_zeroshot_set
     from clipkit.export.onnx_format import export_onnx
-    from clipkit.models import create_transforms, get_tokenizer, load_model
+    from clipkit.models import load_model
 
     torch.set_num_threads(args.threads)
     zs = load_zeroshot_set(args.data, args.classnames, args.templates)
     loaded = load_model(args.checkpoint)
     model = loaded.model.eval()
-    pixels, labels = load_images(zs, create_transforms(model)[1], args.batch_size, args.workers, args.max_samples)
+    pixels, labels = load_images(zs, loaded.eval_transform, args.batch_size, args.workers, args.max_samples)
     files = existing_export(args.onnx_dir, loaded.model_cfg) if args.onnx_dir else \
         export_onnx(model, loaded.model_name, loaded.model_cfg, export_dir)
     backends = {"torch_fp32": TorchEncoders(model),
                 "onnx_fp32": OrtEncoders(files["image"], files["text"], args.threads),
                 "onnx_int8": OrtEncoders(files["image_int8"], files["text_int8"], args.threads)}
-    tokenizer = get_tokenizer(loaded.name)
+    tokenizer = loaded.tokenizer
     results = {name: evaluate(enc, tokenizer, zs, pixels, labels, args.batch_size) for name, enc in backends.items()}
     _check_same_model(results)
     speed_pixels = pixels[:args.speed_samples]

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..extras import check_config
 from ..evaluation import build_classifier
 from ..export import export_open_clip
-from ..models import WEIGHTS_FILE, create_transforms, get_tokenizer, load_model, save_weights
+from ..models import WEIGHTS_FILE, load_model, save_weights
 from ..models.weights import LoadedModel
 from ..training.metrics import MetricsLogger
 from .data import DownstreamSet, eval_loader, load_downstream
@@ -114,8 +114,8 @@ class Finetune:
         self.data = load_downstream(self.f.data, val_fraction=self.f.val_fraction, seed=cfg.run.seed)
         self.loaded = load_model(self.f.checkpoint, device=self.device)
         self.clip = self.loaded.model
-        self.tokenizer = get_tokenizer(self.loaded.name)
-        self.transforms = create_transforms(self.clip)
+        self.tokenizer = self.loaded.tokenizer
+        self.transforms = self.loaded.transforms
         self.num_classes = len(self.data.classnames)
         self.zeroshot_weights = build_classifier(self.clip, self.tokenizer, self.data.classnames, self.data.templates,
                                                  self.device)

@@ -143,7 +143,7 @@ class Searcher:
         return self._model
 
     def _load_model(self):
-        from ..models import create_transforms, get_tokenizer, load_model
+        from ..models import load_model
 
         if not self.checkpoint:
             raise UserError(f"{self.dir} records no checkpoint to encode queries with (no {EMBED_INFO}): pass "
@@ -157,7 +157,7 @@ class Searcher:
         if width is not None and width != self.dim:
             raise UserError(f"checkpoint {self.checkpoint} encodes {width}-d embeddings; {self.dir} holds "
                             f"{self.dim}-d vectors: pass the checkpoint that made them")
-        return loaded.model, get_tokenizer(loaded.name), create_transforms(loaded.model)[1]
+        return loaded.model, loaded.tokenizer, loaded.eval_transform
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         import torch
