@@ -89,6 +89,8 @@ def run(cfg: Config) -> dict:
                    "model": trainer.model_name, "run_dir": str(trainer.run_dir), "world_size": env.world_size,
                    "checkpoint": str(checkpoint), "skipped_samples": trainer.global_skipped(),
                    "nonfinite_steps": trainer.nonfinite.total, "samples_per_s": trainer.throughput.samples_per_s}
+        if trainer.pretrained is not None:
+            summary["pretrained"] = trainer.pretrained
         if trainer.stopped_by is not None:
             summary["stopped"] = {"signal": trainer.stopped_by, "step": trainer.step}
         if env.device.type == "cuda":
@@ -139,7 +141,7 @@ class PeriodicEval:
         if not trainer.env.is_main:
             return None
         if self.model is None:
-            self.model = create_model(trainer.model_name, device=trainer.device)
+            self.model = create_model(trainer.build_name, device=trainer.device)
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         self.model.load_state_dict({k: v.reshape(shapes[k]) for k, v in state.items()})
         results = evaluate(self.model, trainer.tokenizer, trainer.val_transform, self.held_out, self.cfg,

@@ -30,6 +30,10 @@ from .factory import (ModelNameError, ModelNotFoundError, create_model, create_t
 WEIGHTS_FILE = "model.safetensors"
 
 
+class ArchitectureNeeded(CheckpointError):
+    """The file holds weights only: --model NAME (model.name) must say which architecture."""
+
+
 @dataclass
 class LoadedModel:
     """A loaded model with everything its source brings: every command tokenises and preprocesses with these."""
@@ -65,11 +69,15 @@ class _Source:
     extra: dict = field(default_factory=dict)
 
 
-def save_weights(state_dict: dict, path: str | Path, model_name: str, model_cfg: dict) -> Path:
+def save_weights(state_dict: dict, path: str | Path, model_name: str, model_cfg: dict,
+                 preprocess_cfg: dict | None = None) -> Path:
+    """preprocess_cfg: image preprocessing other than the architecture's default (an imported model's)."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(state, str(path), metadata={"format": "pt", "model_name": model_name,
-                                          "model_cfg": json.dumps(model_cfg)})
+    meta = {"format": "pt", "model_name": model_name, "model_cfg": json.dumps(model_cfg)}
+    if preprocess_cfg:
+        meta["preprocess_cfg"] = json.dumps(preprocess_cfg)
+    save_file(state, str(path), metadata=meta)
     return path
 
 
@@ -81,8 +89,9 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is not a readable safetensors weights file: {e}") from None
 
 
-def _clipkit_file(path: Path) -> tuple[Path, str, dict]:
-    """A run directory, a clipkit checkpoint directory or a weights file clipkit wrote: (file, name, model_cfg)."""
+def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None]:
+    """A run directory, a clipkit checkpoint directory or a weights file clipkit wrote: (file, name, model_cfg,
+    preprocess_cfg when the header has one)."""
     latest = path / "checkpoints" / "latest"
     if path.is_dir() and latest.is_file():  # a run directory: its newest checkpoint
         path = latest.parent / latest.read_text().strip()
@@ -102,7 +111,10 @@ def _clipkit_file(path: Path) -> tuple[Path, str, dict]:
         name = plain_model_name(meta["model_name"])
     except ModelNameError as e:
         raise CheckpointError(f"{path}: its header's {e}") from None
-    return path, name, json.loads(meta["model_cfg"])
+    pp = json.loads(meta["preprocess_cfg"]) if "preprocess_cfg" in meta else None
+    if pp:  # JSON has no tuples: mean and std as open_clip keeps them
+        pp = {k: tuple(v) if isinstance(v, list) else v for k, v in pp.items()}
+    return path, name, json.loads(meta["model_cfg"]), pp
 
 
 def _has_clipkit_header(path: Path) -> bool:
@@ -113,7 +125,7 @@ def _has_clipkit_header(path: Path) -> bool:
 def _named_architecture(path: Path, model_name: str | None, what: str) -> tuple[str, dict]:
     """The architecture a file that does not carry one is loaded as: --model NAME / model.name."""
     if not model_name:
-        raise CheckpointError(f"{path} is {what} without its architecture: name it with --model NAME (or "
+        raise ArchitectureNeeded(f"{path} is {what} without its architecture: name it with --model NAME (or "
                               "model.name=NAME in a config), e.g. --model ViT-B-32")
     try:
         model_cfg = get_model_config(model_name)
@@ -147,8 +159,8 @@ def _source(path: Path, model_name: str | None) -> _Source:
                        convert=lambda model, state: hf_clip.to_open_clip_state(
                            path, state, model_cfg, {k: v.shape for k, v in model.state_dict().items()}))
     if path.is_dir() or (path.suffix == ".safetensors" and _has_clipkit_header(path)):
-        weights, name, model_cfg = _clipkit_file(path)
-        return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit")
+        weights, name, model_cfg, pp = _clipkit_file(path)
+        return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit", preprocess_cfg=pp)
     if path.suffix == ".safetensors":
         name, model_cfg = _named_architecture(path, model_name, "an open_clip state dict")
         return _Source(path, read_tensors(path), name, model_cfg, "state-dict", convert=open_clip_state)

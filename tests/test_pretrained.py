@@ -1,0 +1,345 @@
+"""Pretrained models from elsewhere: transformers CLIPModel directories, open_clip hub directories, OpenCLIP
+trainer checkpoints and bare state dicts, each checked against the library that wrote it (transformers,
+open_clip), all built here with tiny random shapes (nothing is downloaded)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from clipkit.checkpoint import CheckpointError
+from clipkit.models import load_model
+
+transformers = pytest.importorskip("transformers")
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (patch, image, activation, vision width, vision layers, text width, text layers, projection, context,
+#  LayerNorm eps, text eos id): patch 14/16/32, both activations, several widths, depths and contexts
+SHAPES = [
+    (14, 28, "quick_gelu", 32, 2, 32, 2, 16, 77, 1e-5, 49407),
+    (16, 32, "gelu", 48, 1, 64, 3, 24, 32, 1e-6, 49407),
+    (32, 64, "quick_gelu", 64, 2, 48, 1, 32, 20, 1e-5, 2),  # eos id 2: transformers pools at argmax(ids)
+    (16, 48, "gelu", 32, 3, 32, 2, 8, 40, 1e-5, 49407),
+]
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "clipkit", *map(str, args)], capture_output=True, text=True)
+
+
+class Payload:
+    """Unpickling this runs a shell command that leaves a marker file: what a malicious .bin does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory):
+    """The CLIP BPE tokenizer files, as a transformers CLIP directory holds them (pad = end-of-text)."""
+    from clipkit.export.hf_format import write_bpe_files
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    vocab, merges = write_bpe_files(out)
+    CLIPTokenizer(vocab_file=str(vocab), merges_file=str(merges), pad_token="<|endoftext|>",
+                  model_max_length=77).save_pretrained(out)
+    return out
+
+
+def _randomize(model: torch.nn.Module, logit_scale: float) -> None:
+    """Weights far from any initialisation (LayerNorms included), so a misplaced tensor shows."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("logit_scale"):
+                p.fill_(logit_scale)
+            elif ("norm" in name or "ln_" in name) and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def hf_directory(path: Path, tokenizer_files: Path, shape, *, weights: str = "safetensors") -> CLIPModel:
+    patch, image, act, vw, vl, tw, tl, proj, ctx, eps, eos = shape
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=tw, intermediate_size=3 * tw, num_hidden_layers=tl,
+                         num_attention_heads=4, max_position_embeddings=ctx, hidden_act=act, layer_norm_eps=eps,
+                         bos_token_id=49406, eos_token_id=eos, pad_token_id=49407),
+        vision_config=dict(image_size=image, patch_size=patch, hidden_size=vw, intermediate_size=2 * vw + 8,
+                           num_hidden_layers=vl, num_attention_heads=2, hidden_act=act, layer_norm_eps=eps),
+        projection_dim=proj)
+    hf = CLIPModel(config).eval()
+    _randomize(hf, logit_scale=2.9)
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(path)
+    if weights == "bin":  # the older layout: a pickled state dict (transformers 5 writes only safetensors)
+        torch.save(hf.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+    for f in tokenizer_files.iterdir():
+        shutil.copy(f, path / f.name)
+    CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image},
+                       image_mean=MEAN, image_std=STD).save_pretrained(path)
+    return hf
+
+
+def _images(side: int) -> list:
+    rng = np.random.default_rng(0)
+    # odd and even margins around the crop, upscaling and downscaling, a square
+    sizes = [(70, 90), (side, side), (101, 77), (2 * side + 1, side + 3)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def _features(out):
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+TEXTS = ["a photo of a cat", "wow!! a dog, on the grass", "x " * 100]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"p{s[0]}-{s[2]}-w{s[3]}-ctx{s[8]}" for s in SHAPES])
+def test_transformers_clip_directory_gives_transformers_features_tokens_and_pixels(tmp_path, tokenizer_files, shape):
+    hf = hf_directory(tmp_path / "hf", tokenizer_files, shape)
+    loaded = load_model(tmp_path / "hf")
+    assert loaded.format == "transformers" and loaded.context_length == shape[8]
+    assert loaded.model.visual.preprocess_cfg["mean"] == tuple(MEAN)
+
+    processor = CLIPImageProcessor.from_pretrained(tmp_path / "hf")
+    images = _images(shape[1])
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    ours = torch.stack([loaded.eval_transform(im) for im in images])
+    # the processor resizes to uint8 and so does PIL under torchvision: at most one grey level apart
+    grey_level = torch.tensor([1 / 255 / s for s in STD]).view(1, 3, 1, 1)
+    assert ours.shape == pixels.shape and bool(((ours - pixels).abs() <= grey_level + 1e-6).all())
+
+    tokens = CLIPTokenizer.from_pretrained(tmp_path / "hf")(TEXTS, padding="max_length", truncation=True,
+                                                            max_length=shape[8], return_tensors="pt").input_ids
+    assert torch.equal(loaded.tokenizer(TEXTS), tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encode_image(pixels), _features(hf.get_image_features(pixel_values=pixels)),
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(loaded.model.encode_text(tokens), _features(hf.get_text_features(input_ids=tokens)),
+                                   atol=1e-4, rtol=0)
+    assert loaded.model.logit_scale.item() == pytest.approx(2.9)
+
+
+def test_transformers_directory_round_trips_through_the_hf_export_bit_for_bit(tmp_path, tokenizer_files):
+    from clipkit.export import export_hf
+
+    hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[0])
+    loaded = load_model(tmp_path / "hf")
+    export_hf(loaded.model, loaded.model_name, loaded.model_cfg, tmp_path / "out")
+    before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert before[key].dtype == after[key].dtype and torch.equal(before[key], after[key]), key
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["image_mean"] == MEAN
+
+
+def test_pytorch_model_bin_is_read_with_weights_only(tmp_path, tokenizer_files):
+    hf = hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[1], weights="bin")
+    assert (tmp_path / "hf" / "pytorch_model.bin").is_file() and not (tmp_path / "hf" / "model.safetensors").exists()
+    loaded = load_model(tmp_path / "hf")
+    tokens = loaded.tokenizer(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encode_text(tokens), _features(hf.get_text_features(input_ids=tokens)),
+                                   atol=1e-4, rtol=0)
+
+
+def test_first_training_step_loss_from_a_transformers_directory_equals_transformers_loss(tmp_path, tokenizer_files):
+    from clipkit.config import load_config
+    from clipkit.losses import create_loss
+    from clipkit.training.trainer import build_model, load_pretrained
+
+    hf = hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[0])
+    cfg = load_config(None, [f"model.pretrained={tmp_path / 'hf'}", f"run.dir={tmp_path / 'run'}"])
+    pretrained = load_pretrained(cfg)
+    model = build_model(cfg, torch.device("cpu"), pretrained).train()
+    images = torch.stack([pretrained.eval_transform(im) for im in _images(28) * 2])
+    captions = [f"a picture number {i} of something" for i in range(len(images))]
+    tokens = pretrained.tokenizer(captions)
+    out = model(images, tokens)
+    loss = create_loss(cfg.train.loss)(out["image_features"], out["text_features"], out["logit_scale"])
+    with torch.no_grad():
+        expected = hf(input_ids=tokens, pixel_values=images, return_loss=True).loss
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_training_from_a_transformers_directory_with_a_locked_image_tower(tmp_path, tokenizer_files, synth_small):
+    from clipkit.config import ConfigError, load_config
+    from clipkit.run import run
+
+    hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[1])
+    source = load_model(tmp_path / "hf")
+    overrides = [f"model.pretrained={tmp_path / 'hf'}", "model.lock_image=true", f"run.dir={tmp_path / 'run'}",
+                 f"data.train={synth_small.train_spec}", "train.global_batch_size=8", "train.steps=3",
+                 "train.warmup_steps=1", "train.lr=1e-3", "run.progress=false", "data.workers=0",
+                 "data.shuffle_buffer=20", "eval.zeroshot_at_end=false", "eval.retrieval_at_end=false",
+                 "export.at_end=false", "run.report=false"]
+    summary = run(load_config(None, overrides))
+    assert summary["pretrained"]["format"] == "transformers" and summary["pretrained"]["path"] == str(tmp_path / "hf")
+    assert "pretrained: " + str(tmp_path / "hf") in (tmp_path / "run" / "config.yaml").read_text()
+    trained = load_model(summary["checkpoint"])
+    before, after = source.model.state_dict(), trained.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("transformer."))
+    # the run's checkpoints keep the source's preprocessing
+    assert trained.model.visual.preprocess_cfg["mean"] == tuple(MEAN)
+
+    with pytest.raises(ConfigError, match="model.name.*clipkit-nano is not the architecture"):
+        run(load_config(None, overrides + ["model.name=clipkit-nano", f"run.dir={tmp_path / 'other'}"]))
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        load_config(None, [f"model.pretrained={tmp_path / 'nowhere'}"])
+
+
+# ------------------------------------------------------------------------------------------------ open_clip
+
+def _open_clip_model() -> torch.nn.Module:
+    model = open_clip.create_model("clipkit-nano")
+    _randomize(model, logit_scale=3.1)
+    return model.eval()
+
+
+def _same_model(ours, theirs, their_transform, their_tokenizer, ours_loaded) -> None:
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    images = _images(32)
+    pixels = torch.stack([their_transform(im) for im in images])
+    assert torch.equal(torch.stack([ours_loaded.eval_transform(im) for im in images]), pixels)
+    tokens = their_tokenizer(TEXTS)
+    assert torch.equal(ours_loaded.tokenizer(TEXTS), tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(pixels), theirs.encode_image(pixels), atol=0, rtol=0)
+        torch.testing.assert_close(ours.encode_text(tokens), theirs.encode_text(tokens), atol=1e-6, rtol=0)
+
+
+def test_open_clip_hub_directory_with_a_bin_equals_open_clip(tmp_path):
+    model = _open_clip_model()
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear",
+                  "resize_mode": "squash"}
+    (hub / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": open_clip.get_model_config("clipkit-nano"), "preprocess_cfg": preprocess}))
+    torch.save(model.state_dict(), hub / "open_clip_pytorch_model.bin")
+
+    loaded = load_model(hub)
+    theirs, _, transform = open_clip.create_model_and_transforms(f"local-dir:{hub}")
+    assert loaded.format == "open_clip"
+    _same_model(loaded.model.eval(), theirs.eval(), transform, open_clip.get_tokenizer(f"local-dir:{hub}"), loaded)
+
+
+def test_openclip_trainer_checkpoint_equals_open_clip(tmp_path):
+    model = _open_clip_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out = model(torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 16)))
+    (out[0] @ out[1].t()).sum().backward()
+    optimizer.step()
+    # what open_clip_train's main() writes at the end of an epoch (a DDP-wrapped model: module. prefixes)
+    ckpt = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "my-run", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict()}, ckpt)
+
+    loaded = load_model(ckpt, model_name="clipkit-nano")
+    theirs, _, transform = open_clip.create_model_and_transforms("clipkit-nano", pretrained=str(ckpt))
+    assert loaded.format == "open_clip-trainer" and loaded.extra["epoch"] == 3
+    _same_model(loaded.model.eval(), theirs.eval(), transform, open_clip.get_tokenizer("clipkit-nano"), loaded)
+
+    # a bare state dict file (no trainer wrapping, no prefix) reads the same
+    torch.save(model.state_dict(), tmp_path / "weights.bin")
+    bare = load_model(tmp_path / "weights.bin", model_name="clipkit-nano")
+    assert bare.format == "state-dict" and all(torch.equal(bare.model.state_dict()[k], v)
+                                               for k, v in loaded.model.state_dict().items())
+    # without the architecture: one line saying to name it; through the command line, --model names it
+    with pytest.raises(CheckpointError, match="without its architecture: name it with --model"):
+        load_model(ckpt)
+    proc = _cli("export", "--checkpoint", ckpt, "--model", "clipkit-nano", "--out", tmp_path / "e")
+    assert proc.returncode == 0, proc.stderr
+    exported = load_model(tmp_path / "e")
+    assert all(torch.equal(exported.model.state_dict()[k], v) for k, v in loaded.model.state_dict().items())
+
+
+# -------------------------------------------------------------------------------------------------- refusals
+
+def test_malicious_bin_is_refused_through_every_source_and_never_runs(tmp_path, tokenizer_files):
+    marker = tmp_path / "code-ran"
+    evil = {"transformers": tmp_path / "hf" / "pytorch_model.bin", "open_clip": tmp_path / "oc" / "open_clip_pytorch_model.bin",
+            "trainer": tmp_path / "epoch_1.pt", "bare": tmp_path / "weights.bin"}
+    hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[0])
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    (tmp_path / "oc").mkdir()
+    (tmp_path / "oc" / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("clipkit-nano")}))
+    torch.save({"state_dict": {"w": Payload(marker)}, "epoch": 1}, evil["trainer"])
+    for key in ("transformers", "open_clip", "bare"):
+        torch.save({"logit_scale": Payload(marker)}, evil[key])
+    for key, path in evil.items():
+        target = path.parent if key in ("transformers", "open_clip") else path
+        with pytest.raises(CheckpointError) as info:
+            load_model(target, model_name="clipkit-nano" if key in ("trainer", "bare") else None)
+        message = str(info.value)
+        assert str(path) in message and "weights_only" in message and "\n" not in message, message
+    proc = _cli("zeroshot", "--checkpoint", tmp_path / "hf", "--data", tmp_path)  # the data is not reached
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = _cli("export", "--checkpoint", evil["trainer"], "--model", "clipkit-nano", "--out", tmp_path / "e")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and str(evil["trainer"]) in proc.stderr
+    assert not marker.exists()
+
+
+def test_bad_transformers_directories_are_refused_in_one_line(tmp_path, tokenizer_files):
+    def refused(path, pattern):
+        with pytest.raises(CheckpointError, match=pattern) as info:
+            load_model(path)
+        assert "\n" not in str(info.value)
+
+    hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[0])
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tmp_path / "hf", no_tokenizer)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (no_tokenizer / name).unlink()
+    refused(no_tokenizer, "holds weights but no tokenizer")
+
+    wrong_shape = tmp_path / "wrong-shape"
+    shutil.copytree(tmp_path / "hf", wrong_shape)
+    state = load_file(wrong_shape / "model.safetensors")
+    state["text_projection.weight"] = torch.zeros(7, 32)
+    save_file(state, wrong_shape / "model.safetensors")
+    refused(wrong_shape, r"tensor 'text_projection.weight' has shape \(7, 32\), the config says \(16, 32\)")
+
+    for model_type, pattern in (("bert", "unknown model_type 'bert'"), ("siglip", "SigLIP.*not supported yet")):
+        other = tmp_path / model_type
+        shutil.copytree(tmp_path / "hf", other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps(config | {"model_type": model_type}))
+        refused(other, pattern)
+
+    tanh = tmp_path / "tanh"
+    shutil.copytree(tmp_path / "hf", tanh)
+    config = json.loads((tanh / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):
+        config[tower]["hidden_act"] = "gelu_pytorch_tanh"
+    (tanh / "config.json").write_text(json.dumps(config))
+    refused(tanh, "hidden_act 'gelu_pytorch_tanh'")
+
+    crop = tmp_path / "crop"
+    shutil.copytree(tmp_path / "hf", crop)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(crop)
+    refused(crop, "resizes to 32 then crops 28")
+
+    proc = _cli("export", "--checkpoint", no_tokenizer, "--out", tmp_path / "e")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "no tokenizer" in proc.stderr
