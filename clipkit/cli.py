@@ -4,6 +4,7 @@
     clipkit data synth --out DIR [--train-samples N] [--eval-samples N] [--seed S] [--image-size PX]
     clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
     clipkit export --checkpoint CKPT --format open_clip --out DIR
+    clipkit inspect PATH [--model NAME] [--json]              (format, architecture, tokenizer, preprocessing)
     clipkit config [CONFIG.yaml] [dotted.key=value ...]       (the resolved config, as YAML)
     clipkit data make-shards ...  /  clipkit bench loss|data|embed|onnx|train ...   (see --help of each)
     clipkit models
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
          "adapt a checkpoint to a labelled task: linear probe, full/partial fine-tuning, WiSE-FT, LoRA"),
         ("finetune-report", "clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
         ("report", "clipkit.report", "a run's report.html: loss, LR, throughput, MFU, evaluation over time"),
+        ("inspect", "clipkit.inspect", "what a checkpoint or pretrained model path holds, and which commands "
+                                       "can use it"),
     ]:
         sub.add_parser(name, add_help=False, help=help_text).set_defaults(func=_delegate(module))
 

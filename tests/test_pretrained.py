@@ -56,8 +56,9 @@ def tokenizer_files(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tokenizer")
     vocab, merges = write_bpe_files(out)
-    CLIPTokenizer(vocab_file=str(vocab), merges_file=str(merges), pad_token="<|endoftext|>",
-                  model_max_length=77).save_pretrained(out)
+    tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), pad_token="<|endoftext|>", model_max_length=77)
+    assert len(tokenizer) == 49408
+    tokenizer.save_pretrained(out)
     return out
 
 
@@ -129,6 +130,11 @@ def test_transformers_clip_directory_gives_transformers_features_tokens_and_pixe
     tokens = CLIPTokenizer.from_pretrained(tmp_path / "hf")(TEXTS, padding="max_length", truncation=True,
                                                             max_length=shape[8], return_tensors="pt").input_ids
     assert torch.equal(loaded.tokenizer(TEXTS), tokens)
+    # the same BPE as open_clip's own tokenizer up to the end-of-text token; padded with it after
+    reference = open_clip.tokenizer.SimpleTokenizer(context_length=shape[8])(TEXTS)
+    for ours_row, ref_row in zip(tokens, reference):
+        end = int((ref_row == 49407).nonzero()[0]) + 1
+        assert torch.equal(ours_row[:end], ref_row[:end]) and bool((ours_row[end:] == 49407).all())
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.encode_image(pixels), _features(hf.get_image_features(pixel_values=pixels)),
                                    atol=1e-4, rtol=0)
@@ -294,8 +300,6 @@ def test_malicious_bin_is_refused_through_every_source_and_never_runs(tmp_path, 
             load_model(target, model_name="clipkit-nano" if key in ("trainer", "bare") else None)
         message = str(info.value)
         assert str(path) in message and "weights_only" in message and "\n" not in message, message
-    proc = _cli("zeroshot", "--checkpoint", tmp_path / "hf", "--data", tmp_path)  # the data is not reached
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     proc = _cli("export", "--checkpoint", evil["trainer"], "--model", "clipkit-nano", "--out", tmp_path / "e")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and str(evil["trainer"]) in proc.stderr
     assert not marker.exists()
@@ -328,6 +332,13 @@ def test_bad_transformers_directories_are_refused_in_one_line(tmp_path, tokenize
         (other / "config.json").write_text(json.dumps(config | {"model_type": model_type}))
         refused(other, pattern)
 
+    eos = tmp_path / "eos"
+    shutil.copytree(tmp_path / "hf", eos)
+    config = json.loads((eos / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 49406
+    (eos / "config.json").write_text(json.dumps(config))
+    refused(eos, "the tokenizer ends texts with id 49407, the config's eos_token_id is 49406")
+
     tanh = tmp_path / "tanh"
     shutil.copytree(tmp_path / "hf", tanh)
     config = json.loads((tanh / "config.json").read_text())
@@ -343,3 +354,29 @@ def test_bad_transformers_directories_are_refused_in_one_line(tmp_path, tokenize
 
     proc = _cli("export", "--checkpoint", no_tokenizer, "--out", tmp_path / "e")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "no tokenizer" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------- inspect
+
+def test_inspect_describes_a_transformers_directory_and_a_trainer_checkpoint(tmp_path, tokenizer_files, capsys):
+    from clipkit.inspect import main
+
+    hf = hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[2])
+    capsys.readouterr()  # what building the directory printed
+    assert main([str(tmp_path / "hf"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    count = lambda *prefixes: sum(p.numel() for n, p in hf.named_parameters() if n.startswith(prefixes))  # noqa: E731
+    assert info["format"] == "transformers" and info["context_length"] == 20
+    assert info["parameters"] == {"image": count("vision_model.", "visual_projection"),
+                                  "text": count("text_model.", "text_projection"), "other": 1,
+                                  "total": sum(p.numel() for p in hf.parameters())}
+    assert info["tokenizer"].startswith("CLIPTokenizer") and "vocabulary 49408" in info["tokenizer"]
+    assert info["preprocessing"]["mean"] == MEAN and info["preprocessing"]["size"] == 64
+    assert all(v.startswith("yes") for k, v in info["commands"].items() if k != "export --format onnx")
+
+    model = _open_clip_model()
+    torch.save({"epoch": 2, "name": "r", "state_dict": model.state_dict(), "optimizer": {}}, tmp_path / "epoch_2.pt")
+    assert main([str(tmp_path / "epoch_2.pt"), "--model", "clipkit-nano"]) == 0
+    text = capsys.readouterr().out
+    assert "format        : open_clip-trainer" in text and "'epoch': 2" in text
+    assert "zeroshot                  yes, with --model clipkit-nano" in text

@@ -31,7 +31,7 @@ from ..extras import check_config
 from ..evaluation import build_classifier
 from ..export import export_open_clip
 from ..models import WEIGHTS_FILE, load_model, save_weights
-from ..models.weights import LoadedModel
+from ..models.weights import LoadedModel, load_any
 from ..training.metrics import MetricsLogger
 from .data import DownstreamSet, eval_loader, load_downstream
 from .linear_probe import extract_features, linear_probe, load_features, save_features
@@ -112,7 +112,7 @@ class Finetune:
         self.run_dir = Path(cfg.run.dir)
         self.device = env.device
         self.data = load_downstream(self.f.data, val_fraction=self.f.val_fraction, seed=cfg.run.seed)
-        self.loaded = load_model(self.f.checkpoint, device=self.device)
+        self.loaded = load_any(self.f.checkpoint, cfg.model.name, device=self.device)  # model.name: bare files
         self.clip = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.transforms = self.loaded.transforms

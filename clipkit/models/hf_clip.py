@@ -240,6 +240,17 @@ class DirectoryTokenizer:
         return out["input_ids"].long()
 
 
+def check_tokenizer_fits(path: Path, tokenizer: DirectoryTokenizer, model_cfg: dict) -> None:
+    """Ids the text tower has embeddings for, and the end-of-text id it pools at."""
+    text = model_cfg["text_cfg"]
+    size = len(tokenizer.tokenizer)
+    if size > text["vocab_size"]:
+        _refuse(path, f"the tokenizer has {size} tokens, the text tower embeds {text['vocab_size']}")
+    eos = tokenizer.tokenizer.eos_token_id
+    if text.get("pool_type") == "eos" and eos != text["eos_id"]:
+        _refuse(path, f"the tokenizer ends texts with id {eos}, the config's eos_token_id is {text['eos_id']}")
+
+
 def _processor_settings(path: Path) -> dict:
     for name in PROCESSOR_FILES:
         file = path / name

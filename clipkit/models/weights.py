@@ -247,6 +247,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
                        src.extra)
 
 
+def load_any(path: str | Path, model_name: str | None, device: str | torch.device = "cpu") -> LoadedModel:
+    """The source's own architecture when it carries one, else model_name's (a config's model.name, which
+    has a default and so cannot be told apart from a choice: it names only what the file leaves open)."""
+    try:
+        return load_model(path, device=device)
+    except ArchitectureNeeded:
+        return load_model(path, device=device, model_name=model_name)
+
+
 FORMATS = {"clipkit": "clipkit weights", "open_clip": "open_clip model directory",
            "transformers": "transformers CLIPModel directory", "open_clip-trainer": "OpenCLIP trainer checkpoint",
            "state-dict": "open_clip state dict"}
@@ -264,7 +273,10 @@ def _check_same_architecture(path, model_name: str, src: _Source) -> None:
 
 def _tokenizer(src: _Source, registered: str, ctx: int):
     if src.tokenizer_dir is not None:
-        from .hf_clip import DirectoryTokenizer
+        from .hf_clip import DirectoryTokenizer, check_tokenizer_fits
 
-        return DirectoryTokenizer(src.tokenizer_dir, ctx)
+        tokenizer = DirectoryTokenizer(src.tokenizer_dir, ctx)
+        if src.format == "transformers":
+            check_tokenizer_fits(src.tokenizer_dir, tokenizer, src.model_cfg)
+        return tokenizer
     return get_tokenizer(registered)

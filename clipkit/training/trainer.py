@@ -57,8 +57,8 @@ from ..data import StreamState, build_train_loader, expand_sources, repartition_
 from ..distributed import DistEnv, gather_objects, init_distributed
 from ..errors import UserError
 from ..losses import create_loss
-from ..models import LoadedModel, create_model, create_transforms, get_model_config, get_tokenizer, load_model
-from ..models.weights import ArchitectureNeeded
+from ..models import LoadedModel, create_model, create_transforms, get_model_config, get_tokenizer
+from ..models.weights import load_any
 from ..models.flops import matmul_peak, train_flops_per_sample
 from .checkpoint import CheckpointManager, RNGState
 from .engine import build_engine, engine_class
@@ -99,10 +99,9 @@ def load_pretrained(cfg: Config) -> LoadedModel | None:
     path = cfg.model.pretrained
     if path is None:
         return None
-    try:
-        loaded = load_model(path)
-    except ArchitectureNeeded:
-        return load_model(path, model_name=cfg.model.name)
+    loaded = load_any(path, cfg.model.name)
+    if loaded.format in ("open_clip-trainer", "state-dict"):
+        return loaded  # read as model.name
     if cfg.model.name != ModelConfig().name and get_model_config(cfg.model.name) != loaded.model_cfg:
         raise ConfigError(f"config key 'model.name': {cfg.model.name} is not the architecture that "
                           f"model.pretrained={path} holds ({loaded.model_name}, {loaded.format}): leave model.name "
