@@ -305,6 +305,13 @@ def test_malicious_bin_is_refused_through_every_source_and_never_runs(tmp_path, 
     assert not marker.exists()
 
 
+def test_torchscript_archive_is_refused_with_how_to_convert_it(tmp_path):
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ViT-B-32.pt"))
+    with pytest.raises(CheckpointError, match="TorchScript archive.*load_openai_model") as info:
+        load_model(tmp_path / "ViT-B-32.pt", model_name="ViT-B-32-quickgelu")
+    assert "\n" not in str(info.value)
+
+
 def test_bad_transformers_directories_are_refused_in_one_line(tmp_path, tokenizer_files):
     def refused(path, pattern):
         with pytest.raises(CheckpointError, match=pattern) as info:

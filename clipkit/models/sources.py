@@ -35,6 +35,12 @@ def read_pickled(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, OSError) as e:
+        if "TorchScript" in str(e):  # OpenAI's original archives: their tensors come with code to run
+            raise CheckpointError(f"{path} is a TorchScript archive (OpenAI's original CLIP format): clipkit does not "
+                                  "load TorchScript; convert it once with open_clip (python -c \"import open_clip, "
+                                  "torch; m = open_clip.load_openai_model('FILE.pt', device='cpu'); torch.save("
+                                  "m.state_dict(), 'weights.bin')\") and read weights.bin with --model "
+                                  "ViT-B-32-quickgelu (or the matching -quickgelu name)") from None
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused, not a weights-only file (torch.load(weights_only=True) would "
                               f"have to run code or cannot read it: {reason}); clipkit runs no code from "
