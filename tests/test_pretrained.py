@@ -280,6 +280,62 @@ def test_openclip_trainer_checkpoint_equals_open_clip(tmp_path):
     assert all(torch.equal(exported.model.state_dict()[k], v) for k, v in loaded.model.state_dict().items())
 
 
+def _openclip_train_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The AdamW open_clip_train/main.py builds: gain-or-bias parameters (no weight decay) first, then the rest."""
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    gain_or_bias = [p for n, p in named if exclude(n, p) and p.requires_grad]
+    rest = [p for n, p in named if not exclude(n, p) and p.requires_grad]
+    return torch.optim.AdamW([{"params": gain_or_bias, "weight_decay": 0.0}, {"params": rest, "weight_decay": 0.2}],
+                             lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+
+
+def test_training_from_an_openclip_checkpoint_continues_its_optimizer_moments(tmp_path, synth_small):
+    from clipkit.config import load_config
+    from clipkit.training import Trainer
+
+    model = _open_clip_model().train()
+    optimizer = _openclip_train_optimizer(model)
+    for _ in range(2):
+        out = model(torch.randn(4, 3, 32, 32), torch.randint(0, 49408, (4, 16)))
+        (out[0] @ out[1].t()).logsumexp(0).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ckpt = tmp_path / "epoch_2.pt"
+    torch.save({"epoch": 2, "name": "r", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict()}, ckpt)
+    expected = {n: optimizer.state[p] for n, p in model.named_parameters()}
+
+    overrides = [f"model.pretrained={ckpt}", "model.name=clipkit-nano", f"run.dir={tmp_path / 'run'}",
+                 f"data.train={synth_small.train_spec}", "train.global_batch_size=8", "run.progress=false",
+                 "data.workers=0"]
+    trainer = Trainer(load_config(None, overrides))
+    assert trainer.optimizer_from_pretrained and trainer.pretrained["format"] == "open_clip-trainer"
+    params = dict(trainer.module.named_parameters())
+    assert all(torch.equal(params[n].detach(), p.detach()) for n, p in model.named_parameters())
+    assert sum(1 for n in expected if expected[n]) == len(expected) - 1  # logit_scale had no gradient above
+    for name, p in params.items():
+        state = trainer.engine.optimizer.state[p]
+        if not expected[name]:  # no moments saved for it: none made up
+            assert not state, name
+            continue
+        assert float(state["step"]) == float(expected[name]["step"]) == 2.0
+        assert torch.equal(state["exp_avg"], expected[name]["exp_avg"]), name
+        assert torch.equal(state["exp_avg_sq"], expected[name]["exp_avg_sq"]), name
+    trainer.fit(until=1)  # the run's first step takes AdamW on from the third
+    assert float(trainer.engine.optimizer.state[params["visual.conv1.weight"]]["step"]) == 3.0
+
+    # an optimizer that does not fit (SGD with momentum): the weights come over, the optimizer starts fresh
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    out = model(torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 16)))
+    (out[0] @ out[1].t()).sum().backward()
+    sgd.step()
+    torch.save({"epoch": 1, "name": "r", "state_dict": model.state_dict(), "optimizer": sgd.state_dict()}, ckpt)
+    trainer = Trainer(load_config(None, overrides[:2] + [f"run.dir={tmp_path / 'run2'}"] + overrides[3:]))
+    assert not trainer.optimizer_from_pretrained and not trainer.engine.optimizer.state
+    assert trainer.pretrained["optimizer"] == "fresh: its optimizer is not Adam/AdamW"
+
+
 # -------------------------------------------------------------------------------------------------- refusals
 
 def test_malicious_bin_is_refused_through_every_source_and_never_runs(tmp_path, tokenizer_files):

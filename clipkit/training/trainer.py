@@ -239,6 +239,7 @@ class Trainer:
         self.model_cfg = pretrained.model_cfg if pretrained else get_model_config(cfg.model.name)
         meta = {"model_name": self.model_name, "model_cfg": self.model_cfg, "config": config_to_dict(cfg)}
         self.pretrained = None
+        self.optimizer_from_pretrained = False
         if pretrained is not None:  # what the run started from, for its summary; its preprocessing travels on
             self.pretrained = {"path": str(cfg.model.pretrained), "format": pretrained.format,
                                "architecture": pretrained.model_name, "source": pretrained.description}
@@ -270,11 +271,25 @@ class Trainer:
         self.throughput = Throughput()
         self._waited = 0.0  # seconds of the current log window spent waiting for the loader
         self.resumed_from: Path | None = None
+        if pretrained is not None and pretrained.format == "open_clip-trainer":
+            self._import_openclip_optimizer(pretrained.extra.get("optimizer"))
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", env, self.engine,
             {"rng": RNGState(), "data": self.stream, "skipped": self.skipped, "nonfinite": self.nonfinite},
             every=t.checkpoint_every, keep=t.keep_checkpoints, meta=meta, reshard=self._reshard())
         self._start()
+
+    def _import_openclip_optimizer(self, saved) -> None:
+        """Continue an OpenCLIP run: its AdamW moments when they fit this run's optimizer (a resumed checkpoint
+        replaces them after), else a note that the optimizer starts fresh."""
+        from .openclip_optimizer import load_openclip_moments
+
+        optimizer = getattr(self.engine, "optimizer", None)
+        why = load_openclip_moments(optimizer, self.module, saved) if optimizer is not None else "no optimizer"
+        self.optimizer_from_pretrained = why is None
+        self.pretrained["optimizer"] = "AdamW moments from the checkpoint" if why is None else f"fresh: {why}"
+        self._notes.append("optimizer: AdamW moments from model.pretrained" if why is None else
+                           f"optimizer starts fresh: model.pretrained's optimizer state does not fit ({why})")
 
     def _reshard(self) -> dict:
         """How this rank's state comes from a checkpoint written by another number of ranks or loader workers
