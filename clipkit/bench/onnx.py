@@ -41,7 +41,8 @@ class BenchError(RuntimeError):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipkit bench onnx", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, a .safetensors weights file or an open_clip model directory")
+                   help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
+                        "CLIPModel directory, or an OpenCLIP epoch_N.pt / state dict with --model")
     p.add_argument("--data", required=True, help="a CLIP_benchmark zero-shot root (or a shard spec)")
     p.add_argument("--classnames", default=None)
     p.add_argument("--templates", default=None)

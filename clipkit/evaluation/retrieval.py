@@ -162,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipkit retrieval", description="image-text retrieval recall@k of a "
                                 "checkpoint, in CLIP_benchmark's result schema")
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, a .safetensors weights file or an open_clip model directory")
+                   help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
+                        "CLIPModel directory, or an OpenCLIP epoch_N.pt / state dict with --model")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
     p.add_argument("--data", required=True,

@@ -309,8 +309,9 @@ def finetune(cfg: Config) -> dict:
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     p = argparse.ArgumentParser(prog="clipkit finetune", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="the pretrained model: a checkpoint directory, .safetensors weights file "
-                                        "or open_clip model directory (finetune.checkpoint)")
+    p.add_argument("--checkpoint", help="the pretrained model: a checkpoint directory, .safetensors weights file, "
+                                        "open_clip or transformers CLIPModel directory, or an OpenCLIP epoch_N.pt "
+                                        "/ state dict read as model.name (finetune.checkpoint)")
     p.add_argument("--data", help="an image folder with train/, val/ (optional), test/ of class folders, or a "
                                   "CLIP_benchmark webdataset root (finetune.data)")
     p.add_argument("--method", help="linear_probe, full, wise or lora (finetune.method; default full)")

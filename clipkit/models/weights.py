@@ -1,9 +1,12 @@
 """Weights files: a model's state dict as safetensors, with the architecture to rebuild it in the header.
 
     save_weights(model.state_dict(), "model.safetensors", "clipkit-tiny", model_cfg)
-    loaded = load_model("runs/default/checkpoints/step_00000600")   # or the .safetensors file, an open_clip
-    loaded.model, loaded.name, loaded.model_cfg                     # export directory, or a run directory
-                                                                    # (its newest checkpoint)
+    loaded = load_model("runs/default/checkpoints/step_00000600")   # or the .safetensors file, a run directory
+    loaded.model, loaded.tokenizer, loaded.eval_transform           # (its newest checkpoint), an open_clip or
+    loaded = load_model("epoch_32.pt", model_name="ViT-B-32")       # transformers directory, ... (sources.py)
+
+Loading gives one bundle (LoadedModel): the model with the tokenizer, image transforms and context length
+its source brings, so every command tokenises and preprocesses as the model was trained.
 
 safetensors holds tensors and a JSON header only: loading a file never runs code from it, and the model
 name in the header is data, never a path: a name that is not plain (see factory.plain_model_name) is

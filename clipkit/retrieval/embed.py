@@ -428,8 +428,9 @@ def _run(model, loader, writer: PartWriter, device: torch.device, bar, total_sha
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipkit embed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, a .safetensors weights file or an "
-                                                       "open_clip model directory")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or run directory, a .safetensors weights file, "
+                                                       "an open_clip or transformers CLIPModel directory, or an "
+                                                       "OpenCLIP epoch_N.pt / state dict with --model")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
     p.add_argument("--data", required=True, help="shard spec: local paths, fsspec URLs (s3://...) or pipe:CMD, "
