@@ -248,6 +248,15 @@ def test_open_clip_hub_directory_with_a_bin_equals_open_clip(tmp_path):
     theirs, _, transform = open_clip.create_model_and_transforms(f"local-dir:{hub}")
     assert loaded.format == "open_clip"
     _same_model(loaded.model.eval(), theirs.eval(), transform, open_clip.get_tokenizer(f"local-dir:{hub}"), loaded)
+    # round trip: clipkit's open_clip export of it holds the same weights bit for bit, and its preprocessing
+    from clipkit.export import export_open_clip
+
+    export_open_clip(loaded.model, loaded.model_name, loaded.model_cfg, tmp_path / "out")
+    again = load_file(tmp_path / "out" / "open_clip_model.safetensors")
+    assert sorted(again) == sorted(model.state_dict())
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+    written = json.loads((tmp_path / "out" / "open_clip_config.json").read_text())["preprocess_cfg"]
+    assert {k: written[k] for k in preprocess} == preprocess
 
 
 def test_openclip_trainer_checkpoint_equals_open_clip(tmp_path):

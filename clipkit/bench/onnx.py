@@ -43,6 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
                         "CLIPModel directory, or an OpenCLIP epoch_N.pt / state dict with --model")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
     p.add_argument("--data", required=True, help="a CLIP_benchmark zero-shot root (or a shard spec)")
     p.add_argument("--classnames", default=None)
     p.add_argument("--templates", default=None)
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace, argv: list[str], export_dir: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     zs = load_zeroshot_set(args.data, args.classnames, args.templates)
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, model_name=args.model)
     model = loaded.model.eval()
     pixels, labels = load_images(zs, loaded.eval_transform, args.batch_size, args.workers, args.max_samples)
     files = existing_export(args.onnx_dir, loaded.model_cfg) if args.onnx_dir else \
