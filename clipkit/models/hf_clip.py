@@ -67,7 +67,7 @@ def read_config(path: Path) -> dict:
                   "transformers CLIPModel)")
 
 
-def _towers(path: Path, config: dict) -> tuple[dict, dict]:
+def _towers(config: dict) -> tuple[dict, dict]:
     """The two towers' settings with transformers' defaults filled in (CLIPConfig parses config.json)."""
     from transformers import CLIPConfig
 
@@ -99,7 +99,7 @@ def _norm_kwargs(tower: dict) -> dict:
 
 def model_config(path: Path, config: dict) -> dict:
     """open_clip's model_cfg for this CLIPConfig (HFImportError naming what has no exact equivalent)."""
-    vision, text = _towers(path, config)
+    vision, text = _towers(config)
     acts = {vision["hidden_act"], text["hidden_act"]}
     if len(acts) != 1:
         _refuse(path, f"the towers use different activations ({vision['hidden_act']}, {text['hidden_act']}); "
