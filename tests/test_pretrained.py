@@ -212,6 +212,23 @@ def test_training_from_a_transformers_directory_with_a_locked_image_tower(tmp_pa
         load_config(None, [f"model.pretrained={tmp_path / 'nowhere'}"])
 
 
+def test_finetune_from_a_transformers_directory_keeps_its_preprocessing(tmp_path, tokenizer_files, synth_small):
+    from clipkit.finetune.run import main as finetune_main
+
+    hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[1])
+    out = tmp_path / "ft"
+    assert finetune_main(["--checkpoint", str(tmp_path / "hf"), "--data", str(synth_small.downstream_root),
+                          "--method", "full", "--out", str(out), "run.progress=false", "data.workers=0",
+                          "finetune.global_batch_size=16", "finetune.epochs=1", "finetune.warmup_steps=1",
+                          "eval.batch_size=32"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "full" and "acc1" in result["zeroshot"]["test"]
+    best = load_model(result["best_checkpoint"])
+    assert best.format == "clipkit" and best.model.visual.preprocess_cfg["mean"] == tuple(MEAN)
+    exported = json.loads((Path(result["export"]["weights"]).parent / "open_clip_config.json").read_text())
+    assert exported["preprocess_cfg"]["std"] == STD
+
+
 # ------------------------------------------------------------------------------------------------ open_clip
 
 def _open_clip_model() -> torch.nn.Module:

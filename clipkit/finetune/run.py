@@ -88,7 +88,8 @@ def save_best(model: ImageClassifier, run_dir: Path, loaded: LoadedModel, classn
     remove_stale_temporaries(directory)
     tmp = directory / "best.tmp"
     tmp.mkdir()
-    save_weights(model.clip.state_dict(), tmp / WEIGHTS_FILE, loaded.model_name, loaded.model_cfg)
+    save_weights(model.clip.state_dict(), tmp / WEIGHTS_FILE, loaded.model_name, loaded.model_cfg,
+                 loaded.preprocess_cfg)
     save_head(model, tmp / HEAD_FILE, classnames, loaded.model_name)
     return commit(tmp, {"kind": "finetune", "engine": "finetune", **meta})
 

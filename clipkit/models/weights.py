@@ -52,6 +52,9 @@ class LoadedModel:
     format: str = "clipkit"  # see sources.py: clipkit, open_clip, transformers, open_clip-trainer, state-dict
     description: str = ""  # what was read, for logs and `clipkit inspect`
     extra: dict = field(default_factory=dict)  # what else the source held (a trainer checkpoint's epoch...)
+    # image preprocessing the source set (None: the architecture's default): weights files saved from this
+    # model keep it (save_weights(..., preprocess_cfg=loaded.preprocess_cfg))
+    preprocess_cfg: dict | None = None
 
     @property
     def transforms(self) -> tuple[Callable, Callable]:
@@ -247,7 +250,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
         eval_transform = processor_eval_transform(eval_transform)
     return LoadedModel(model.to(device), registered, src.name, src.model_cfg, Path(path), tokenizer,
                        train_transform, eval_transform, ctx, src.format, f"{FORMATS[src.format]}: {src.weights}",
-                       src.extra)
+                       src.extra, dict(model.visual.preprocess_cfg) if src.preprocess_cfg else None)
 
 
 def load_any(path: str | Path, model_name: str | None, device: str | torch.device = "cpu") -> LoadedModel:

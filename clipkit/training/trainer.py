@@ -243,7 +243,7 @@ class Trainer:
         if pretrained is not None:  # what the run started from, for its summary; its preprocessing travels on
             self.pretrained = {"path": str(cfg.model.pretrained), "format": pretrained.format,
                                "architecture": pretrained.model_name, "source": pretrained.description}
-            meta["preprocess_cfg"] = dict(pretrained.model.visual.preprocess_cfg)
+            meta["preprocess_cfg"] = pretrained.preprocess_cfg
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.module = build_model(cfg, self.device, pretrained, **engine_class(cfg).model_kwargs(cfg))
