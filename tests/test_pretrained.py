@@ -229,6 +229,43 @@ def test_finetune_from_a_transformers_directory_keeps_its_preprocessing(tmp_path
     assert exported["preprocess_cfg"]["std"] == STD
 
 
+def test_zeroshot_of_a_transformers_directory_matches_clip_benchmark_on_its_open_clip_weights(
+        tmp_path, tokenizer_files, synth_small, monkeypatch):
+    """clipkit zeroshot on the transformers directory, CLIP_benchmark on the same weights as open_clip loads
+    them (clipkit's open_clip export of the import): the same classifier and metrics."""
+    import clip_benchmark.cli as cb_cli
+    from clip_benchmark.metrics import zeroshot_classification
+
+    from clipkit import cli
+    from clipkit.evaluation import build_classifier, load_zeroshot_set
+    from clipkit.export import export_open_clip
+
+    hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[1])  # 32px, as the set's images
+    loaded = load_model(tmp_path / "hf")
+    export_open_clip(loaded.model, loaded.model_name, loaded.model_cfg, tmp_path / "oc")
+    root = synth_small.eval_root
+    assert cli.main(["zeroshot", "--checkpoint", str(tmp_path / "hf"), "--data", str(root), "--out",
+                     str(tmp_path / "ours.json"), "--batch-size", "64", "--workers", "0"]) == 0
+
+    def accuracy(output, target, topk=(1,)):  # clip-benchmark 1.6.2's, read with .item() (CLIP_benchmark#147)
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+    monkeypatch.setattr(zeroshot_classification, "accuracy", accuracy)
+    monkeypatch.setattr(sys, "argv", ["clip_benchmark", "eval", "--pretrained", "", "--no_amp", "--num_workers", "0",
+                                      "--batch_size", "64", "--model", f"local-dir:{tmp_path / 'oc'}", "--dataset",
+                                      "wds/eval", "--dataset_root", str(root), "--task", "zeroshot_classification",
+                                      "--save_clf", str(tmp_path / "clf.pt"), "--output", str(tmp_path / "ref.json")])
+    cb_cli.main()
+    ours, ref = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ours", "ref"))
+    for name in ("acc1", "acc5", "mean_per_class_recall"):
+        assert abs(ours["metrics"][name] - ref["metrics"][name]) <= 1 / 120 + 1e-6, (name, ours, ref)
+    names = (root / "classnames.txt").read_text().splitlines()
+    classifier = build_classifier(loaded.model.eval(), loaded.tokenizer, names, load_zeroshot_set(root).templates)
+    torch.testing.assert_close(classifier, torch.load(tmp_path / "clf.pt", weights_only=True), atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ open_clip
 
 def _open_clip_model() -> torch.nn.Module:
