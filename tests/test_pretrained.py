@@ -337,8 +337,9 @@ def test_openclip_trainer_checkpoint_equals_open_clip(tmp_path):
     # without the architecture: one line saying to name it; through the command line, --model names it
     with pytest.raises(CheckpointError, match="without its architecture: name it with --model"):
         load_model(ckpt)
-    proc = _cli("export", "--checkpoint", ckpt, "--model", "clipkit-nano", "--out", tmp_path / "e")
-    assert proc.returncode == 0, proc.stderr
+    from clipkit import cli
+
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--model", "clipkit-nano", "--out", str(tmp_path / "e")]) == 0
     exported = load_model(tmp_path / "e")
     assert all(torch.equal(exported.model.state_dict()[k], v) for k, v in loaded.model.state_dict().items())
 
@@ -434,7 +435,7 @@ def test_torchscript_archive_is_refused_with_how_to_convert_it(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_bad_transformers_directories_are_refused_in_one_line(tmp_path, tokenizer_files):
+def test_bad_transformers_directories_are_refused_in_one_line(tmp_path, tokenizer_files, capsys):
     def refused(path, pattern):
         with pytest.raises(CheckpointError, match=pattern) as info:
             load_model(path)
@@ -481,8 +482,12 @@ def test_bad_transformers_directories_are_refused_in_one_line(tmp_path, tokenize
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(crop)
     refused(crop, "resizes to 32 then crops 28")
 
-    proc = _cli("export", "--checkpoint", no_tokenizer, "--out", tmp_path / "e")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "no tokenizer" in proc.stderr
+    from clipkit import cli
+
+    capsys.readouterr()
+    assert cli.main(["export", "--checkpoint", str(no_tokenizer), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("clipkit: error: ") and "no tokenizer" in err
 
 
 # --------------------------------------------------------------------------------------------------- inspect
