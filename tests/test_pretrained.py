@@ -205,6 +205,12 @@ def test_training_from_a_transformers_directory_with_a_locked_image_tower(tmp_pa
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("transformer."))
     # the run's checkpoints keep the source's preprocessing
     assert trained.model.visual.preprocess_cfg["mean"] == tuple(MEAN)
+    # and the run resumes as any run does, the tower still locked
+    resumed = run(load_config(None, [o for o in overrides if o != "train.steps=3"] + ["train.steps=5",
+                                                                                      "train.resume=latest"]))
+    assert resumed["start_step"] == 3 and resumed["steps"] == 5
+    after = load_model(resumed["checkpoint"]).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
 
     with pytest.raises(ConfigError, match="model.name.*clipkit-nano is not the architecture"):
         run(load_config(None, overrides + ["model.name=clipkit-nano", f"run.dir={tmp_path / 'other'}"]))
