@@ -4,6 +4,7 @@
     clipkit data synth --out DIR [--train-samples N] [--eval-samples N] [--seed S] [--image-size PX]
     clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
     clipkit export --checkpoint CKPT --format open_clip --out DIR
+    clipkit inspect PATH [--model NAME] [--json]              (format, architecture, tokenizer, preprocessing)
     clipkit config [CONFIG.yaml] [dotted.key=value ...]       (the resolved config, as YAML)
     clipkit data make-shards ...  /  clipkit bench loss|data|embed|onnx|train|text|serve ...   (see --help of each)
     clipkit models
@@ -43,6 +44,8 @@ def _train(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict) -> None:
     print(f"\nrun directory : {summary['run_dir']}")
     print(f"checkpoint    : {summary.get('checkpoint')}")
+    if summary.get("pretrained"):
+        print(f"started from  : {summary['pretrained']['source']}")
     done = summary["steps"] - summary.get("start_step", 0)
     resumed = f", resumed at step {summary['start_step']}" if summary.get("start_step") else ""
     print(f"trained       : {done} steps in {summary['train_seconds']:.0f} s (step {summary['steps']}{resumed})")
@@ -84,13 +87,12 @@ def _zeroshot(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluation import evaluate_zeroshot, load_zeroshot_set, write_result
-    from .models import create_transforms, get_tokenizer, load_model
+    from .models import load_model
 
     zs = load_zeroshot_set(args.data, args.classnames, args.templates)  # bad data fails before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(args.checkpoint, device=device)
-    _, val_transform = create_transforms(loaded.model)
-    metrics = evaluate_zeroshot(loaded.model, get_tokenizer(loaded.name), val_transform, zs,
+    loaded = load_model(args.checkpoint, device=device, model_name=args.model)
+    metrics = evaluate_zeroshot(loaded.model, loaded.tokenizer, loaded.eval_transform, zs,
                                 batch_size=args.batch_size, workers=args.workers, device=device,
                                 predictions_csv=args.dump_predictions)
     checkpoint = Path(args.checkpoint)
@@ -106,7 +108,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    files = export_checkpoint(args.checkpoint, args.out, args.format)
+    files = export_checkpoint(args.checkpoint, args.out, args.format, model_name=args.model)
     for kind, path in files.items():
         print(f"{kind:13s}: {path}")
     return 0
@@ -150,6 +152,10 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = ("the architecture of a checkpoint that does not carry one (an OpenCLIP epoch_N.pt, a bare state "
+              "dict): an open_clip or clipkit name, or a JSON config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .export import EXPORT_FORMATS
 
@@ -179,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     z = sub.add_parser("zeroshot", help="zero-shot classification of a checkpoint")
     z.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory (run.dir/checkpoints/step_N), a .safetensors weights file or an "
-                        "open_clip model directory")
+                   help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
+                        "CLIPModel directory, an OpenCLIP epoch_N.pt or a state dict (see docs/pretrained.md)")
+    z.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     z.add_argument("--data", required=True,
                    help="CLIP_benchmark wds root, an image folder with one sub-folder per class, or a shard spec of "
                         "KEY.jpg + KEY.cls samples (with --classnames)")
@@ -200,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a checkpoint")
     e.add_argument("--checkpoint", required=True, help="as for zeroshot")
+    e.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     e.add_argument("--format", default="open_clip", choices=sorted(EXPORT_FORMATS))
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
@@ -215,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
          "adapt a checkpoint to a labelled task: linear probe, full/partial fine-tuning, WiSE-FT, LoRA"),
         ("finetune-report", "clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
         ("report", "clipkit.report", "a run's report.html: loss, LR, throughput, MFU, evaluation over time"),
+        ("inspect", "clipkit.inspect", "what a checkpoint or pretrained model path holds, and which commands "
+                                       "can use it"),
     ]:
         sub.add_parser(name, add_help=False, help=help_text).set_defaults(func=_delegate(module))
 

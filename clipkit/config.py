@@ -89,6 +89,11 @@ class ModelConfig:
     # (model_configs/): a small ResNet image tower (open_clip's ModifiedResNet) with a 2-layer text tower; in the
     # main job's time it learns the built-in set's shapes, which the ViT clipkit-tiny barely does.
     name: str = "clipkit-tiny-rn"
+    # Start from these weights (continued pretraining, LiT with lock_image): a clipkit checkpoint, an open_clip
+    # or transformers CLIPModel directory, an OpenCLIP epoch_N.pt or a state dict (docs/pretrained.md). A source
+    # that carries its architecture gives it (model.name stays at its default or names the same one); for an
+    # epoch_N.pt or a bare state dict model.name names it.
+    pretrained: Optional[str] = None
     grad_checkpointing: bool = False
     # Run the text tower only up to the batch's longest caption where that gives the same features and
     # gradients (a causal text tower read at its end-of-text token, as in every CLIP config); else full length.
@@ -433,6 +438,8 @@ def validate(cfg: Config) -> None:
     _check(bool(d.synth.out.strip()), "data.synth.out", "must name a directory")
     _check(d.synth.seed >= 0, "data.synth.seed", "must be 0 or more")
     _check_model(cfg.model.name)
+    p = cfg.model.pretrained
+    _check(p is None or Path(p).exists(), "model.pretrained", f"names a path that does not exist: {p}")
     _check(t.resume is None or t.resume == "latest" or Path(t.resume).is_dir(), "train.resume",
            f"must be latest, null, or an existing checkpoint directory (got {t.resume!r})")
     _check(d.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")

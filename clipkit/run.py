@@ -37,7 +37,7 @@ from .evaluation import (
     write_result,
 )
 from .export import EXPORT_FORMATS
-from .models import create_model, create_transforms, get_tokenizer, load_model
+from .models import create_model, load_model
 from .report import write_report
 from .training import Trainer
 
@@ -89,6 +89,8 @@ def run(cfg: Config) -> dict:
                    "model": trainer.model_name, "run_dir": str(trainer.run_dir), "world_size": env.world_size,
                    "checkpoint": str(checkpoint), "skipped_samples": trainer.global_skipped(),
                    "nonfinite_steps": trainer.nonfinite.total, "samples_per_s": trainer.throughput.samples_per_s}
+        if trainer.pretrained is not None:
+            summary["pretrained"] = trainer.pretrained
         if trainer.stopped_by is not None:
             summary["stopped"] = {"signal": trainer.stopped_by, "step": trainer.step}
         if env.device.type == "cuda":
@@ -139,7 +141,7 @@ class PeriodicEval:
         if not trainer.env.is_main:
             return None
         if self.model is None:
-            self.model = create_model(trainer.model_name, device=trainer.device)
+            self.model = create_model(trainer.build_name, device=trainer.device)
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         self.model.load_state_dict({k: v.reshape(shapes[k]) for k, v in state.items()})
         results = evaluate(self.model, trainer.tokenizer, trainer.val_transform, self.held_out, self.cfg,
@@ -153,8 +155,7 @@ def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device
     loaded = load_model(checkpoint, device=device)
     at_end = HeldOut(held_out.zeroshot if cfg.eval.zeroshot_at_end else None,
                      held_out.retrieval if cfg.eval.retrieval_at_end else None)
-    _, transform = create_transforms(loaded.model)
-    results = evaluate(loaded.model, get_tokenizer(loaded.name), transform, at_end, cfg, device,
+    results = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, at_end, cfg, device,
                        workers=min(1, cfg.data.workers))
     for task, metrics in results.items():
         data = getattr(at_end, task)

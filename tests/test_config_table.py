@@ -17,7 +17,7 @@ BAD = {
     "data.synth.out": "' '", "data.synth.train_samples": "0", "data.synth.eval_samples": "0",
     "data.synth.samples_per_shard": "0", "data.synth.image_size": "0", "data.synth.seed": "-3",
     "data.synth.downstream_train_samples": "0", "data.synth.downstream_test_samples": "-1",
-    "model.name": "ViT-Q-99", "model.grad_checkpointing": "yes please", "model.trim_text": "often", "model.patch_dropout": "1.0",
+    "model.name": "ViT-Q-99", "model.pretrained": "/no/such/model", "model.grad_checkpointing": "yes please", "model.trim_text": "often", "model.patch_dropout": "1.0",
     "model.lock_image": "[1]", "model.lock_image_unlocked_groups": "-1", "model.lock_image_freeze_bn_stats": "{}",
     "model.lock_text": "x", "model.lock_text_unlocked_layers": "-2",
     "train.global_batch_size": "0", "train.steps": "0", "train.lr": "0", "train.warmup_steps": "-1",

@@ -41,7 +41,10 @@ class BenchError(RuntimeError):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipkit bench onnx", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, a .safetensors weights file or an open_clip model directory")
+                   help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
+                        "CLIPModel directory, or an OpenCLIP epoch_N.pt / state dict with --model")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
     p.add_argument("--data", required=True, help="a CLIP_benchmark zero-shot root (or a shard spec)")
     p.add_argument("--classnames", default=None)
     p.add_argument("--templates", default=None)
@@ -246,19 +249,19 @@ def format_table(report: dict) -> str:
 def run(args: argparse.Namespace, argv: list[str], export_dir: Path) -> dict:
     from clipkit.evaluation import load_zeroshot_set
     from clipkit.export.onnx_format import export_onnx
-    from clipkit.models import create_transforms, get_tokenizer, load_model
+    from clipkit.models import load_model
 
     torch.set_num_threads(args.threads)
     zs = load_zeroshot_set(args.data, args.classnames, args.templates)
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, model_name=args.model)
     model = loaded.model.eval()
-    pixels, labels = load_images(zs, create_transforms(model)[1], args.batch_size, args.workers, args.max_samples)
+    pixels, labels = load_images(zs, loaded.eval_transform, args.batch_size, args.workers, args.max_samples)
     files = existing_export(args.onnx_dir, loaded.model_cfg) if args.onnx_dir else \
         export_onnx(model, loaded.model_name, loaded.model_cfg, export_dir)
     backends = {"torch_fp32": TorchEncoders(model),
                 "onnx_fp32": OrtEncoders(files["image"], files["text"], args.threads),
                 "onnx_int8": OrtEncoders(files["image_int8"], files["text_int8"], args.threads)}
-    tokenizer = get_tokenizer(loaded.name)
+    tokenizer = loaded.tokenizer
     results = {name: evaluate(enc, tokenizer, zs, pixels, labels, args.batch_size) for name, enc in backends.items()}
     _check_same_model(results)
     speed_pixels = pixels[:args.speed_samples]

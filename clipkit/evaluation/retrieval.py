@@ -162,7 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipkit retrieval", description="image-text retrieval recall@k of a "
                                 "checkpoint, in CLIP_benchmark's result schema")
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, a .safetensors weights file or an open_clip model directory")
+                   help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
+                        "CLIPModel directory, or an OpenCLIP epoch_N.pt / state dict with --model")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
     p.add_argument("--data", required=True,
                    help="CLIP_benchmark retrieval root, a folder of .tar shards, or a shard spec")
     p.add_argument("--out", default=None, help="result JSON (default: next to the checkpoint)")
@@ -175,15 +178,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..models import create_transforms, get_tokenizer, load_model
+    from ..models import load_model
 
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         raise RetrievalDataError(f"--batch-size must be positive, got {args.batch_size}")
     rs = load_retrieval_set(args.data, args.split)
-    loaded = load_model(args.checkpoint, device=args.device)
-    _, val_transform = create_transforms(loaded.model)
-    metrics = evaluate_retrieval(loaded.model, get_tokenizer(loaded.name), val_transform, rs, args.batch_size,
+    loaded = load_model(args.checkpoint, device=args.device, model_name=args.model)
+    metrics = evaluate_retrieval(loaded.model, loaded.tokenizer, loaded.eval_transform, rs, args.batch_size,
                                  args.device, args.recall_k, args.workers)
     checkpoint = Path(args.checkpoint)
     out = args.out or checkpoint.with_suffix("").as_posix() + f"_retrieval_{rs.name}.json"

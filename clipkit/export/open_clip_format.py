@@ -43,11 +43,12 @@ def export_open_clip(model, model_name: str, model_cfg: dict, out: str | Path) -
     return {"weights": weights, "config": out / CONFIG_NAME, "architecture": arch}
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "open_clip") -> dict[str, Path]:
-    """Export a checkpoint directory or weights file (see clipkit.models.load_model)."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "open_clip",
+                      model_name: str | None = None) -> dict[str, Path]:
+    """Export anything clipkit.models.load_model reads (model_name: the architecture of a bare state dict)."""
     from . import EXPORT_FORMATS
 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (available: {', '.join(EXPORT_FORMATS)})")
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, model_name=model_name)
     return EXPORT_FORMATS[fmt](loaded.model, loaded.model_name, loaded.model_cfg, out)

@@ -31,9 +31,9 @@ from ..errors import UserError
 from ..extras import check_config
 from ..evaluation import build_classifier
 from ..export import export_open_clip
-from ..models import WEIGHTS_FILE, create_transforms, get_tokenizer, load_model, save_weights
+from ..models import WEIGHTS_FILE, load_model, save_weights
 from ..models.digest import weights_sha256
-from ..models.weights import LoadedModel
+from ..models.weights import LoadedModel, load_any
 from ..training.metrics import MetricsLogger
 from .data import DownstreamSet, eval_loader, load_downstream
 from .linear_probe import extract_features, linear_probe, load_features, save_features
@@ -87,7 +87,8 @@ def save_best(model: ImageClassifier, run_dir: Path, loaded: LoadedModel, classn
     recover_interrupted(directory)
     tmp = directory / "best.tmp"
     tmp.mkdir()
-    save_weights(model.clip.state_dict(), tmp / WEIGHTS_FILE, loaded.model_name, loaded.model_cfg)
+    save_weights(model.clip.state_dict(), tmp / WEIGHTS_FILE, loaded.model_name, loaded.model_cfg,
+                 loaded.preprocess_cfg)
     save_head(model, tmp / HEAD_FILE, classnames, loaded.model_name)
     return commit(tmp, {"kind": "finetune", "engine": "finetune", **meta})
 
@@ -111,10 +112,10 @@ class Finetune:
         self.run_dir = Path(cfg.run.dir)
         self.device = env.device
         self.data = load_downstream(self.f.data, val_fraction=self.f.val_fraction, seed=cfg.run.seed)
-        self.loaded = load_model(self.f.checkpoint, device=self.device)
+        self.loaded = load_any(self.f.checkpoint, cfg.model.name, device=self.device)  # model.name: bare files
         self.clip = self.loaded.model
-        self.tokenizer = get_tokenizer(self.loaded.name)
-        self.transforms = create_transforms(self.clip)
+        self.tokenizer = self.loaded.tokenizer
+        self.transforms = self.loaded.transforms
         self.num_classes = len(self.data.classnames)
         self.zeroshot_weights = build_classifier(self.clip, self.tokenizer, self.data.classnames, self.data.templates,
                                                  self.device)
@@ -308,8 +309,9 @@ def finetune(cfg: Config) -> dict:
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     p = argparse.ArgumentParser(prog="clipkit finetune", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="the pretrained model: a checkpoint directory, .safetensors weights file "
-                                        "or open_clip model directory (finetune.checkpoint)")
+    p.add_argument("--checkpoint", help="the pretrained model: a checkpoint directory, .safetensors weights file, "
+                                        "open_clip or transformers CLIPModel directory, or an OpenCLIP epoch_N.pt "
+                                        "/ state dict read as model.name (finetune.checkpoint)")
     p.add_argument("--data", help="an image folder with train/, val/ (optional), test/ of class folders, or a "
                                   "CLIP_benchmark webdataset root (finetune.data)")
     p.add_argument("--method", help="linear_probe, full, wise or lora (finetune.method; default full)")

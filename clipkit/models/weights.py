@@ -1,9 +1,12 @@
 """Weights files: a model's state dict as safetensors, with the architecture to rebuild it in the header.
 
     save_weights(model.state_dict(), "model.safetensors", "clipkit-tiny", model_cfg)
-    loaded = load_model("runs/default/checkpoints/step_00000600")   # or the .safetensors file, an open_clip
-    loaded.model, loaded.name, loaded.model_cfg                     # export directory, or a run directory
-                                                                    # (its newest checkpoint)
+    loaded = load_model("runs/default/checkpoints/step_00000600")   # or the .safetensors file, a run directory
+    loaded.model, loaded.tokenizer, loaded.eval_transform           # (its newest checkpoint), an open_clip or
+    loaded = load_model("epoch_32.pt", model_name="ViT-B-32")       # transformers directory, ... (sources.py)
+
+Loading gives one bundle (LoadedModel): the model with the tokenizer, image transforms and context length
+its source brings, so every command tokenises and preprocesses as the model was trained.
 
 safetensors holds tensors and a JSON header only: loading a file never runs code from it, and the model
 name in the header is data, never a path: a name that is not plain (see factory.plain_model_name) is
@@ -15,48 +18,85 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, read_latest, read_manifest, verify
-from .factory import ModelNameError, create_model, plain_model_name, register_model_config
+from .factory import (ModelNameError, ModelNotFoundError, create_model, create_transforms, get_model_config,
+                      get_tokenizer, plain_model_name, register_model_config)
 
 WEIGHTS_FILE = "model.safetensors"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+class ArchitectureNeeded(CheckpointError):
+    """The file holds weights only: --model NAME (model.name) must say which architecture."""
 
 
 @dataclass
 class LoadedModel:
+    """A loaded model with everything its source brings: every command tokenises and preprocesses with these."""
     model: torch.nn.Module
-    name: str  # the name it is buildable under here (tokenizer and transforms follow it)
+    name: str  # the name it is buildable under here
     model_name: str  # the name it was trained under, plain (a JSON config's path gives its stem)
     model_cfg: dict
-    source: Path  # the path as given
+    source: Path
+    tokenizer: Callable = None  # texts -> LongTensor [n, context_length]
+    train_transform: Callable = None
+    eval_transform: Callable = None
+    context_length: int = 0
+    format: str = "clipkit"  # see sources.py: clipkit, open_clip, transformers, open_clip-trainer, state-dict
+    description: str = ""  # what was read, for logs and `clipkit inspect`
+    extra: dict = field(default_factory=dict)  # what else the source held (a trainer checkpoint's epoch...)
+    # image preprocessing the source set (None: the architecture's default): weights files saved from this
+    # model keep it (save_weights(..., preprocess_cfg=loaded.preprocess_cfg))
+    preprocess_cfg: dict | None = None
     weights: Path | None = None  # the file the tensors were read from (a run directory resolved to its step)
+
+    @property
+    def transforms(self) -> tuple[Callable, Callable]:
+        return self.train_transform, self.eval_transform
 
     @property
     def checkpoint(self) -> Path:
         """What loads these same weights again: a run directory resolved to its step directory (so a run that
-        trains on is not followed), an open_clip directory, or the weights file given."""
+        trains on is not followed), a model directory, or the weights file given."""
         if self.weights is None:
             return self.source
         return self.weights.parent if self.source.is_dir() else self.weights
 
 
-def save_weights(state_dict: dict, path: str | Path, model_name: str, model_cfg: dict) -> Path:
+@dataclass
+class _Source:
+    """What a path holds before the model is built."""
+    weights: Path  # the file the tensors come from
+    state: dict
+    name: str
+    model_cfg: dict
+    format: str
+    preprocess_cfg: dict | None = None  # None: the architecture's defaults
+    tokenizer_dir: Path | None = None  # a directory whose own tokenizer files are used
+    convert: Callable | None = None  # (model, state) -> open_clip state dict
+    extra: dict = field(default_factory=dict)
+
+
+def save_weights(state_dict: dict, path: str | Path, model_name: str, model_cfg: dict,
+                 preprocess_cfg: dict | None = None) -> Path:
+    """preprocess_cfg: image preprocessing other than the architecture's default (an imported model's)."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(state, str(path), metadata={"format": "pt", "model_name": model_name,
-                                          "model_cfg": json.dumps(model_cfg)})
+    meta = {"format": "pt", "model_name": model_name, "model_cfg": json.dumps(model_cfg)}
+    if preprocess_cfg:
+        meta["preprocess_cfg"] = json.dumps(preprocess_cfg)
+    save_file(state, str(path), metadata=meta)
     return path
 
 
-def _read(path: Path) -> tuple[dict, dict]:
+def read_safetensors(path: Path) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
@@ -64,13 +104,12 @@ def _read(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is not a readable safetensors weights file: {e}") from None
 
 
-def _weights_and_architecture(path: Path) -> tuple[Path, str, dict]:
+def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None]:
+    """A run directory, a clipkit checkpoint directory or a weights file clipkit wrote: (file, name, model_cfg,
+    preprocess_cfg when the header has one)."""
     latest = read_latest(path / "checkpoints") if path.is_dir() else None
     if latest is not None:  # a run directory: its newest checkpoint
         path = latest
-    if path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file():  # an open_clip model directory
-        cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
-        return path / OPEN_CLIP_WEIGHTS, _directory_model_name(path), cfg
     if path.is_dir():  # a clipkit checkpoint: only its weights file is read, once its checksum matches
         manifest = read_manifest(path)
         if WEIGHTS_FILE not in manifest["files"]:
@@ -79,12 +118,7 @@ def _weights_and_architecture(path: Path) -> tuple[Path, str, dict]:
                                   "final checkpoint")
         verify(path, only=[WEIGHTS_FILE])
         path = path / WEIGHTS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: expected a checkpoint directory, a .safetensors weights file or an "
-                              "open_clip model directory (clipkit reads no pickled files)")
-    _, meta = _read(path)
+    _, meta = read_safetensors(path)
     if "model_cfg" not in meta or "model_name" not in meta:
         raise CheckpointError(f"{path} does not say which architecture it holds (no model_name/model_cfg in "
                               "its header): it was not written by clipkit")
@@ -92,11 +126,76 @@ def _weights_and_architecture(path: Path) -> tuple[Path, str, dict]:
         name = plain_model_name(meta["model_name"])
     except ModelNameError as e:
         raise CheckpointError(f"{path}: its header's {e}") from None
-    return path, name, json.loads(meta["model_cfg"])
+    pp = json.loads(meta["preprocess_cfg"]) if "preprocess_cfg" in meta else None
+    if pp:  # JSON has no tuples: mean and std as open_clip keeps them
+        pp = {k: tuple(v) if isinstance(v, list) else v for k, v in pp.items()}
+    return path, name, json.loads(meta["model_cfg"]), pp
+
+
+def _has_clipkit_header(path: Path) -> bool:
+    _, meta = read_safetensors(path)
+    return "model_cfg" in meta and "model_name" in meta
+
+
+def _named_architecture(path: Path, model_name: str | None, what: str) -> tuple[str, dict]:
+    """The architecture a file that does not carry one is loaded as: --model NAME / model.name."""
+    if not model_name:
+        raise ArchitectureNeeded(f"{path} is {what} without its architecture: name it with --model NAME (or "
+                              "model.name=NAME in a config), e.g. --model ViT-B-32")
+    try:
+        model_cfg = get_model_config(model_name)
+    except ModelNotFoundError as e:
+        raise CheckpointError(f"--model {model_name}: {e}") from None
+    return plain_model_name(model_name), model_cfg
+
+
+def _source(path: Path, model_name: str | None) -> _Source:
+    """Detect what `path` holds from its files (see sources.py) and read its tensors."""
+    from . import hf_clip
+    from .sources import OPEN_CLIP_CONFIG as OC_CONFIG, PICKLE_SUFFIXES, open_clip_directory, open_clip_state, \
+        read_pickled, read_tensors, trainer_state
+
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir() and (path / OC_CONFIG).is_file():  # open_clip's hub layout (and clipkit's export)
+        weights, model_cfg, pp = open_clip_directory(path)
+        # a Hugging Face tokenizer is read from the directory when its files are there (never downloaded)
+        hf_tokenizer = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") and hf_clip.has_tokenizer(path)
+        return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "open_clip",
+                       preprocess_cfg=pp or None, tokenizer_dir=path if hf_tokenizer else None,
+                       convert=open_clip_state)
+    if hf_clip.is_hf_directory(path):  # a transformers CLIPModel directory
+        model_cfg = hf_clip.model_config(path, hf_clip.read_config(path))
+        weights = hf_clip.weights_file(path)
+        hf_clip.check_tokenizer(path)
+        pp = hf_clip.preprocess_config(path, model_cfg["vision_cfg"]["image_size"])
+        return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "transformers",
+                       preprocess_cfg=pp, tokenizer_dir=path,
+                       convert=lambda model, state: hf_clip.to_open_clip_state(
+                           path, state, model_cfg, {k: v.shape for k, v in model.state_dict().items()}))
+    if path.is_dir() or (path.suffix == ".safetensors" and _has_clipkit_header(path)):
+        weights, name, model_cfg, pp = _clipkit_file(path)
+        return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit", preprocess_cfg=pp)
+    if path.suffix == ".safetensors":
+        name, model_cfg = _named_architecture(path, model_name, "an open_clip state dict")
+        return _Source(path, read_tensors(path), name, model_cfg, "state-dict", convert=open_clip_state)
+    if path.suffix in PICKLE_SUFFIXES:
+        obj = read_pickled(path)  # weights_only: refused before anything else is looked at
+        trainer = trainer_state(path, obj)
+        kind = "an OpenCLIP trainer checkpoint" if trainer else "an open_clip state dict"
+        state, extra = trainer if trainer else (obj, {})
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors) nor an OpenCLIP "
+                                  "trainer checkpoint (epoch, state_dict, optimizer)")
+        name, model_cfg = _named_architecture(path, model_name, kind)
+        return _Source(path, state, name, model_cfg, "open_clip-trainer" if trainer else "state-dict",
+                       convert=open_clip_state, extra=extra)
+    raise CheckpointError(f"{path}: expected a checkpoint or run directory, a .safetensors weights file, an "
+                          "open_clip or transformers CLIPModel directory, or a weights-only .bin/.pt state dict")
 
 
 def _directory_model_name(path: Path) -> str:
-    """An open_clip model directory is named by its folder (a name the user chose), mapped to a plain name."""
+    """A model directory is named by its folder (a name the user chose), mapped to a plain name."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).lstrip("._-")[:128]
     return name or "open_clip-model"
 
@@ -109,22 +208,90 @@ def first_nonfinite(state: dict) -> str | None:
     return None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the architecture a weights file names and load its weights (refused when not finite)."""
-    weights, name, model_cfg = _weights_and_architecture(Path(path))
-    state, _ = _read(weights)
-    bad = first_nonfinite(state)
+def _check_fit(model: torch.nn.Module, state: dict, weights: Path, name: str) -> None:
+    """The first tensor that is missing, left over or of another shape, named in one line."""
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key not in expected:
+            raise CheckpointError(f"weights in {weights} do not fit architecture {name}: tensor '{key}' has no "
+                                  "place in it")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"weights in {weights} do not fit architecture {name}: tensor '{key}' has shape "
+                                  f"{tuple(value.shape)}, the architecture needs {tuple(expected[key].shape)}")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"weights in {weights} do not fit architecture {name}: tensor '{missing[0]}' is "
+                              f"missing ({len(missing)} missing)")
+
+
+def context_length(model: torch.nn.Module) -> int:
+    return int(getattr(model, "context_length", None) or model.text.context_length)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None) -> LoadedModel:
+    """Load any source sources.py describes, with its tokenizer and image transforms (refused when not finite).
+
+    model_name (--model / model.name) names the architecture of a file that does not carry one; for one that
+    does, it must name the same architecture."""
+    src = _source(Path(path), model_name)
+    if model_name and src.format in ("clipkit", "open_clip", "transformers"):
+        _check_same_architecture(path, model_name, src)
+    bad = first_nonfinite(src.state)
     if bad is not None:
-        raise CheckpointError(f"{weights}: tensor '{bad}' holds non-finite values (NaN or inf): these weights "
+        raise CheckpointError(f"{src.weights}: tensor '{bad}' holds non-finite values (NaN or inf): these weights "
                               "come from a diverged run and are not usable; use an earlier checkpoint")
-    registered = register_model_config(name, model_cfg)
-    model = create_model(registered, device="cpu")
+    registered = register_model_config(src.name, src.model_cfg)
+    kwargs = {"force_preprocess_cfg": src.preprocess_cfg} if src.preprocess_cfg else {}
+    model = create_model(registered, device="cpu", **kwargs)
+    state = src.convert(model, src.state) if src.convert else src.state
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     # A temperature kept as a 1-element vector (DeepSpeed) loads into open_clip's 0-d parameter.
     state = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == shapes[k].numel() else v
              for k, v in state.items()}
+    _check_fit(model, state, src.weights, src.name)
+    model.load_state_dict(state)
+    ctx = context_length(model)
+    tokenizer = _tokenizer(src, registered, ctx)
+    train_transform, eval_transform = create_transforms(model)
+    if src.format == "transformers":  # the directory's processor places its crop its own way
+        from .hf_clip import processor_eval_transform
+
+        eval_transform = processor_eval_transform(eval_transform)
+    return LoadedModel(model.to(device), registered, src.name, src.model_cfg, Path(path), tokenizer,
+                       train_transform, eval_transform, ctx, src.format, f"{FORMATS[src.format]}: {src.weights}",
+                       src.extra, dict(model.visual.preprocess_cfg) if src.preprocess_cfg else None, src.weights)
+
+
+def load_any(path: str | Path, model_name: str | None, device: str | torch.device = "cpu") -> LoadedModel:
+    """The source's own architecture when it carries one, else model_name's (a config's model.name, which
+    has a default and so cannot be told apart from a choice: it names only what the file leaves open)."""
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {weights} do not fit architecture {name}: {e}") from None
-    return LoadedModel(model.to(device), registered, name, model_cfg, Path(path), weights)
+        return load_model(path, device=device)
+    except ArchitectureNeeded:
+        return load_model(path, device=device, model_name=model_name)
+
+
+FORMATS = {"clipkit": "clipkit weights", "open_clip": "open_clip model directory",
+           "transformers": "transformers CLIPModel directory", "open_clip-trainer": "OpenCLIP trainer checkpoint",
+           "state-dict": "open_clip state dict"}
+
+
+def _check_same_architecture(path, model_name: str, src: _Source) -> None:
+    try:
+        named = get_model_config(model_name)
+    except ModelNotFoundError as e:
+        raise CheckpointError(f"--model {model_name}: {e}") from None
+    if named != src.model_cfg:
+        raise CheckpointError(f"{path} holds its own architecture ({src.name}), which is not {model_name}: leave "
+                              "out --model (model.name), or name the same architecture")
+
+
+def _tokenizer(src: _Source, registered: str, ctx: int):
+    if src.tokenizer_dir is not None:
+        from .hf_clip import DirectoryTokenizer, check_tokenizer_fits
+
+        tokenizer = DirectoryTokenizer(src.tokenizer_dir, ctx)
+        if src.format == "transformers":
+            check_tokenizer_fits(src.tokenizer_dir, tokenizer, src.model_cfg)
+        return tokenizer
+    return get_tokenizer(registered)

@@ -421,7 +421,6 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
     (whatever path named them), and discarded and recomputed when other weights did."""
     from ..data import expand_shards
     from ..data.pipeline import build_embed_loader
-    from ..models import create_transforms, get_tokenizer
 
     if batch_size < 1 or part_size < 1 or workers < 0 or draft_margin < 0:
         raise UserError("batch size and part size must be >= 1, workers and draft margin >= 0")
@@ -446,7 +445,7 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = loaded.model.to(device).eval()
     if todo:
-        loader = build_embed_loader(urls, create_transforms(model)[1], get_tokenizer(loaded.name), batch_size, todo,
+        loader = build_embed_loader(urls, loaded.eval_transform, loaded.tokenizer, batch_size, todo,
                                     part_size, done_chunks, workers=workers, draft_margin=draft_margin,
                                     image_keys=image_key, text_key=caption_key)
         _run(model, loader, writer, device, _progress(progress and rank == 0, len(todo)), len(todo))
@@ -481,8 +480,11 @@ def _run(model, loader, writer: PartWriter, device: torch.device, bar, total_sha
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipkit embed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, a .safetensors weights file or an "
-                                                       "open_clip model directory")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or run directory, a .safetensors weights file, "
+                                                       "an open_clip or transformers CLIPModel directory, or an "
+                                                       "OpenCLIP epoch_N.pt / state dict with --model")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
     p.add_argument("--data", required=True, help="shard spec: local paths, fsspec URLs (s3://...) or pipe:CMD, "
                                                  "with {000..999} braces, several joined by '::'")
     p.add_argument("--out", required=True, help="output folder (re-running into it skips the parts finished with "
@@ -519,13 +521,15 @@ def report(result: EmbedResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ..distributed import cleanup, init_distributed
+    from ..models import load_model
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     env = init_distributed()
     try:
         device = args.device or (str(env.device) if env.distributed else None)
-        result = embed_shards(args.checkpoint, args.data, args.out, batch_size=args.batch_size,
+        checkpoint = load_model(args.checkpoint, model_name=args.model) if args.model else args.checkpoint
+        result = embed_shards(checkpoint, args.data, args.out, batch_size=args.batch_size,
                               part_size=args.part_size, workers=args.workers, progress=not args.no_progress,
                               draft_margin=args.draft_margin, image_key=args.image_key,
                               caption_key=args.caption_key, device=device, rank=env.rank, world_size=env.world_size)

@@ -154,7 +154,7 @@ class Searcher:
         return self._model
 
     def _load_model(self):
-        from ..models import create_transforms, get_tokenizer, load_model
+        from ..models import load_model
 
         if not self.checkpoint:
             raise UserError(f"{self.dir} records no checkpoint to encode queries with (no {EMBED_INFO}): pass "
@@ -169,7 +169,7 @@ class Searcher:
             raise UserError(f"checkpoint {self.checkpoint} encodes {width}-d embeddings; {self.dir} holds "
                             f"{self.dim}-d vectors: pass the checkpoint that made them")
         self._check_weights(loaded.model)
-        return loaded.model, get_tokenizer(loaded.name), create_transforms(loaded.model)[1]
+        return loaded.model, loaded.tokenizer, loaded.eval_transform
 
     def _check_weights(self, model) -> None:
         """Refuse weights other than the ones the vectors were made with: their queries would land anywhere."""

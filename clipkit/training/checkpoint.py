@@ -167,7 +167,8 @@ class CheckpointManager:
 
     def _seal(self, tmp: Path, step: int, ranks: list, weights: dict | None) -> None:
         if weights is not None:
-            save_weights(weights, tmp / WEIGHTS_FILE, self.meta["model_name"], self.meta["model_cfg"])
+            save_weights(weights, tmp / WEIGHTS_FILE, self.meta["model_name"], self.meta["model_cfg"],
+                         self.meta.get("preprocess_cfg"))
         write_json(tmp / TRAINER_FILE, {"step": step, "engine": self.engine.name, "world_size": self.env.world_size,
                                         **self.meta})
         write_json(tmp / RANKS_FILE, ranks)

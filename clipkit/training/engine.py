@@ -78,6 +78,7 @@ class TorchEngine:
         t = cfg.train
         self.module, self.env, self.grad_clip = module, env, t.grad_clip
         self.model_name, self.model_cfg = model_name, model_cfg
+        self.preprocess_cfg = None  # an imported model's image preprocessing, kept in its weights files
         self.model = module
         if env.distributed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
@@ -140,7 +141,8 @@ class TorchEngine:
     def save_state(self, directory: Path) -> None:
         if not self.env.is_main:  # DDP replicas are identical: rank 0 writes for all
             return
-        save_weights(self.module.state_dict(), directory / WEIGHTS_FILE, self.model_name, self.model_cfg)
+        save_weights(self.module.state_dict(), directory / WEIGHTS_FILE, self.model_name, self.model_cfg,
+                     self.preprocess_cfg)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()

@@ -52,12 +52,13 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointError
-from ..config import Config, ConfigError, config_to_dict, save_config
+from ..config import Config, ConfigError, ModelConfig, config_to_dict, save_config
 from ..data import StreamState, build_train_loader, expand_sources, repartition_train_states
 from ..distributed import DistEnv, gather_objects, init_distributed
 from ..errors import UserError
 from ..losses import create_loss
-from ..models import create_model, create_transforms, get_model_config, get_tokenizer
+from ..models import LoadedModel, create_model, create_transforms, get_model_config, get_tokenizer
+from ..models.weights import load_any
 from ..models.flops import matmul_peak, train_flops_per_sample
 from .checkpoint import CheckpointManager, RNGState
 from .engine import build_engine, engine_class
@@ -90,14 +91,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, device: torch.device, **engine_kwargs) -> torch.nn.Module:
-    """The open_clip model with the config's training switches applied (no parallelism here)."""
+def load_pretrained(cfg: Config) -> LoadedModel | None:
+    """model.pretrained, loaded with its own architecture, tokenizer and preprocessing (None when unset).
+
+    A source that carries its architecture gives it: model.name must then be left at its default or name
+    the same architecture. A file of weights alone (epoch_N.pt, a state dict) is read as model.name."""
+    path = cfg.model.pretrained
+    if path is None:
+        return None
+    loaded = load_any(path, cfg.model.name)
+    if loaded.format in ("open_clip-trainer", "state-dict"):
+        return loaded  # read as model.name
+    if cfg.model.name != ModelConfig().name and get_model_config(cfg.model.name) != loaded.model_cfg:
+        raise ConfigError(f"config key 'model.name': {cfg.model.name} is not the architecture that "
+                          f"model.pretrained={path} holds ({loaded.model_name}, {loaded.format}): leave model.name "
+                          "out, or name that architecture")
+    return loaded
+
+
+def _load_pretrained_weights(model: torch.nn.Module, pretrained: LoadedModel) -> None:
+    """The pretrained weights into the model built for training; a sigmoid loss's logit bias, which a
+    softmax-trained source has not, keeps its initial value."""
+    state = pretrained.model.state_dict()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == shapes[k].numel() else v
+             for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k != "logit_bias"]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"model.pretrained={pretrained.source}: its weights do not fit the model built for "
+                          f"training (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+
+
+def build_model(cfg: Config, device: torch.device, pretrained: LoadedModel | None = None,
+                **engine_kwargs) -> torch.nn.Module:
+    """The open_clip model with the config's training switches applied (no parallelism here), starting
+    from the pretrained weights when there are some (before any tower is locked)."""
     kwargs = dict(engine_kwargs)
     if cfg.train.loss == "siglip":  # SigLIP's initial temperature and bias
         kwargs.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
     if cfg.model.patch_dropout > 0:
         kwargs["force_patch_dropout"] = cfg.model.patch_dropout
-    model = create_model(cfg.model.name, device=device, trim_text=cfg.model.trim_text, **kwargs)
+    if pretrained is not None:
+        kwargs["force_preprocess_cfg"] = dict(pretrained.model.visual.preprocess_cfg)
+    name = pretrained.name if pretrained is not None else cfg.model.name
+    model = create_model(name, device=device, trim_text=cfg.model.trim_text, **kwargs)
+    if pretrained is not None:
+        _load_pretrained_weights(model, pretrained)
     m = cfg.model
     if m.lock_image:
         model.lock_image_tower(unlocked_groups=m.lock_image_unlocked_groups, freeze_bn_stats=m.lock_image_freeze_bn_stats)
@@ -192,19 +232,32 @@ class Trainer:
         self.device = env.device
         self.run_dir = Path(cfg.run.dir)
         self._check_writable()
-        self.model_name = cfg.model.name
-        self.model_cfg = get_model_config(cfg.model.name)
+        pretrained = load_pretrained(cfg)
+        # the name the model builds under in this process, and the architecture its checkpoints record
+        self.build_name = pretrained.name if pretrained else cfg.model.name
+        self.model_name = pretrained.model_name if pretrained else cfg.model.name
+        self.model_cfg = pretrained.model_cfg if pretrained else get_model_config(cfg.model.name)
         meta = {"model_name": self.model_name, "model_cfg": self.model_cfg, "config": config_to_dict(cfg)}
+        self.pretrained = None
+        self.optimizer_from_pretrained = False
+        if pretrained is not None:  # what the run started from, for its summary; its preprocessing travels on
+            self.pretrained = {"path": str(cfg.model.pretrained), "format": pretrained.format,
+                               "architecture": pretrained.model_name, "source": pretrained.description}
+            meta["preprocess_cfg"] = pretrained.preprocess_cfg
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        self.module = build_model(cfg, self.device, **engine_class(cfg).model_kwargs(cfg))
+        self.module = build_model(cfg, self.device, pretrained, **engine_class(cfg).model_kwargs(cfg))
         # MFU's numerator: the model's FLOPs per sample, counted on the plain model before any wrapping
         self.flops_per_sample = self._count_flops() if env.is_main else None
         self.train_transform, self.val_transform = create_transforms(self.module)
         self.tokenizer = get_tokenizer(cfg.model.name)
+        if pretrained is not None:  # the source's own tokenizer and evaluation preprocessing
+            self.tokenizer, self.val_transform = pretrained.tokenizer, pretrained.eval_transform
+            pretrained.model = None  # its weights are in self.module now
         seed_everything(cfg.run.seed + env.rank)  # then per-rank randomness (augmentation, dropout)
 
         self.engine = build_engine(cfg, self.module, env, self.model_name, self.model_cfg)
+        self.engine.preprocess_cfg = meta.get("preprocess_cfg")
         loss_fn = create_loss(t.loss, local_loss=t.local_loss, tile_size=t.tile_size)
         self.step_fn = ContrastiveStep(self.engine, loss_fn, t.accum_steps, self.device)
         self.step = 0
@@ -218,11 +271,25 @@ class Trainer:
         self.throughput = Throughput()
         self._waited = 0.0  # seconds of the current log window spent waiting for the loader
         self.resumed_from: Path | None = None
+        if pretrained is not None and pretrained.format == "open_clip-trainer":
+            self._import_openclip_optimizer(pretrained.extra.get("optimizer"))
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", env, self.engine,
             {"rng": RNGState(), "data": self.stream, "skipped": self.skipped, "nonfinite": self.nonfinite},
             every=t.checkpoint_every, keep=t.keep_checkpoints, meta=meta, reshard=self._reshard())
         self._start()
+
+    def _import_openclip_optimizer(self, saved) -> None:
+        """Continue an OpenCLIP run: its AdamW moments when they fit this run's optimizer (a resumed checkpoint
+        replaces them after), else a note that the optimizer starts fresh."""
+        from .openclip_optimizer import load_openclip_moments
+
+        optimizer = getattr(self.engine, "optimizer", None)
+        why = load_openclip_moments(optimizer, self.module, saved) if optimizer is not None else "no optimizer"
+        self.optimizer_from_pretrained = why is None
+        self.pretrained["optimizer"] = "AdamW moments from the checkpoint" if why is None else f"fresh: {why}"
+        self._notes.append("optimizer: AdamW moments from model.pretrained" if why is None else
+                           f"optimizer starts fresh: model.pretrained's optimizer state does not fit ({why})")
 
     def _reshard(self) -> dict:
         """How this rank's state comes from a checkpoint written by another number of ranks or loader workers
