@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError
-from . import hf_clip
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
