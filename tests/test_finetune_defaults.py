@@ -72,6 +72,25 @@ def test_auto_lora_targets_cover_the_tower(name):
     assert chosen["image"]["architecture"] == expected[0] and expected[1] <= set(chosen["image"]["targets"])
 
 
+def test_auto_lora_targets_cover_a_hugging_face_text_tower():
+    from open_clip.hf_model import HFTextEncoder
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig
+
+    from clipkit.finetune.lora_targets import auto_targets, coverage
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    tower = HFTextEncoder("bert-base-uncased", output_dim=16, config=config, pooler_type="cls_pooler",
+                          proj_type="linear", pretrained=False)  # built from the config: nothing is downloaded
+    targets = auto_targets(tower)
+    assert {"query", "key", "value", "dense"} <= set(targets)
+    share, _ = coverage(tower, targets)
+    adapted = get_peft_model(tower, LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    by_hand, total = _weights_by_hand(adapted)
+    assert by_hand / total >= 0.5 and share == pytest.approx(by_hand / total)
+
+
 def test_vit_targets_on_a_resnet_are_refused_in_one_line(task, tmp_path, capsys):
     from clipkit.cli import main
 
