@@ -10,7 +10,7 @@ its own class ("red checkerboard"), for a task of many classes.
 Run as a script, it measures every method with the defaults on tasks of this kind (the figures in
 docs/finetune.md):
 
-    python tests/drawn_task.py CHECKPOINT OUT_DIR [--shape small|many] [--methods zeroshot,linear_probe,full,lora]
+    python tests/drawn_task.py CHECKPOINT OUT_DIR [--shape small|many] [--size 32] [--methods linear_probe,full,lora]
 """
 from __future__ import annotations
 
@@ -96,10 +96,11 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
     p.add_argument("--methods", default="linear_probe,full,lora")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every method")
     args = p.parse_args()
     out = Path(args.out)
-    data = write_texture_task(out / "data", **SHAPES[args.shape])
+    data = write_texture_task(out / "data", **SHAPES[args.shape], size=args.size)
     rows = {}
     for method in args.methods.split(","):
         finetune_main(["--checkpoint", args.checkpoint, "--data", str(data), "--method", method,

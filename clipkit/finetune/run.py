@@ -205,7 +205,7 @@ class Finetune:
         lo = self.f.lora
         model = self.zeroshot_model()
         set_trainable(model, -1, self.f.freeze_head)
-        self.lora_targets = add_lora(model, lo.rank, lo.alpha, lo.dropout, lora_targets(lo.targets), text=lo.text,
+        self.lora_record = add_lora(model, lo.rank, lo.alpha, lo.dropout, lora_targets(lo.targets), text=lo.text,
                                      min_coverage=lo.min_coverage)
         if lo.text:
             prompts = [t.replace("{c}", c) for c in self.data.classnames for t in self.data.templates]
@@ -219,11 +219,12 @@ class Finetune:
     def lora(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
         self.build_lora()  # the targets are checked (and refused) before any training, the search included
         model, out = self.train(self.build_lora, logger)
-        return _plain(model), {**out, "lora_targets": self.lora_targets}
+        return _plain(model), {**out, "lora_targets": self.lora_record}
 
     def wise(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
         zeroshot = self.zeroshot_model()
         zs_state = {k: v.detach().cpu().clone() for k, v in zeroshot.state_dict().items()}
+        del zeroshot  # a copy of the whole model: not held through the training
         extra: dict = {}
         if self.f.wise.finetuned is not None:
             finetuned = self.load_finetuned(self.f.wise.finetuned)
