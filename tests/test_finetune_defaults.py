@@ -150,6 +150,7 @@ def test_lr_search_is_deterministic_and_never_sees_test(trained_nano, task, tmp_
     assert again["lr_search"] == search  # the same choice and the same val figures, bit for bit
     best = max(search["trials"], key=lambda t: (t["val_acc1"], -t["val_loss"]))
     assert first["lr"] == search["lr"] == best["lr"] and first["head_lr"] == pytest.approx(10 * best["lr"])
+    assert search["at_edge"] == (best["lr"] in (1e-4, 1e-2))
     # the test split's labels scrambled (every image moved to the next class's folder): the search is unchanged
     scrambled = tmp_path / "scrambled"
     shutil.copytree(task, scrambled, ignore=shutil.ignore_patterns("test"))

@@ -8,6 +8,7 @@ optimizer steps, with the run's own batch size, augmentation and head-LR ratio; 
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -19,6 +20,8 @@ from ..distributed import DistEnv
 from ..training.metrics import MetricsLogger
 from .model import ImageClassifier
 from .train import Plan, fit
+
+log = logging.getLogger("clipkit.finetune")
 
 
 def head_lr_for(cfg: FinetuneConfig, lr: float) -> float:
@@ -53,4 +56,9 @@ def search_lr(build: Callable[[], ImageClassifier], train_samples, val_samples, 
     chosen = [min(trials, key=_rank)["lr"] if trials else None]
     if env.distributed:
         dist.broadcast_object_list(chosen, src=0)
-    return {"lr": chosen[0], "head_lr": head_lr_for(cfg, chosen[0]), "trials": trials}
+    grid = parse_lrs(cfg.lr_search.lrs)
+    at_edge = len(grid) > 1 and chosen[0] in (min(grid), max(grid))
+    if at_edge and env.is_main:  # the best may lie beyond the grid: say so, the figures are in result.json
+        log.warning("the LR search chose %g, at the edge of finetune.lr_search.lrs (%s): a wider grid may do better",
+                    chosen[0], cfg.lr_search.lrs)
+    return {"lr": chosen[0], "head_lr": head_lr_for(cfg, chosen[0]), "at_edge": at_edge, "trials": trials}
