@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 
 
 # Keys that changed name, so an old config gets told the new one.
-RENAMED = {"train.batch_size": "train.global_batch_size (the global batch, split evenly over the ranks)"}
+RENAMED = {"train.batch_size": "train.global_batch_size (the global batch, split evenly over the ranks)",
+           "finetune.patience": "finetune.patience_steps (optimizer steps without a better validation)"}
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast with fp32 master weights; fp16 adds loss scaling
 # torch.optim.AdamW's implementations: one fused kernel over all tensors (CPU and CUDA), per-op multi-tensor, or
 # one tensor at a time (torch's default on CPU). The same update up to float rounding.
@@ -195,19 +196,36 @@ class WiseConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters (peft) on the image tower's attention and MLP layers; merged into the weights at export."""
+    """LoRA adapters (peft) on the image tower's layers; merged into the weights at export."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: str = "attn,c_fc,c_proj"  # module names (peft target_modules), comma-separated
+    # Module names (peft target_modules), comma-separated; empty: chosen from each tower's architecture (ViT:
+    # attn,c_fc,c_proj; ResNet: its convolutions and attention-pool projections; timm / Hugging Face towers: the
+    # names of the layers in their trunk / encoder).
+    targets: str = ""
+    # Refuse targets that cover less than this share of a tower's Linear/Conv weights (a list naming another
+    # architecture's modules matches next to nothing).
+    min_coverage: float = 0.5
     # Also adapt the text tower: the head is then the zero-shot classifier recomputed through it every step.
     text: bool = False
 
 
 @dataclass
+class LrSearchConfig:
+    """finetune.lr=auto: each LR of the grid trains a fresh copy of the model for `steps` optimizer steps; the one
+    with the best val acc1 (ties: the lower val loss, then the smaller LR) is the run's LR. Val only: test is
+    never seen."""
+
+    lrs: str = "1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2"  # comma-separated, each positive
+    steps: int = 60  # optimizer steps per LR (warm-up: a quarter of them, at most warmup_steps)
+
+
+@dataclass
 class FinetuneConfig:
-    """`clipkit finetune`: adapt a pretrained checkpoint to a labelled image classification task."""
+    """`clipkit finetune`: adapt a pretrained checkpoint to a labelled image classification task. Every length
+    below is in optimizer steps except `epochs`, so the schedule means the same on a set of 300 images or 3M."""
 
     method: str = "full"  # one of FINETUNE_METHODS
     checkpoint: Optional[str] = None  # the pretrained model (as for `clipkit zeroshot --checkpoint`)
@@ -215,21 +233,26 @@ class FinetuneConfig:
     # webdataset root with train/ and test/ (and optionally val/) splits.
     data: Optional[str] = None
     val_fraction: float = 0.1  # without a val split: this fraction of train (per class, seeded) becomes val
-    epochs: int = 10
+    epochs: int = 10  # passes over train; a small set trains longer: see min_steps
     global_batch_size: int = 64  # split evenly over the ranks
-    lr: float = 3e-5
-    head_lr: Optional[float] = None  # the classification head's LR; None: lr
+    lr: Union[float, str] = "auto"  # the image tower's LR, or auto: chosen on val by finetune.lr_search
+    head_lr: Optional[float] = None  # the classification head's LR; None: lr * head_lr_ratio
+    head_lr_ratio: float = 10.0
     warmup_steps: int = 20
+    # No early stop before warmup_steps + min_steps, and no run shorter than that (more epochs on a small set).
+    min_steps: int = 200
+    val_every: int = 25  # validate every this many steps (and after the last)
+    patience_steps: int = 100  # stop after this many steps without a better val acc1 (0: never stop early)
     weight_decay: float = 0.1
     layer_decay: float = 1.0  # layer-wise LR decay per transformer block, from the head down (1: off)
     label_smoothing: float = 0.1
     augment: bool = True  # open_clip's training augmentation (RandomResizedCrop); else the eval transform
     trainable_blocks: int = -1  # train only the last N transformer blocks of the image tower (-1: all)
     freeze_head: bool = False  # keep the zero-shot head fixed
-    patience: int = 3  # stop after this many validations without a better val acc1 (0: never stop early)
     grad_clip: Optional[float] = 1.0
     precision: str = "fp32"  # one of PRECISIONS
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    lr_search: LrSearchConfig = field(default_factory=LrSearchConfig)
     wise: WiseConfig = field(default_factory=WiseConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -281,6 +304,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"config key '{key}' may not be null (expected {tp.__name__})")
+    if tp == Union[float, str]:  # a number, or a word such as "auto" (checked by validate)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            return float(value) if _looks_like_float(value) else value
+        raise ConfigError(f"config key '{key}' expects a number or a word such as auto, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping of sub-keys, got {value!r}")
@@ -480,6 +509,22 @@ def parse_alphas(text: str) -> list[float]:
     return alphas
 
 
+def parse_lrs(text: str) -> list[float]:
+    """The LR search's grid from "1e-4,1e-3"; ConfigError naming finetune.lr_search.lrs unless all positive."""
+    try:
+        lrs = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise ConfigError(f"config key 'finetune.lr_search.lrs' must be comma-separated numbers (got {text!r})") from None
+    _check(bool(lrs) and all(lr > 0 for lr in lrs), "finetune.lr_search.lrs",
+           f"must list positive numbers (got {text!r})")
+    return lrs
+
+
+def lora_targets(text: str) -> list[str]:
+    """finetune.lora.targets as a list; empty: choose them from the model."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _validate_finetune(f: FinetuneConfig) -> None:
     _check(f.method in FINETUNE_METHODS, "finetune.method",
            f"must be one of {', '.join(FINETUNE_METHODS)} (got {f.method!r})")
@@ -488,14 +533,21 @@ def _validate_finetune(f: FinetuneConfig) -> None:
     _check(0.0 < f.val_fraction < 1.0, "finetune.val_fraction", "must be in (0, 1)")
     _check(f.epochs > 0, "finetune.epochs", "must be positive")
     _check(f.global_batch_size > 0, "finetune.global_batch_size", "must be positive")
-    _check(f.lr > 0, "finetune.lr", f"must be positive (got {f.lr})")
-    _check(f.head_lr is None or f.head_lr > 0, "finetune.head_lr", "must be positive, or null for finetune.lr")
+    _check(f.lr == "auto" or (isinstance(f.lr, float) and f.lr > 0), "finetune.lr",
+           f"must be positive or auto (got {f.lr!r})")
+    _check(f.head_lr is None or f.head_lr > 0, "finetune.head_lr",
+           "must be positive, or null for finetune.lr * finetune.head_lr_ratio")
+    _check(f.head_lr_ratio > 0, "finetune.head_lr_ratio", "must be positive")
     _check(f.warmup_steps >= 0, "finetune.warmup_steps", "must be 0 or more")
+    _check(f.min_steps >= 0, "finetune.min_steps", "must be 0 or more")
+    _check(f.val_every > 0, "finetune.val_every", "must be positive (steps between validations)")
+    _check(f.patience_steps >= 0, "finetune.patience_steps", "must be 0 (never stop early) or more")
+    parse_lrs(f.lr_search.lrs)
+    _check(f.lr_search.steps > 0, "finetune.lr_search.steps", "must be positive")
     _check(f.weight_decay >= 0, "finetune.weight_decay", "must be 0 or more")
     _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must be in (0, 1] (1: no layer-wise decay)")
     _check(0.0 <= f.label_smoothing < 1.0, "finetune.label_smoothing", "must be in [0, 1)")
     _check(f.trainable_blocks >= -1, "finetune.trainable_blocks", "must be -1 (all) or 0 or more")
-    _check(f.patience >= 0, "finetune.patience", "must be 0 (never stop early) or more")
     _check(f.grad_clip is None or f.grad_clip > 0, "finetune.grad_clip", "must be positive, or null for no clipping")
     _check(f.precision in PRECISIONS, "finetune.precision",
            f"must be one of {', '.join(PRECISIONS)} (got {f.precision!r})")
@@ -508,8 +560,7 @@ def _validate_finetune(f: FinetuneConfig) -> None:
     _check(lo.rank > 0, "finetune.lora.rank", "must be positive")
     _check(lo.alpha > 0, "finetune.lora.alpha", "must be positive")
     _check(0.0 <= lo.dropout < 1.0, "finetune.lora.dropout", "must be in [0, 1)")
-    _check(bool([t for t in lo.targets.split(",") if t.strip()]), "finetune.lora.targets",
-           "must name at least one module")
+    _check(0.0 <= lo.min_coverage <= 1.0, "finetune.lora.min_coverage", "must be in [0, 1]")
     _check("out_proj" not in [t.strip() for t in lo.targets.split(",")], "finetune.lora.targets",
            "may not name out_proj: nn.MultiheadAttention never calls it, so its adapter would do nothing "
            "(name attn to adapt the attention)")

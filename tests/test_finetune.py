@@ -47,7 +47,7 @@ def _run(tmp_path, name, checkpoint, data, method, *overrides):
     out = tmp_path / name
     rc = finetune_main(["--checkpoint", str(checkpoint), "--data", str(data), "--method", method, "--out", str(out),
                         "run.progress=false", "data.workers=0", "finetune.global_batch_size=32",
-                        "finetune.warmup_steps=2", "eval.batch_size=64", *overrides])
+                        "finetune.warmup_steps=2", "finetune.min_steps=0", "eval.batch_size=64", *overrides])
     assert rc == 0
     return out, json.loads((out / "result.json").read_text())
 
@@ -117,15 +117,18 @@ def test_partial_freezing_counts_by_hand():
         set_trainable(ImageClassifier(create_model("RN50"), 2), trainable_blocks=1)
 
 
-def test_early_stopping_counts_patience():
-    stop = EarlyStopping(patience=2)
+def test_early_stopping_counts_patience_in_steps():
+    stop = EarlyStopping(patience=20, earliest=0)
     seen = []
-    for score in [0.5, 0.6, 0.6, 0.55, 0.9]:
-        seen.append((stop.update(score), stop.should_stop))
-        if stop.should_stop:
+    for step, score in [(10, 0.5), (20, 0.6), (30, 0.6), (40, 0.55), (50, 0.9)]:
+        seen.append((stop.update(score, step), stop.should_stop(step)))
+        if stop.should_stop(step):
             break
     assert seen == [(True, False), (True, False), (False, False), (False, True)]
-    assert EarlyStopping(0).update(0.1) and not EarlyStopping(0).should_stop
+    late = EarlyStopping(patience=20, earliest=60)  # the same scores, but no stop before step 60
+    assert [late.update(sc, st) or late.should_stop(st) for st, sc in [(10, 0.5), (20, 0.6), (40, 0.55), (60, 0.5)]] \
+        == [True, True, False, True]
+    assert EarlyStopping(0).update(0.1, 1) and not EarlyStopping(0).should_stop(1000)
 
 
 def test_wise_interpolation_is_exact_at_the_ends():
@@ -165,14 +168,15 @@ def test_merged_lora_equals_unmerged_and_counts_by_hand():
 def test_full_finetune_end_to_end_and_export_loads_in_open_clip(trained_nano, downstream, tmp_path):
     checkpoint, _ = trained_nano
     out, result = _run(tmp_path, "full", checkpoint, downstream, "full", "finetune.epochs=3", "finetune.lr=1e-3",
-                       "finetune.patience=0")
+                       "finetune.patience_steps=0", "finetune.val_every=6")
     assert result["method"] == "full" and result["epochs_run"] == 3
     for split in ("val", "test"):
         assert set(result[split]) >= {"acc1", "acc5", "mean_per_class_recall", "num_samples"}
         assert set(result["zeroshot"][split]) >= {"acc1", "acc5", "mean_per_class_recall"}
     assert result["splits"]["val_from_train"] and result["splits"]["test"] == 100
     vals = [h["val"]["acc1"] for h in result["history"]]
-    assert result["best_epoch"] == vals.index(max(vals))
+    assert [h["step"] for h in result["history"]] == [6, 12, 18]  # 216 images: 6 steps of 32 an epoch
+    assert result["best_step"] == result["history"][vals.index(max(vals))]["step"]
     assert (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file() and (out / "tensorboard").is_dir()
     # the trainable count by hand: the whole image tower and the head
     visual = sum(p.numel() for p in load_model(checkpoint).model.visual.parameters())
@@ -216,10 +220,12 @@ def test_partial_finetune_leaves_frozen_parameters_bit_identical(trained_nano, d
 
 def test_early_stopping_stops_at_the_patience(trained_nano, downstream, tmp_path):
     checkpoint, _ = trained_nano
-    # an LR far too small to change any prediction: val acc1 never improves after the first epoch
+    # an LR far too small to change any prediction: val acc1 never improves after the first validation
     _, result = _run(tmp_path, "stop", checkpoint, downstream, "full", "finetune.epochs=10", "finetune.lr=1e-12",
-                     "finetune.head_lr=1e-12", "finetune.patience=2", "finetune.augment=false")
+                     "finetune.head_lr=1e-12", "finetune.val_every=6", "finetune.patience_steps=12",
+                     "finetune.augment=false")
     assert result["epochs_run"] == 3 and result["stopped_early"] and result["best_epoch"] == 0
+    assert result["best_step"] == 6 and result["steps"] == 18
 
 
 def test_linear_probe_equals_scikit_learn_refit(trained_nano, downstream, tmp_path):
@@ -250,7 +256,7 @@ def test_wise_ends_reproduce_zeroshot_and_finetuned(trained_nano, downstream, tm
                      "finetune.wise.alphas=0,0.5,1")
     curve = {c["alpha"]: c for c in result["alphas"]}
     assert curve[0.0]["val"] == result["zeroshot"]["val"] and curve[0.0]["test"] == result["zeroshot"]["test"]
-    assert curve[1.0]["val"] == result["history"][result["best_epoch"]]["val"]
+    assert curve[1.0]["val"] == next(h["val"] for h in result["history"] if h["step"] == result["best_step"])
     best = max(result["alphas"], key=lambda c: c["val"]["acc1"])
     assert result["best_alpha"] == best["alpha"] and result["test"] == best["test"]
 
@@ -316,7 +322,7 @@ def test_ddp_finetune_equals_single_process(trained_nano, downstream, tmp_path):
     checkpoint, _ = trained_nano
     args = ["--checkpoint", str(checkpoint), "--data", str(downstream), "--method", "full", "run.progress=false",
             "data.workers=0", "finetune.global_batch_size=32", "finetune.epochs=2", "finetune.lr=1e-3",
-            "finetune.warmup_steps=2", "eval.batch_size=64"]
+            "finetune.warmup_steps=2", "finetune.min_steps=0", "finetune.val_every=6", "eval.batch_size=64"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     for name, launcher in [("one", [sys.executable, "-m", "clipkit"]),

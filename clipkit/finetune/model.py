@@ -18,18 +18,32 @@ from torch import nn
 
 from ..errors import UserError
 from ..extras import require
+from ..models import eval_mode
 from ..training.optim import is_no_decay
+from .lora_targets import auto_targets, check_coverage
 
 # The parts of open_clip's VisionTransformer before its first block (the embedding "layer 0").
 _EMBEDDING_PARTS = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.", "patch_dropout.")
 _BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.")
 
 
+def feature_dim(clip: nn.Module) -> int:
+    """The width of the image tower's features (a timm tower keeps no output_dim: one forward tells)."""
+    dim = getattr(clip.visual, "output_dim", None)
+    if dim is None:
+        size = clip.visual.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        param = next(clip.visual.parameters())
+        with torch.no_grad(), eval_mode(clip.visual):
+            dim = clip.visual(torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)).shape[-1]
+    return int(dim)
+
+
 class ImageClassifier(nn.Module):
     def __init__(self, clip: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.clip = clip
-        self.head = nn.Linear(clip.visual.output_dim, num_classes)
+        self.head = nn.Linear(feature_dim(clip), num_classes)
         self.prompts: torch.Tensor | None = None  # [classes, templates, context] tokens: a text-tower head
 
     def use_text_head(self, prompt_tokens: torch.Tensor) -> None:
@@ -159,17 +173,36 @@ def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Te
     return out
 
 
-def add_lora(model: ImageClassifier, rank: int, alpha: float, dropout: float, targets: list[str],
-             text: bool = False) -> None:
+def add_lora(model: ImageClassifier, rank: int, alpha: float, dropout: float, targets: list[str] | None,
+             text: bool = False, min_coverage: float = 0.0) -> dict:
     """LoRA adapters (peft) on the image tower's modules named in `targets` (and the text tower's, with
-    text=True); the adapted towers' own weights are frozen, the head stays as set_trainable left it."""
+    text=True); targets None or empty: chosen per tower from its architecture (lora_targets.auto_targets). A list
+    covering less than min_coverage of a tower's Linear/Conv weights is refused. The adapted towers' own weights
+    are frozen, the head stays as set_trainable left it. Returns {tower: its targets, architecture, coverage}."""
     peft = require("peft", "LoRA fine-tuning")
     LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    model.clip.visual = get_peft_model(model.clip.visual, config)
-    if text:
-        model.clip.transformer = get_peft_model(model.clip.transformer, config)
+    towers = {"image": "visual"} | ({"text": "transformer"} if text else {})
+    chosen = {}
+    for which, attr in towers.items():  # check every tower before adapting any
+        tower = getattr(model.clip, attr)
+        chosen[which] = check_coverage(tower, list(targets) if targets else auto_targets(tower), min_coverage, which)
+    for which, attr in towers.items():
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=chosen[which]["targets"],
+                            bias="none")
+        setattr(model.clip, attr, get_peft_model(getattr(model.clip, attr), config))
+    return chosen
+
+
+def trainable_by_tower(model: ImageClassifier) -> dict[str, dict]:
+    """{image, text, head: {trainable, total, fraction}}: the text tower is everything of the CLIP model outside
+    the image tower (its temperature included); LoRA adapters count in their tower."""
+    counts = {name: [0, 0] for name in ("image", "text", "head")}
+    for name, p in model.named_parameters():
+        part = "head" if name.startswith("head.") else "image" if name.startswith("clip.visual.") else "text"
+        counts[part][0] += p.numel() if p.requires_grad else 0
+        counts[part][1] += p.numel()
+    return {part: {"trainable": t, "total": n, "fraction": t / n if n else 0.0} for part, (t, n) in counts.items()}
 
 
 def merge_lora(model: ImageClassifier) -> ImageClassifier:

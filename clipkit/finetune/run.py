@@ -12,11 +12,13 @@ open_clip model directory plus head.safetensors: classify with open_clip and saf
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_write_text
 from ..checkpoint import commit, read_latest, recover_interrupted
-from ..config import Config, load_config, parse_alphas, save_config
+from ..config import Config, load_config, lora_targets, parse_alphas, save_config
 from ..distributed import DistEnv, cleanup, init_distributed
 from ..errors import UserError
 from ..extras import check_config
@@ -37,8 +39,10 @@ from ..models.weights import LoadedModel, load_any
 from ..training.metrics import MetricsLogger
 from .data import DownstreamSet, eval_loader, load_downstream
 from .linear_probe import extract_features, linear_probe, load_features, save_features
-from .model import ImageClassifier, add_lora, count_parameters, interpolate, merge_lora, set_trainable
-from .train import FitResult, evaluate, fit
+from .lr_search import head_lr_for, search_lr
+from .model import (ImageClassifier, add_lora, count_parameters, feature_dim, interpolate, merge_lora, set_trainable,
+                    trainable_by_tower)
+from .train import FitResult, Plan, evaluate, fit, steps_per_epoch
 
 log = logging.getLogger("clipkit.finetune")
 HEAD_FILE = "head.safetensors"
@@ -123,7 +127,9 @@ class Finetune:
                                 precision=self.f.precision)
 
     def zeroshot_model(self) -> ImageClassifier:
-        return ImageClassifier.from_zeroshot(self.clip, self.zeroshot_weights).to(self.device)
+        """A classifier on its own copy of the pretrained model: training it (an LR search trial, the run) or
+        adding adapters leaves the pretrained model as loaded for the next."""
+        return ImageClassifier.from_zeroshot(copy.deepcopy(self.clip), self.zeroshot_weights).to(self.device)
 
     def evaluate(self, model: ImageClassifier, split: str) -> dict:
         return evaluate(model, getattr(self.data, split), self.transforms[1], self.num_classes, **self.eval_kwargs)
@@ -142,7 +148,8 @@ class Finetune:
             model.head.bias.copy_(res.classifier.bias.float())
         for p in model.clip.parameters():
             p.requires_grad_(False)
-        return model, {"val": res.val, "test": res.test, "best_C": res.best_C, "sweep": res.sweep}
+        return model, {"val": res.val, "test": res.test, "best_C": res.best_C, "sweep": res.sweep,
+                       "trainable_by_tower": trainable_by_tower(model)}
 
     def features(self, split: str):
         samples = getattr(self.data, split)
@@ -163,50 +170,69 @@ class Finetune:
             self._weights_digest = weights_sha256(self.loaded.model)  # what the feature cache is keyed by
         return self._weights_digest
 
-    def train(self, model: ImageClassifier, logger: MetricsLogger) -> tuple[ImageClassifier, FitResult]:
-        f = self.f
-        result = fit(model, self.data.train, self.data.val, self.num_classes, f, env=self.env,
-                     transforms=self.transforms, seed=self.cfg.run.seed, workers=self.cfg.data.workers,
-                     eval_batch_size=self.cfg.eval.batch_size, logger=logger, log_every=self.cfg.run.log_every)
+    def plan(self) -> Plan:
+        return Plan.for_run(self.f, steps_per_epoch(self.data.train, self.f, self.env, self.cfg.run.seed))
+
+    def train(self, build: Callable[[], ImageClassifier], logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
+        """Choose the LR (finetune.lr=auto: search_lr on val), then train a model from build() with it."""
+        f, common = self.f, self.fit_kwargs()
+        extra: dict = {}
+        if f.lr == "auto":
+            extra["lr_search"] = search_lr(build, self.data.train, self.data.val, self.num_classes, f,
+                                           run_dir=self.run_dir, **common)
+            lr = extra["lr_search"]["lr"]
+        else:
+            lr = f.lr
+        torch.manual_seed(self.cfg.run.seed)  # the same start with or without a search before it
+        model = build()
+        trainable, _ = count_parameters(model)
+        result = fit(model, self.data.train, self.data.val, self.num_classes, f, plan=self.plan(), lr=lr,
+                     head_lr=head_lr_for(f, lr), logger=logger, log_every=self.cfg.run.log_every, **common)
         if self.env.is_main:
             model.load_state_dict(result.best_state)
-        return model, result
+        return model, {"fit": result, "trainable_params": trainable, "lr": lr, "head_lr": head_lr_for(f, lr),
+                       "trainable_by_tower": trainable_by_tower(model), **extra}
 
-    def full(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
+    def fit_kwargs(self) -> dict:
+        return dict(env=self.env, transforms=self.transforms, seed=self.cfg.run.seed, workers=self.cfg.data.workers,
+                    eval_batch_size=self.cfg.eval.batch_size)
+
+    def build_full(self) -> ImageClassifier:
         model = self.zeroshot_model()
         set_trainable(model, self.f.trainable_blocks, self.f.freeze_head)
-        trainable, _ = count_parameters(model)
-        model, fitted = self.train(model, logger)
-        return model, {"fit": fitted, "trainable_params": trainable}
+        return model
 
-    def lora(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
+    def build_lora(self) -> ImageClassifier:
         lo = self.f.lora
         model = self.zeroshot_model()
         set_trainable(model, -1, self.f.freeze_head)
-        add_lora(model, lo.rank, lo.alpha, lo.dropout, [t.strip() for t in lo.targets.split(",") if t.strip()],
-                 text=lo.text)
+        self.lora_record = add_lora(model, lo.rank, lo.alpha, lo.dropout, lora_targets(lo.targets), text=lo.text,
+                                     min_coverage=lo.min_coverage)
         if lo.text:
             prompts = [t.replace("{c}", c) for c in self.data.classnames for t in self.data.templates]
             tokens = self.tokenizer(prompts).to(self.device)
             model.use_text_head(tokens.reshape(self.num_classes, len(self.data.templates), -1))
-        model.to(self.device)
-        trainable, _ = count_parameters(model)
-        model, fitted = self.train(model, logger)
-        return _plain(model), {"fit": fitted, "trainable_params": trainable}
+        return model.to(self.device)
+
+    def full(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
+        return self.train(self.build_full, logger)
+
+    def lora(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
+        self.build_lora()  # the targets are checked (and refused) before any training, the search included
+        model, out = self.train(self.build_lora, logger)
+        return _plain(model), {**out, "lora_targets": self.lora_record}
 
     def wise(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
         zeroshot = self.zeroshot_model()
         zs_state = {k: v.detach().cpu().clone() for k, v in zeroshot.state_dict().items()}
+        del zeroshot  # a copy of the whole model: not held through the training
         extra: dict = {}
         if self.f.wise.finetuned is not None:
             finetuned = self.load_finetuned(self.f.wise.finetuned)
             trainable = self.finetuned_trainable
         else:
-            model = self.zeroshot_model()
-            set_trainable(model, self.f.trainable_blocks, self.f.freeze_head)
-            trainable, _ = count_parameters(model)
-            finetuned, fitted = self.train(model, logger)
-            extra["fit"] = fitted
+            finetuned, extra = self.train(self.build_full, logger)
+            trainable = extra.pop("trainable_params")
         ft_state = {k: v.detach().cpu().clone() for k, v in finetuned.state_dict().items()}
         if not self.env.is_main:
             return finetuned, {**extra, "trainable_params": trainable}
@@ -264,7 +290,7 @@ def finetune(cfg: Config) -> dict:
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
-        steps = 0 if f.method == "linear_probe" else f.epochs * (len(job.data.train) // f.global_batch_size)
+        steps = 0 if f.method == "linear_probe" else job.plan().total
         logger = MetricsLogger(run_dir, total_steps=steps, enabled=env.is_main,
                                progress=cfg.run.progress and steps > 0)
         try:
@@ -283,15 +309,15 @@ def finetune(cfg: Config) -> dict:
         trainable = out.pop("trainable_params", None)
         _, total = count_parameters(model)
         if f.method == "linear_probe":
-            trainable = job.num_classes * (job.clip.visual.output_dim + 1)  # the probe's weights and biases
+            trainable = job.num_classes * (feature_dim(job.clip) + 1)  # the probe's weights and biases
         result = {"method": f.method, "model": job.loaded.model_name, "checkpoint": str(f.checkpoint),
                   "data": str(f.data), "splits": _splits(job.data), "skipped": job.data.skipped,
                   "trainable_params": trainable, "total_params": total,
                   # None: WiSE-FT of a fine-tuned model whose run (result.json) is not at hand
                   "trainable_fraction": trainable / total if trainable is not None else None, **out, "zeroshot": zeroshot}
         if fitted is not None:
-            result.update(best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, steps=fitted.steps,
-                          stopped_early=fitted.stopped_early, history=fitted.history)
+            result.update(best_step=fitted.best_step, best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run,
+                          steps=fitted.steps, stopped_early=fitted.stopped_early, history=fitted.history)
             if fitted.skipped:
                 result["skipped_in_training"] = fitted.skipped
         best = save_best(model, run_dir, job.loaded, job.data.classnames, {"method": f.method})
@@ -333,7 +359,13 @@ def summary_line(result: dict) -> str:
             f"mean per-class recall {test['mean_per_class_recall']:.4f}")
     if result["trainable_params"] is not None:
         line += (f"; trainable parameters {result['trainable_params']:,} of {result['total_params']:,} "
-                 f"({100 * result['trainable_fraction']:.2f}%)")
+                 f"({100 * result['trainable_fraction']:.2f}%")
+        towers = result.get("trainable_by_tower")
+        if towers:
+            line += ": " + ", ".join(f"{name} {100 * t['fraction']:.2f}%" for name, t in towers.items())
+        line += ")"
+    if "lr" in result:
+        line += f"; lr {result['lr']:g}" + (" (searched on val)" if "lr_search" in result else "")
     return line
 
 

@@ -1,5 +1,7 @@
-"""The fine-tuning loop: cross-entropy on the classifier's logits, AdamW with warmup + cosine, validation after
-every epoch, early stopping on val acc1 with patience, the best weights kept. Runs in one process or under
+"""The fine-tuning loop: cross-entropy on the classifier's logits, AdamW with warmup + cosine, validation every
+`val_every` optimizer steps, early stopping on val acc1 after `patience_steps` steps without a better one (never
+before warm-up and `min_steps` have run), the best weights kept. Every length is in optimizer steps, so a set
+of 300 images (5 steps an epoch) gets the same schedule as a large one. Runs in one process or under
 torchrun (DDP: each rank takes its slice of every global batch, so the update equals the single-process one).
 
 Rank 0 validates (the others wait for its verdict), so no rank runs a collective that another does not."""
@@ -28,36 +30,68 @@ log = logging.getLogger("clipkit.finetune")
 
 
 class EarlyStopping:
-    """Stop after `patience` validations in a row without a higher score (0: never stop early)."""
+    """Stop once `patience` steps have passed since the best validation score (0: never stop early), but never
+    before step `earliest` (the end of warm-up plus the minimum steps: a model still warming up has not shown
+    what its LR does)."""
 
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
+    def __init__(self, patience: int, earliest: int = 0) -> None:
+        self.patience, self.earliest = patience, earliest
         self.best = -math.inf
-        self.bad = 0
+        self.best_step = 0
 
-    def update(self, score: float) -> bool:
-        """Record a validation score; True when it is the best so far."""
+    def update(self, score: float, step: int) -> bool:
+        """Record the validation score at this step; True when it is the best so far."""
         if score > self.best:
-            self.best, self.bad = score, 0
+            self.best, self.best_step = score, step
             return True
-        self.bad += 1
         return False
 
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.bad >= self.patience
+    def should_stop(self, step: int) -> bool:
+        return self.patience > 0 and step >= self.earliest and step - self.best_step >= self.patience
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One training run's lengths, in optimizer steps."""
+
+    total: int
+    warmup: int
+    val_every: int
+    patience: int  # steps without a better val acc1 that end the run (0: never)
+    earliest_stop: int  # no early stop before this step
+
+    @classmethod
+    def for_run(cls, cfg: FinetuneConfig, steps_per_epoch: int) -> "Plan":
+        """cfg.epochs passes over train, but at least warm-up + min_steps (a small set trains more epochs)."""
+        earliest = cfg.warmup_steps + cfg.min_steps
+        return cls(total=max(cfg.epochs * steps_per_epoch, earliest), warmup=cfg.warmup_steps,
+                   val_every=cfg.val_every, patience=cfg.patience_steps, earliest_stop=earliest)
+
+    @classmethod
+    def for_trial(cls, cfg: FinetuneConfig, steps: int) -> "Plan":
+        """An LR search trial: `steps` steps, a quarter of them (at most warmup_steps) warming up, validated once
+        at the end, never stopped early."""
+        return cls(total=steps, warmup=min(cfg.warmup_steps, steps // 4), val_every=steps, patience=0,
+                   earliest_stop=steps)
 
 
 @dataclass
 class FitResult:
     best_state: dict[str, torch.Tensor]  # the weights at the best validation (CPU copies)
+    best_step: int
     best_epoch: int
     best_val: dict
-    epochs_run: int
+    epochs_run: int  # epochs begun
     stopped_early: bool
     steps: int
-    history: list[dict] = field(default_factory=list)  # per epoch: {"epoch", "step", "loss", "val": metrics}
+    # per validation: {"step", "epoch", "loss" (mean training loss since the previous one), "val": metrics}
+    history: list[dict] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+
+
+def steps_per_epoch(train_samples, cfg: FinetuneConfig, env: DistEnv, seed: int) -> int:
+    return len(train_loader(train_samples, None, global_batch_size=cfg.global_batch_size, rank=env.rank,
+                            world_size=env.world_size, seed=seed, epoch=0, workers=0))
 
 
 def autocast(device: torch.device, precision: str):
@@ -91,6 +125,8 @@ def evaluate(model: nn.Module, samples, transform, num_classes: int, **kwargs) -
     """CLIP_benchmark's classification metrics (acc1, acc5, mean_per_class_recall, num_samples)."""
     logits, labels, skipped = predict(model, samples, transform, **kwargs)
     metrics = classification_metrics(logits, labels, num_classes)
+    # mean cross-entropy (no label smoothing): the LR search's tie-break between equal accuracies
+    metrics["loss"] = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
     if skipped:
         metrics["skipped"] = skipped
     return metrics
@@ -113,33 +149,31 @@ def _merge_counts(total: dict[str, int], new: dict[str, int]) -> None:
 
 
 def fit(model: ImageClassifier, train_samples, val_samples, num_classes: int, cfg: FinetuneConfig, *,
-        env: DistEnv, transforms, seed: int, workers: int, eval_batch_size: int, logger: MetricsLogger,
-        log_every: int = 10) -> FitResult:
-    """Train the model's trainable parameters; returns the best weights by val acc1 (the model is left at its
-    last weights). transforms: (train, eval) image transforms."""
+        plan: Plan, lr: float, head_lr: float, env: DistEnv, transforms, seed: int, workers: int,
+        eval_batch_size: int, logger: MetricsLogger, log_every: int = 10) -> FitResult:
+    """Train the model's trainable parameters for plan.total steps (fewer when early stopping ends it); returns
+    the best weights by val acc1 (the model is left at its last weights). transforms: (train, eval)."""
     device = env.device
     train_tf, eval_tf = transforms
     model.to(device)
-    groups = optimizer_groups(model, cfg.lr, cfg.head_lr, cfg.weight_decay, cfg.layer_decay)
+    groups = optimizer_groups(model, lr, head_lr, cfg.weight_decay, cfg.layer_decay)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    steps_per_epoch = len(train_loader(train_samples, train_tf, global_batch_size=cfg.global_batch_size, rank=env.rank,
-                                       world_size=env.world_size, seed=seed, epoch=0, workers=0))
-    total = steps_per_epoch * cfg.epochs
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    scheduler = build_scheduler(optimizer, plan.warmup, plan.total)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     wrapped = model
     if env.distributed:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    stopper = EarlyStopping(cfg.patience)
-    result = FitResult({}, -1, {}, 0, False, 0)
-    step = 0
-    for epoch in range(cfg.epochs):
+    stopper = EarlyStopping(plan.patience, plan.earliest_stop)
+    result = FitResult({}, -1, -1, {}, 0, False, 0)
+    step, epoch, stop = 0, 0, False
+    loss_sum, loss_n = torch.zeros((), dtype=torch.float64, device=device), 0
+    while step < plan.total and not stop:
         wrapped.train()
         loader = train_loader(train_samples, train_tf if cfg.augment else eval_tf,
                               global_batch_size=cfg.global_batch_size, rank=env.rank, world_size=env.world_size,
                               seed=seed, epoch=epoch, workers=workers)
-        loss_sum, loss_n = torch.zeros((), dtype=torch.float64, device=device), 0
+        result.epochs_run, epoch_start = epoch + 1, step
         for batch in loader:
             _merge_counts(result.skipped, batch.skipped)
             weight = 1.0
@@ -169,33 +203,47 @@ def fit(model: ImageClassifier, train_samples, val_samples, num_classes: int, cf
                 optimizer.step()
             scheduler.step()
             step += 1
+            result.steps = step
             loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
             logger.advance()
             if step % log_every == 0:
                 logger.log(step, {"loss": _global_mean(loss.detach(), env), "lr": optimizer.param_groups[0]["lr"],
                                   "epoch": epoch})
-        epoch_loss = _global_mean(loss_sum / max(1, loss_n), env) if loss_n else float("nan")
-        val = None
-        if env.is_main:
-            val = evaluate(model, val_samples, eval_tf, num_classes, batch_size=eval_batch_size, workers=workers,
-                           device=device, precision=cfg.precision)
-            improved = stopper.update(val["acc1"])
-            if improved:
-                result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                result.best_epoch, result.best_val = epoch, val
-            record = {"epoch": epoch, "step": step, "loss": epoch_loss, "val": val}
-            result.history.append(record)
-            logger.log(step, {"epoch_loss": record["loss"], "val": {k: v for k, v in val.items()
-                                                                    if isinstance(v, float)}})
-            logger.write(f"epoch {epoch}: loss {record['loss']:.4f}, val acc1 {val['acc1']:.4f}"
-                         f"{' (best)' if improved else ''}")
-        stop = stopper.should_stop
-        if env.distributed:
-            flag = [stop]
-            dist.broadcast_object_list(flag, src=0)
-            stop = flag[0]
-        result.epochs_run, result.steps = epoch + 1, step
-        if stop:
-            result.stopped_early = epoch + 1 < cfg.epochs
+            if step % plan.val_every == 0 or step == plan.total:
+                train_loss = _global_mean(loss_sum / max(1, loss_n), env) if loss_n else float("nan")
+                loss_sum, loss_n = torch.zeros_like(loss_sum), 0
+                stop = _validate(model, val_samples, num_classes, cfg, stopper, result, step=step, epoch=epoch,
+                                 train_loss=train_loss, env=env, eval_tf=eval_tf, workers=workers,
+                                 eval_batch_size=eval_batch_size, logger=logger)
+                wrapped.train()
+            if stop or step == plan.total:
+                break
+        if step == epoch_start:  # no image of a whole epoch decoded: another pass would not either
             break
+        epoch += 1
+    result.stopped_early = stop and step < plan.total
     return result
+
+
+def _validate(model: ImageClassifier, val_samples, num_classes: int, cfg: FinetuneConfig, stopper: EarlyStopping,
+              result: FitResult, *, step: int, epoch: int, train_loss: float, env: DistEnv, eval_tf, workers: int,
+              eval_batch_size: int, logger: MetricsLogger) -> bool:
+    """Rank 0 validates, keeps the best weights and decides whether to stop; every rank gets the verdict."""
+    stop = False
+    if env.is_main:
+        val = evaluate(model, val_samples, eval_tf, num_classes, batch_size=eval_batch_size, workers=workers,
+                       device=env.device, precision=cfg.precision)
+        improved = stopper.update(val["acc1"], step)
+        if improved:
+            result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            result.best_step, result.best_epoch, result.best_val = step, epoch, val
+        result.history.append({"step": step, "epoch": epoch, "loss": train_loss, "val": val})
+        logger.log(step, {"train_loss": train_loss, "val": {k: v for k, v in val.items() if isinstance(v, float)}})
+        logger.write(f"step {step} (epoch {epoch}): loss {train_loss:.4f}, val acc1 {val['acc1']:.4f}"
+                     f"{' (best)' if improved else ''}")
+        stop = stopper.should_stop(step)
+    if env.distributed:
+        flag = [stop]
+        dist.broadcast_object_list(flag, src=0)
+        stop = flag[0]
+    return stop
