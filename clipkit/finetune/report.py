@@ -2,7 +2,9 @@
 
 Each DIR is a fine-tune's run directory (holding result.json) or a directory of them. Prints one row per
 run: the zero-shot baseline and the adapted model on the same val and test splits, and the trainable share
-of the parameters; `--json FILE` also writes the rows."""
+of the parameters; then each run's LR search (finetune.lr=auto): every LR tried with its val acc1 and loss,
+the chosen one and whether it lies at the grid's edge. `--json FILE` also writes the rows; `--plot FILE`
+(default: report.png in the first DIR) draws validation accuracy over optimizer steps, one line per run."""
 from __future__ import annotations
 
 import argparse
@@ -32,12 +34,20 @@ def rows(results: list[dict]) -> list[dict]:
         zs = results[0]["zeroshot"]
         out.append({"method": "zero-shot", "val_acc1": zs["val"]["acc1"], "test_acc1": zs["test"]["acc1"],
                     "test_mean_per_class_recall": zs["test"]["mean_per_class_recall"], "trainable_fraction": 0.0,
-                    "run_dir": ""})
+                    "lr_search": None, "run_dir": ""})
     for r in results:
         out.append({"method": r["method"], "val_acc1": r["val"]["acc1"], "test_acc1": r["test"]["acc1"],
                     "test_mean_per_class_recall": r["test"]["mean_per_class_recall"],
-                    "trainable_fraction": r["trainable_fraction"], "run_dir": r["run_dir"]})
+                    "trainable_fraction": r["trainable_fraction"],
+                    # as the run recorded it: None for a fixed finetune.lr and for the linear probe
+                    "lr_search": r.get("lr_search"), "run_dir": r["run_dir"]})
     return out
+
+
+def _label(run: dict, runs: list[dict]) -> str:
+    """The method, and the run's directory name where several runs share a method."""
+    same = sum(r["method"] == run["method"] for r in runs)
+    return run["method"] if same == 1 else f"{run['method']} ({Path(run.get('run_dir', '')).name})"
 
 
 def format_table(table: list[dict]) -> str:
@@ -50,10 +60,58 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_lr_search(table: list[dict]) -> str:
+    """One block per run that searched its LR: each LR tried, its val acc1 and loss; the chosen one marked."""
+    blocks = []
+    for r in table:
+        search = r["lr_search"]
+        if not search:
+            continue
+        edge = "  (at the edge of the grid: a wider one may do better)" if search["at_edge"] else ""
+        lines = [f"LR search, {_label(r, table)}: chose {search['lr']:g} (head {search['head_lr']:g}){edge}",
+                 f"  {'lr':>10}{'val acc1':>10}{'val loss':>10}"]
+        for t in search["trials"]:
+            mark = "  <- chosen" if t["lr"] == search["lr"] else ""
+            lines.append(f"  {t['lr']:>10g}{t['val_acc1']:>10.4f}{t['val_loss']:>10.4f}{mark}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def plot_val_curves(results: list[dict], path: str | Path):
+    """Validation acc1 over optimizer steps, one line per run with a `history` (the linear probe has none).
+    Returns the figure (closed, its data intact) or None when no run validated during training."""
+    runs = [r for r in results if r.get("history")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: the plot is a file
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for r in runs:
+        ax.plot([h["step"] for h in r["history"]], [h["val"]["acc1"] for h in r["history"]], label=_label(r, results),
+                marker="o" if len(r["history"]) < 30 else None, markersize=3)
+    zs = results[0]["zeroshot"]["val"]["acc1"]  # where every method starts from
+    ax.axhline(zs, color="grey", linestyle=":", label="zero-shot")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("val acc1")
+    ax.set_title("validation accuracy during fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="clipkit finetune-report", description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", help="fine-tune run directories, or directories holding them")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--json", default=None, help="also write the rows (with each run's LR search) to this JSON file")
+    p.add_argument("--plot", default=None,
+                   help="write the plot of val acc1 over steps here (default: report.png in the first DIR)")
     args = p.parse_args(argv)
     results = find_results(args.dirs)
     models = {(r["model"], r["checkpoint"], r["data"]) for r in results}
@@ -62,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"data set: {sorted(models)}")
     table = rows(results)
     print(format_table(table))
+    searches = format_lr_search(table)
+    if searches:
+        print("\n" + searches)
+    plot = Path(args.plot) if args.plot else Path(args.dirs[0]) / "report.png"
+    if plot_val_curves(results, plot) is not None:
+        print(f"\nval acc1 over steps: {plot}")
     if args.json:
         atomic_write_text(args.json, json.dumps(table, indent=2))
     return 0
