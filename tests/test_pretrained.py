@@ -235,6 +235,28 @@ def test_finetune_from_a_transformers_directory_keeps_its_preprocessing(tmp_path
     assert exported["preprocess_cfg"]["std"] == STD
 
 
+@pytest.mark.parametrize("method", ["linear_probe", "lora"])
+def test_linear_probe_and_lora_run_from_a_transformers_directory(tmp_path, tokenizer_files, synth_small, method):
+    from clipkit.finetune.run import main as finetune_main
+
+    # three image blocks: LoRA's default targets cover most of the tower (one tiny block would leave the patch
+    # embedding the larger share, under finetune.lora.min_coverage)
+    hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[3])
+    out = tmp_path / "ft"
+    # a few steps: the run, its evaluation and its result are what is checked, not the accuracy reached
+    assert finetune_main(["--checkpoint", str(tmp_path / "hf"), "--data", str(synth_small.downstream_root),
+                          "--method", method, "--out", str(out), "run.progress=false", "data.workers=0",
+                          "finetune.global_batch_size=16", "finetune.epochs=1", "finetune.min_steps=2",
+                          "finetune.warmup_steps=1", "finetune.lr=1e-3", "finetune.val_every=2",
+                          "finetune.linear_probe.c_steps=3", "eval.batch_size=32"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == method
+    test_acc = result["test"]["acc1"]
+    assert 0.0 <= test_acc <= 1.0 and "acc1" in result["zeroshot"]["test"]
+    if method == "lora":  # adapters on the imported tower's layers, trained for real steps
+        assert 0 < result["trainable_params"] < result["total_params"] and result["steps"] >= 2
+
+
 def test_zeroshot_of_a_transformers_directory_matches_clip_benchmark_on_its_open_clip_weights(
         tmp_path, tokenizer_files, synth_small, monkeypatch):
     """clipkit zeroshot on the transformers directory, CLIP_benchmark on the same weights as open_clip loads
