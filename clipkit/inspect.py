@@ -59,8 +59,8 @@ def commands(loaded, model_flag: str | None) -> dict[str, str]:
     out["finetune"] = f"yes (model.name={loaded.model_name})" if needs_name else "yes"
     out["train model.pretrained"] = f"yes (model.name={loaded.model_name})" if needs_name else \
         "yes (its own architecture: leave model.name out)"
-    out["index / search / serve"] = ("no: search and serve reload the embedding's checkpoint without --model; "
-                                     "export it with --format open_clip and embed with that") if needs_name else "yes"
+    # embed records the name it was given; search and serve reuse it (or take their own --model)
+    out["index / search / serve"] = flag
     try:
         hf_config(loaded.model, loaded.model_cfg)
         out["export --format hf"] = "yes"

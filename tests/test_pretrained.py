@@ -235,6 +235,28 @@ def test_finetune_from_a_transformers_directory_keeps_its_preprocessing(tmp_path
     assert exported["preprocess_cfg"]["std"] == STD
 
 
+@pytest.mark.parametrize("method", ["linear_probe", "lora"])
+def test_linear_probe_and_lora_run_from_a_transformers_directory(tmp_path, tokenizer_files, synth_small, method):
+    from clipkit.finetune.run import main as finetune_main
+
+    # three image blocks: LoRA's default targets cover most of the tower (one tiny block would leave the patch
+    # embedding the larger share, under finetune.lora.min_coverage)
+    hf_directory(tmp_path / "hf", tokenizer_files, SHAPES[3])
+    out = tmp_path / "ft"
+    # a few steps: the run, its evaluation and its result are what is checked, not the accuracy reached
+    assert finetune_main(["--checkpoint", str(tmp_path / "hf"), "--data", str(synth_small.downstream_root),
+                          "--method", method, "--out", str(out), "run.progress=false", "data.workers=0",
+                          "finetune.global_batch_size=16", "finetune.epochs=1", "finetune.min_steps=2",
+                          "finetune.warmup_steps=1", "finetune.lr=1e-3", "finetune.val_every=2",
+                          "finetune.linear_probe.c_steps=3", "eval.batch_size=32"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == method
+    test_acc = result["test"]["acc1"]
+    assert 0.0 <= test_acc <= 1.0 and "acc1" in result["zeroshot"]["test"]
+    if method == "lora":  # adapters on the imported tower's layers, trained for real steps
+        assert 0 < result["trainable_params"] < result["total_params"] and result["steps"] >= 2
+
+
 def test_zeroshot_of_a_transformers_directory_matches_clip_benchmark_on_its_open_clip_weights(
         tmp_path, tokenizer_files, synth_small, monkeypatch):
     """clipkit zeroshot on the transformers directory, CLIP_benchmark on the same weights as open_clip loads
@@ -407,6 +429,66 @@ def test_training_from_an_openclip_checkpoint_continues_its_optimizer_moments(tm
     # the same AdamW state for a model that trains one tensor less (a locked temperature) does not fit either
     model.logit_scale.requires_grad_(False)
     assert load_openclip_moments(fresh, model, optimizer.state_dict()).startswith("its optimizer holds")
+
+
+def test_search_of_an_index_embedded_from_a_trainer_checkpoint_uses_the_recorded_model_name(
+        tmp_path, synth_small, capsys):
+    import tarfile
+
+    from clipkit import cli
+
+    model = _open_clip_model()
+    ckpt = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "r", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               ckpt)
+    from braceexpand import braceexpand
+
+    shard = next(iter(braceexpand(synth_small.train_spec)))  # 150 images with captions
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    assert cli.main(["embed", "--checkpoint", str(ckpt), "--model", "clipkit-nano", "--data", str(shard),
+                     "--out", str(emb), "--workers", "0", "--no-progress"]) == 0
+    assert json.loads((emb / "clipkit_embed.json").read_text())["model_name"] == "clipkit-nano"
+    assert cli.main(["index", "--embeddings", str(emb), "--out", str(idx), "--kind", "image"]) == 0
+    capsys.readouterr()
+
+    # the reference: open_clip's own model from the same file, cosine over every image of the shard
+    theirs, _, transform = open_clip.create_model_and_transforms("clipkit-nano", pretrained=str(ckpt))
+    with tarfile.open(shard) as tar:
+        jpgs = {Path(m.name).stem: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+    keys = sorted(jpgs)
+    import io
+
+    with torch.no_grad():
+        pixels = torch.stack([transform(Image.open(io.BytesIO(jpgs[k])).convert("RGB")) for k in keys])
+        images = torch.nn.functional.normalize(theirs.eval().encode_image(pixels), dim=-1)
+        query = torch.nn.functional.normalize(
+            theirs.encode_text(open_clip.get_tokenizer("clipkit-nano")(["a red circle"])), dim=-1)[0]
+    scores = (images @ query).numpy()
+    want = np.argsort(-scores, kind="stable")[:5]
+
+    assert cli.main(["search", "--index", str(idx), "--text", "a red circle", "-k", "5"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose([r["score"] for r in results], scores[want], atol=1e-4)
+    for r, w in zip(results, want):
+        assert r["key"] == keys[w] or abs(r["score"] - scores[w]) < 1e-6, (r["key"], keys[w])
+
+    # another architecture named for the same file: refused in one line
+    assert cli.main(["search", "--index", str(idx), "--text", "a red circle", "--model", "clipkit-nano-timm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("clipkit: error: ") and "do not fit architecture" in err
+    # serve loads the model before it binds: the same refusal, at start-up
+    assert cli.main(["serve", "--index", str(idx), "--port", "0", "--model", "clipkit-nano-timm"]) == 2
+    assert capsys.readouterr().err.strip() == err
+    # the right one named explicitly gives the same results, and other weights still fail the digest check
+    assert cli.main(["search", "--index", str(idx), "--text", "a red circle", "-k", "5", "--model",
+                     "clipkit-nano"]) == 0
+    assert json.loads(capsys.readouterr().out) == results
+    other = model.state_dict()
+    other["logit_scale"] = other["logit_scale"] + 1  # one tensor changed: another digest
+    torch.save(other, tmp_path / "other.bin")
+    assert cli.main(["search", "--index", str(idx), "--text", "a red circle", "--checkpoint",
+                     str(tmp_path / "other.bin")]) == 2
+    assert "holds other weights" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------- refusals

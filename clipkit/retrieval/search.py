@@ -1,6 +1,6 @@
 """`clipkit search`: the nearest neighbours of a text or image query in an index built by `clipkit index`.
 
-    clipkit search --index IDX --text "a red circle" [-k 10] [--modality image|text] [--checkpoint CK]
+    clipkit search --index IDX --text "a red circle" [-k 10] [--modality image|text] [--checkpoint CK [--model NAME]]
     clipkit search --index IDX --image query.jpg
 
     searcher = Searcher("IDX")                      # the checkpoint recorded in IDX/clipkit_embed.json
@@ -35,6 +35,8 @@ from .index import EMBED_INFO, INDEX_FORMAT, INFO_FILE, KINDS, set_search_params
 
 # Search parameters each index type takes; an override meant for another type (--nprobe on an exact
 # index beside an IVF one) is left out rather than refused.
+MODEL_HELP = ("the architecture of a checkpoint that does not carry one (an OpenCLIP epoch_N.pt, a bare state "
+              "dict): an open_clip or clipkit name, or a JSON config; default: the one `clipkit embed` recorded")
 TUNABLE = {"ivf_flat": ("nprobe",), "ivf_pq": ("nprobe",), "hnsw": ("efSearch",)}
 MAX_TEXT_CHARS = 10_000  # a caption-sized query; the tokenizer keeps only its context length anyway
 
@@ -108,7 +110,8 @@ class Searcher:
     threads: faiss searches are read-only, and model loading and metadata reads are serialised."""
 
     def __init__(self, index_dir: str | Path, checkpoint: str | Path | None = None,
-                 search_params: dict | None = None, device: str = "cpu", allow_other_weights: bool = False) -> None:
+                 search_params: dict | None = None, device: str = "cpu", allow_other_weights: bool = False,
+                 model_name: str | None = None) -> None:
         faiss = require("faiss", "searching an index")
 
         self.dir = Path(index_dir)
@@ -123,6 +126,9 @@ class Searcher:
         self.embed_info = self._embed_info()
         self.checkpoint = str(checkpoint) if checkpoint else (self.embed_info or {}).get("checkpoint")
         self.allow_other_weights = allow_other_weights
+        # The architecture of a checkpoint that does not carry one (an OpenCLIP epoch_N.pt, a bare state dict):
+        # the name given, else the one `clipkit embed` recorded (used only where the file leaves it open).
+        self.model_name = model_name
         self.device = device
         self._model = None
         self._model_lock = threading.Lock()
@@ -155,6 +161,7 @@ class Searcher:
 
     def _load_model(self):
         from ..models import load_model
+        from ..models.weights import load_any
 
         if not self.checkpoint:
             raise UserError(f"{self.dir} records no checkpoint to encode queries with (no {EMBED_INFO}): pass "
@@ -162,7 +169,10 @@ class Searcher:
         if not Path(self.checkpoint).exists():
             raise UserError(f"checkpoint {self.checkpoint} (recorded in {self.dir / EMBED_INFO}) not found: pass "
                             "--checkpoint")
-        loaded = load_model(self.checkpoint, device=self.device)
+        if self.model_name:
+            loaded = load_model(self.checkpoint, device=self.device, model_name=self.model_name)
+        else:
+            loaded = load_any(self.checkpoint, (self.embed_info or {}).get("model_name"), device=self.device)
         loaded.model.eval()
         width = loaded.model_cfg.get("embed_dim")
         if width is not None and width != self.dim:
@@ -290,13 +300,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="which index to search: image (default) finds images, text finds captions")
     p.add_argument("--checkpoint", default=None, help="encode the query with this checkpoint instead of the "
                    "one recorded in the index (its weights must be the ones the embeddings were made with)")
+    p.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     p.add_argument("--allow-other-weights", action="store_true", help="encode the query even with weights "
                    "whose sha256 differs from the one recorded with the embeddings (results may be meaningless)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (overrides index_info.json)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (overrides index_info.json)")
     args = p.parse_args(argv)
     params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
-    searcher = Searcher(args.index, args.checkpoint, params, allow_other_weights=args.allow_other_weights)
+    searcher = Searcher(args.index, args.checkpoint, params, allow_other_weights=args.allow_other_weights,
+                        model_name=args.model)
     if args.text is not None:
         results = searcher.search_text(args.text, args.k, args.modality)
     else:

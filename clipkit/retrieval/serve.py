@@ -1,6 +1,6 @@
 """`clipkit serve`: an HTTP retrieval service over an index, shaped like clip-retrieval's back end.
 
-    clipkit serve --index IDX [--checkpoint CK] [--host 127.0.0.1] [--port 8000] [--shards 'data/{00000..00009}.tar']
+    clipkit serve --index IDX [--checkpoint CK [--model NAME]] [--host 127.0.0.1] [--port 8000] [--shards 'data/{00000..00009}.tar']
                   [--allowed-hosts NAMES] [--max-body-bytes N] [--max-image-pixels N] [--max-decodes N]
 
     GET  /indices-list   ["NAME"]  (the index directory's name, or --name)
@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..extras import require
-from .search import Searcher
+from .search import MODEL_HELP, Searcher
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a base64 photo is a few MB; anything far larger is refused unread
 MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", required=True, help="index directory written by `clipkit index`")
     p.add_argument("--checkpoint", default=None, help="encode queries with this checkpoint instead of the one "
                    "recorded in the index (its weights must be the ones the embeddings were made with)")
+    p.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     p.add_argument("--allow-other-weights", action="store_true", help="serve even with weights whose sha256 "
                    "differs from the one recorded with the embeddings (results may be meaningless)")
     p.add_argument("--host", default="127.0.0.1")
@@ -443,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn = require("uvicorn", "the retrieval service")
 
     params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
-    searcher = Searcher(args.index, args.checkpoint, params, allow_other_weights=args.allow_other_weights)
+    searcher = Searcher(args.index, args.checkpoint, params, allow_other_weights=args.allow_other_weights,
+                        model_name=args.model)
     if searcher.checkpoint:
         searcher.load_model()  # a missing checkpoint or other weights than the vectors' fail now, not on a query
     else:
