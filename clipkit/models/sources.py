@@ -46,11 +46,20 @@ def read_pickled(path: Path):
                               "files: save a plain state dict, or safetensors") from None
 
 
+def read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(tensors, header metadata) of a .safetensors file; CheckpointError naming it when unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors weights file: {e}") from None
+
+
 def read_tensors(path: Path) -> dict:
     """A state dict from a .safetensors or a weights_only pickle; anything but a dict of tensors is refused."""
     if path.suffix == ".safetensors":
-        from .weights import read_safetensors
-
         return read_safetensors(path)[0]
     state = read_pickled(path)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

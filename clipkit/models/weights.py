@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, read_latest, read_manifest, verify
 from .factory import (ModelNameError, ModelNotFoundError, create_model, create_transforms, get_model_config,
                       get_tokenizer, plain_model_name, register_model_config)
+from .sources import read_safetensors
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -94,14 +94,6 @@ def save_weights(state_dict: dict, path: str | Path, model_name: str, model_cfg:
         meta["preprocess_cfg"] = json.dumps(preprocess_cfg)
     save_file(state, str(path), metadata=meta)
     return path
-
-
-def read_safetensors(path: Path) -> tuple[dict, dict]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors weights file: {e}") from None
 
 
 def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None]:
