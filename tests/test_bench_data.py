@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipkit.bench.data import CACHE, main, write_bench_shards
+from clipkit.bench.data import main
+from clipkit.bench.harness import CACHE
+from clipkit.bench.shards import write_bench_shards
 from clipkit.data import expand_shards
 
 PEER_READY = (CACHE / "bench_peer" / ".complete").is_file()

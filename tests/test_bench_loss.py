@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from clipkit.bench import loss as bench_loss
+from clipkit.bench import loss_jobs
 from clipkit.bench.loss_curve import GIB, Tracker, arithmetic_peak, predict_peak
 
 # Big enough that each method's resident-set growth is hundreds of pages, well clear of the kernel's RSS
@@ -111,7 +112,7 @@ def test_a_job_past_its_time_or_under_the_memory_floor_is_stopped_whole(tmp_path
     job = bench_loss.run_job("tiled", _job_args(timeout=1), str(tmp_path), BATCH_PER_RANK)
     assert job.status == "timeout" and "--timeout 1 s" in job.reason
     # A floor above any machine's available memory: the watchdog stops the job at once.
-    monkeypatch.setattr(bench_loss, "WATCHDOG_FLOOR_BYTES", 1 << 60)
+    monkeypatch.setattr(loss_jobs, "WATCHDOG_FLOOR_BYTES", 1 << 60)
     job = bench_loss.run_job("tiled", _job_args(), str(tmp_path), BATCH_PER_RANK)
     assert job.status == "oom" and "stopped by the benchmark" in job.reason
     assert not list(tmp_path.glob("*_rank*.json"))  # no rank got as far as a result

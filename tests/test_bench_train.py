@@ -10,7 +10,8 @@ import statistics
 import subprocess
 import sys
 
-from clipkit.bench.train import steady_state, web_caption
+from clipkit.bench.shards import web_caption
+from clipkit.bench.train import steady_state
 from clipkit.data import expand_shards
 
 

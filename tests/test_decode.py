@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
 
-from clipkit.bench.data import _source_photos, _variant
+from clipkit.bench.shards import _source_photos, _variant
 from clipkit.data.decode import FastTrainImages, TransformImages, _reduction, draft, image_pipeline, open_image
 
 

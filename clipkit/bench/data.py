@@ -36,19 +36,13 @@ The report gives every repeat and the median of the repeats per method, and thei
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import os
-import random
-import statistics
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
+from .harness import (BenchError, bench_main, command_line, emit_result, home_as_tilde, machine_facts,
+                      orders, run_worker, runs_and_median, worker_env)
+from .shards import photo_shards
 
 METHODS = ("clipkit", "openclip")
 TARGET = 3.0  # clipkit >= 3x OpenCLIP per core
@@ -56,90 +50,6 @@ TARGET_MIN_REPEATS = 3  # the target is judged on a median of at least this many
 # open_clip_train.data reads these members and no others (wds.rename(image="jpg;png;jpeg;webp", text="txt")).
 OPENCLIP_IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 OPENCLIP_CAPTION_KEY = "txt"
-CACHE = Path(os.environ.get("CLIPKIT_CACHE", Path.home() / ".cache" / "clipkit"))
-PEER_PACKAGES = ["webdataset==0.2.86", "pandas", "python-dateutil", "pytz", "tzdata", "six"]
-SHARD_FORMAT = "v1"  # bump when the photo recipe changes, so cached shards are rebuilt
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------------------------- shards
-
-def _source_photos() -> list[tuple[str, np.ndarray]]:
-    """The colour photographs bundled with scikit-image (no download)."""
-    try:
-        from skimage import data
-    except ImportError as e:
-        raise BenchError("the benchmark's photos come from scikit-image: pip install 'clipkit[bench]'") from e
-    photos = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
-        try:
-            img = getattr(data, name)()
-        except Exception:  # a photo this scikit-image version would have to download
-            continue
-        if img.ndim == 3 and img.shape[2] == 3:
-            photos.append((name, img))
-    if len(photos) < 3:
-        raise BenchError("scikit-image ships fewer than 3 of the expected colour photographs")
-    return photos
-
-
-def _variant(name: str, photo: np.ndarray, rng: random.Random) -> tuple[bytes, str]:
-    """A JPEG of 640x480..1280x960: random crop of the photo, scaled up, flipped, colour shifted."""
-    from PIL import Image
-
-    h, w = photo.shape[:2]
-    ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
-    y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
-    im = Image.fromarray(photo[y:y + ch, x:x + cw])
-    out_w = rng.randint(640, 1280)
-    out_h = max(480, min(960, int(out_w * rng.uniform(0.6, 0.9))))
-    im = im.resize((out_w, out_h), Image.Resampling.BICUBIC)
-    if rng.random() < 0.5:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    gains = np.array([rng.uniform(0.75, 1.25) for _ in range(3)], dtype=np.float32)
-    arr = np.clip(np.asarray(im, dtype=np.float32) * gains, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=rng.randint(85, 95))
-    caption = f"a {rng.choice(['photo', 'picture', 'snapshot'])} of the {name.replace('_', ' ')}, {out_w}x{out_h}"
-    return buf.getvalue(), caption
-
-
-def write_bench_shards(out: Path, images: int, per_shard: int = 100, seed: int = 0,
-                       caption_for: Callable[[str], str] | None = None, caption_format: str | None = None) -> str:
-    """Shards 00000.tar ... (KEY.jpg, KEY.txt, KEY.json) under OUT; returns the brace spec. Cached.
-    caption_for(photo name), when given, writes its caption instead of the photo's own (the photos stay the
-    same for the seed); caption_format names that recipe in the cache's manifest."""
-    out = Path(out)
-    manifest = out / "manifest.json"
-    wanted = {"images": images, "per_shard": per_shard, "seed": seed, "format": SHARD_FORMAT}
-    if caption_format:
-        wanted["captions"] = caption_format
-    shards = (images + per_shard - 1) // per_shard
-    spec = str(out / f"{{00000..{shards - 1:05d}}}.tar")
-    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
-        return spec
-    out.mkdir(parents=True, exist_ok=True)
-    photos = _source_photos()
-    rng = random.Random(seed)
-    for s in range(shards):
-        with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
-            for i in range(s * per_shard, min(images, (s + 1) * per_shard)):
-                name, photo = photos[i % len(photos)]
-                jpg, caption = _variant(name, photo, rng)
-                caption = caption if caption_for is None else caption_for(name)
-                key = f"{s:05d}{i - s * per_shard:04d}"
-                for ext, payload in (("jpg", jpg), ("txt", caption.encode()),
-                                     ("json", json.dumps({"key": key, "caption": caption}).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    manifest.write_text(json.dumps(wanted))
-    return spec
-
-
 # ------------------------------------------------------------------------------------- a user's shards
 
 def _folder(data: str) -> Path | None:
@@ -195,22 +105,6 @@ def _let_webdataset_open(urls: list[str]) -> None:
             gopen.gopen_schemes[proto] = _open_with_fsspec
 
 
-# ------------------------------------------------------------------------------------------ the peer env
-
-def peer_site() -> Path:
-    """A folder holding webdataset 0.2.86 and pandas for OpenCLIP's pipeline (installed once)."""
-    site = CACHE / "bench_peer"
-    if (site / ".complete").is_file():
-        return site
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), *PEER_PACKAGES]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BenchError(f"could not install OpenCLIP's data dependencies ({' '.join(PEER_PACKAGES)}) into "
-                         f"{site}:\n{proc.stderr[-2000:]}")
-    (site / ".complete").write_text(" ".join(PEER_PACKAGES))
-    return site
-
-
 # --------------------------------------------------------------------------------------- one measurement
 
 def _loader(args: argparse.Namespace):
@@ -253,30 +147,20 @@ def _measure(args: argparse.Namespace) -> int:
                              f"{args.batch_size}; the spec holds too few usable samples")
         samples += batch.shape[0]
     seconds = time.perf_counter() - start
-    result = {"method": args.worker, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
-              "image_shape": list(images.shape[1:]), "image_dtype": str(images.dtype),
-              "pixel_mean": images.float().mean().item(), "pixel_std": images.float().std().item()}
-    print("RESULT " + json.dumps(result), flush=True)
+    emit_result({"method": args.worker, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
+                 "image_shape": list(images.shape[1:]), "image_dtype": str(images.dtype),
+                 "pixel_mean": images.float().mean().item(), "pixel_std": images.float().std().item()})
     return 0
 
 
 def _run_one(method: str, args: argparse.Namespace, spec: str, epoch_samples: int) -> dict:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if method == "openclip":
-        env["PYTHONPATH"] = os.pathsep.join([str(peer_site()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "clipkit.bench.data", "--worker", method, "--spec", spec,
-           "--epoch-samples", str(epoch_samples), "--batch-size", str(args.batch_size),
-           "--batches", str(args.batches), "--workers", str(args.workers), "--image-key", args.image_key,
-           "--caption-key", args.caption_key]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"{method} measurement ran past --timeout {args.timeout:.0f} s (a spec whose samples "
-                         f"are all unusable never yields a batch to OpenCLIP's loader)") from e
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise BenchError(f"{method} measurement failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker("clipkit.bench.data", method,
+                      ["--spec", spec, "--epoch-samples", epoch_samples, "--batch-size", args.batch_size,
+                       "--batches", args.batches, "--workers", args.workers, "--image-key", args.image_key,
+                       "--caption-key", args.caption_key],
+                      env=worker_env(threads=1, peer=method == "openclip"), timeout=args.timeout,
+                      timeout_hint=" (a spec whose samples are all unusable never yields a batch to OpenCLIP's "
+                                   "loader)")
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -327,10 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _shards(args: argparse.Namespace) -> tuple[str, int, int]:
     """(spec, shard files, OpenCLIP's nominal epoch in samples) of the shards to measure."""
     if args.data is None:
-        default = CACHE / "bench_data" / f"{SHARD_FORMAT}-{args.images}-{args.per_shard}"
-        folder = Path(args.shards) if args.shards else default
         t0 = time.perf_counter()
-        spec = write_bench_shards(folder, args.images, args.per_shard)
+        spec = photo_shards(args.shards, args.images, args.per_shard)
         print(f"shards: {spec} ({time.perf_counter() - t0:.1f} s)", flush=True)
         return spec, -(-args.images // args.per_shard), args.images
     count = len(shard_urls(args.data))
@@ -344,16 +226,10 @@ def _shards(args: argparse.Namespace) -> tuple[str, int, int]:
     return args.data, count, (args.batches + 1) * args.batch_size
 
 
-def _home_as_tilde(spec: str) -> str:
-    """The spec as the report shows it: the user's home folder as ~ (the cached shards live under it)."""
-    home = str(Path.home())
-    return spec.replace(home + os.sep, "~" + os.sep) if home != os.sep else spec
-
-
 def _method_summary(runs: list[dict], workers: int) -> dict:
     rates = [r["samples_per_s"] for r in runs]
-    return {"samples_per_s": rates, "samples_per_s_median": statistics.median(rates),
-            "samples_per_s_per_core": statistics.median(rates) / workers,  # the median's
+    figures = runs_and_median("samples_per_s", rates)
+    return {**figures, "samples_per_s_per_core": figures["samples_per_s_median"] / workers,  # the median's
             "samples_per_s_per_core_runs": [r / workers for r in rates],
             "image_shape": runs[0]["image_shape"], "pixel_mean": runs[0]["pixel_mean"],
             "pixel_std": runs[0]["pixel_std"]}
@@ -372,25 +248,23 @@ def _target(methods: dict, repeats: int) -> tuple[float | None, dict]:
 def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
     spec, shard_count, epoch_samples = _shards(args)
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
-    for repeat in range(args.repeats):
-        for method in args.methods if repeat % 2 == 0 else args.methods[::-1]:
+    for repeat, order in orders(args.methods, args.repeats):
+        for method in order:
             r = _run_one(method, args, spec, epoch_samples)
             runs[method].append(r)
             print(f"repeat {repeat + 1}/{args.repeats} {method}: {r['samples_per_s']:.1f} samples/s", flush=True)
     methods = {m: _method_summary(rs, args.workers) for m, rs in runs.items()}
     ratio, target = _target(methods, args.repeats)
-    import torch
-
     return {
         "benchmark": "tar shards -> augmented 224px batches (open_clip train transform) + tokens",
-        "command": "clipkit bench data " + " ".join(argv),
-        "config": {"data": args.data and _home_as_tilde(args.data), "shards": _home_as_tilde(spec),
+        "command": command_line("data", argv),
+        "config": {"data": args.data and home_as_tilde(args.data), "shards": home_as_tilde(spec),
                    "shard_files": shard_count, "image_key": args.image_key, "caption_key": args.caption_key,
                    "images": None if args.data else args.images,
                    "per_shard": None if args.data else args.per_shard, "batch_size": args.batch_size,
                    "batches": args.batches, "workers": args.workers, "repeats": args.repeats,
                    "methods": list(args.methods)},
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine_facts(),
         "methods": methods,
         "ratio_clipkit_over_openclip": ratio,
         "target": target,
@@ -411,19 +285,7 @@ def _print_report(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     from clipkit.data import ShardSpecError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    try:
-        if args.worker:
-            return _measure(args)
-        report = _drive(args, argv)
-    except (BenchError, ShardSpecError) as e:
-        print(f"clipkit bench data: error: {e}", file=sys.stderr)
-        return 2
-    _print_report(report)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.out}")
-    return 0
+    return bench_main("data", argv, parse_args, _drive, _print_report, worker=_measure, errors=(ShardSpecError,))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CACHE, SHARD_FORMAT, BenchError, write_bench_shards
+from .harness import (CACHE, BenchError, bench_main, command_line, emit_result, machine_facts, orders, run_worker,
+                      runs_and_median, worker_env)
+from .shards import photo_shards
 
 METHODS = ("clipkit", "openclip")
 TARGET = 2.0  # clipkit embed >= 2x the plain loop, images/s per core
@@ -57,28 +57,6 @@ def model_file(name: str, folder: Path) -> Path:
         save_weights(create_model(name).state_dict(), tmp, name, get_model_config(name))
         os.replace(tmp, path)
     return path
-
-
-def image_flops(model, image_size: tuple[int, int]) -> float:
-    """FLOPs of one image through the image tower (torch's FlopCounterMode; matmuls and convolutions)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model.encode_image(torch.zeros(1, 3, *image_size))
-    return float(counter.get_total_flops())
-
-
-def matmul_peak(threads: int) -> float:
-    """Measured fp32 matmul FLOP/s of this process with `threads` threads (the MFU denominator): the
-    trainer's own measurement (clipkit.models.flops.matmul_peak)."""
-    import torch
-
-    from ..models.flops import matmul_peak as measured
-
-    torch.set_num_threads(threads)
-    return measured(torch.device("cpu"), torch.float32)
 
 
 # ----------------------------------------------------------------------------------------- measurements
@@ -149,23 +127,17 @@ def _measure(args: argparse.Namespace) -> int:
     out = Path(args.result_dir)
     images, clock = (_clipkit if args.worker == "clipkit" else _openclip)(args, out)
     cores = args.workers + args.threads
-    result = {"method": args.worker, "images": images, "seconds": clock.wall, "images_per_s": images / clock.wall,
-              "images_per_s_per_core": images / clock.wall / cores, "cores": cores, "cpu_seconds": clock.cpu,
-              "images_per_cpu_second": images / clock.cpu}
-    print("RESULT " + json.dumps(result), flush=True)
+    emit_result({"method": args.worker, "images": images, "seconds": clock.wall, "images_per_s": images / clock.wall,
+                 "images_per_s_per_core": images / clock.wall / cores, "cores": cores, "cpu_seconds": clock.cpu,
+                 "images_per_cpu_second": images / clock.cpu})
     return 0
 
 
 def _run_one(method: str, args: argparse.Namespace, spec: str, weights: Path, result_dir: Path) -> dict:
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "clipkit.bench.embed", "--worker", method, "--spec", spec, "--weights", str(weights),
-           "--result-dir", str(result_dir), "--model", args.model, "--batch-size", str(args.batch_size),
-           "--workers", str(args.workers), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise BenchError(f"{method} measurement failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker("clipkit.bench.embed", method,
+                      ["--spec", spec, "--weights", weights, "--result-dir", result_dir, "--model", args.model,
+                       "--batch-size", args.batch_size, "--workers", args.workers, "--threads", args.threads],
+                      env=worker_env(args.threads), timeout=args.timeout)
 
 
 # ------------------------------------------------------------------------------------- the two outputs
@@ -219,25 +191,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _summary(runs: dict[str, list[dict]]) -> dict:
     methods = {}
     for m, rs in runs.items():
-        rates = [r["images_per_s"] for r in rs]
-        median = statistics.median(rates)
-        cpu = [r["images_per_cpu_second"] for r in rs]
-        methods[m] = {"images": rs[0]["images"], "images_per_s": rates, "images_per_s_median": median,
-                      "images_per_s_per_core": median / rs[0]["cores"], "cores": rs[0]["cores"],
-                      "images_per_cpu_second": cpu, "images_per_cpu_second_median": statistics.median(cpu)}
+        rates = runs_and_median("images_per_s", [r["images_per_s"] for r in rs])
+        methods[m] = {"images": rs[0]["images"], **rates,
+                      "images_per_s_per_core": rates["images_per_s_median"] / rs[0]["cores"], "cores": rs[0]["cores"],
+                      **runs_and_median("images_per_cpu_second", [r["images_per_cpu_second"] for r in rs])}
     return methods
 
 
 def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
-    default = CACHE / "bench_data" / f"{SHARD_FORMAT}-{args.images}-{args.per_shard}"  # shared with bench data
-    shards = Path(args.shards) if args.shards else default
-    spec = write_bench_shards(shards, args.images, args.per_shard)
+    spec = photo_shards(args.shards, args.images, args.per_shard)  # shared with bench data
     weights = model_file(args.model, CACHE / "bench_embed")
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     agreement = []
-    for repeat in range(args.repeats):
+    for repeat, order in orders(METHODS, args.repeats):
         with tempfile.TemporaryDirectory(prefix="clipkit-bench-embed-") as tmp:
-            for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
+            for method in order:
                 r = _run_one(method, args, spec, weights, Path(tmp))
                 runs[method].append(r)
                 print(f"repeat {repeat + 1}/{args.repeats} {method}: {r['images_per_s']:.1f} images/s "
@@ -250,11 +218,13 @@ def _report(args, argv, spec: str, weights: Path, methods: dict, agreement: list
     import torch
 
     from ..models import load_model
+    from ..models.flops import image_inference_flops, matmul_peak
 
     loaded = load_model(weights)
     size = loaded.model.visual.image_size
-    flops = image_flops(loaded.model, tuple(size) if isinstance(size, (tuple, list)) else (size, size))
-    peak = matmul_peak(1)
+    flops = image_inference_flops(loaded.model, tuple(size) if isinstance(size, (tuple, list)) else (size, size))
+    torch.set_num_threads(1)  # the peak of one thread: the rates are per core
+    peak = matmul_peak(torch.device("cpu"), torch.float32)
     for m in methods.values():
         m["image_tower_gflop_per_s_per_core"] = m["images_per_s_per_core"] * flops / 1e9
         m["image_tower_mfu"] = m["images_per_s_per_core"] * flops / peak
@@ -262,12 +232,11 @@ def _report(args, argv, spec: str, weights: Path, methods: dict, agreement: list
     cpu_ratio = methods["clipkit"]["images_per_cpu_second_median"] / methods["openclip"]["images_per_cpu_second_median"]
     return {
         "benchmark": "photo shards -> L2-normalised embeddings: clipkit embed vs a plain open_clip loop",
-        "command": "clipkit bench embed " + " ".join(argv),
+        "command": command_line("embed", argv),
         "config": {"model": args.model, "images": args.images, "per_shard": args.per_shard,
                    "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
                    "repeats": args.repeats, "shards": spec},
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "fp32_matmul_peak_gflop_per_s_one_thread": peak / 1e9},
+        "machine": machine_facts(fp32_matmul_peak_gflop_per_s_one_thread=peak / 1e9),
         "image_tower_gflop_per_image": flops / 1e9,
         "methods": methods,
         "agreement": {"images": agreement[0]["images"], "cosine_min": min(a["cosine_min"] for a in agreement),
@@ -278,16 +247,7 @@ def _report(args, argv, spec: str, weights: Path, methods: dict, agreement: list
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.worker:
-        return _measure(args)
-    try:
-        report = _drive(args, argv)
-    except BenchError as e:
-        print(f"clipkit bench embed: error: {e}", file=sys.stderr)
-        return 2
+def _show(report: dict) -> None:
     for m, r in report["methods"].items():
         print(f"{m:<9} {r['images_per_s_median']:8.1f} images/s  {r['images_per_s_per_core']:8.1f} per core  "
               f"{r['images_per_cpu_second_median']:8.1f} per CPU-second")
@@ -296,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clipkit/openclip per core: {report['ratio_clipkit_over_openclip_per_core']:.2f}x (target >= {TARGET}x, "
           f"{'met' if report['target']['met'] else 'NOT met'}); per CPU-second used: "
           f"{report['ratio_clipkit_over_openclip_per_cpu_second']:.2f}x")
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("embed", argv, parse_args, _drive, _show, worker=_measure)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ memory per rank and time per step against the global batch, log-log, with OOM an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
 
-from .loss import GIB, METHODS, BenchError, _meminfo_bytes, _summarize_method, _threads, run_job
+from .harness import BenchError, command_line, machine_facts, meminfo_bytes, orders
+from .loss_jobs import GIB, METHODS, run_job, summarize_method, threads_per_rank
 
 DEFAULT_BASELINE = GIB  # a rank's resident memory before the step (torch, gloo, open_clip), until measured
 AVAILABLE_FRACTION = 0.9  # of MemAvailable, the most a job may use
@@ -66,7 +66,7 @@ def baseline_estimate(measured: list[int], batch_per_rank: int, dim: int) -> int
 
 def allowance(memory_limit_gib: float | None) -> tuple[int, str]:
     """(bytes one job's ranks may use together, what set it)."""
-    available = _meminfo_bytes("MemAvailable")
+    available = meminfo_bytes("MemAvailable")
     options = []
     if memory_limit_gib is not None:
         options.append((int(memory_limit_gib * GIB), f"--memory-limit {memory_limit_gib:g} GiB"))
@@ -122,8 +122,8 @@ def measure_point(global_batch: int, args: argparse.Namespace, tracker: Tracker,
     """Both methods' entries at one global batch: jobs alternate, `--repeats` each, while they fit."""
     entries = {m: tracker.plan(m, global_batch, args) for m in METHODS}
     jobs: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
-    for repeat in range(args.repeats):
-        for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
+    for repeat, order in orders(METHODS, args.repeats):
+        for method in order:
             entry = entries[method]
             if entry["status"] != "run":
                 continue
@@ -143,7 +143,7 @@ def measure_point(global_batch: int, args: argparse.Namespace, tracker: Tracker,
             entry["status"] = "measured"
         entry["repeats_completed"] = len(jobs[method])
         if jobs[method]:
-            entry |= _summarize_method(jobs[method])
+            entry |= summarize_method(jobs[method])
         tracker.record(entry, jobs[method])
     return list(entries.values())
 
@@ -236,9 +236,8 @@ def plot_curve(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def drive_curve(args: argparse.Namespace, argv: list[str]) -> int:
-    import torch
-
+def drive_curve(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Every point of --global-batches, both methods; the report, with its plot drawn beside --out."""
     tracker, points = Tracker(), []
     with tempfile.TemporaryDirectory(prefix="clipkit_bench_loss_curve_") as result_dir:
         for global_batch in args.global_batches:
@@ -247,18 +246,16 @@ def drive_curve(args: argparse.Namespace, argv: list[str]) -> int:
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     report = {
         "benchmark": "contrastive loss forward+backward over global batches, local-loss InfoNCE, fp32, CPU/gloo",
-        "command": "clipkit bench loss " + " ".join(argv),
+        "command": command_line("loss", argv),
         "config": {"global_batches": args.global_batches, "world": args.world, "dim": args.dim, "dtype": "float32",
-                   "tile_size": args.tile_size, "repeats": args.repeats, "threads_per_rank": _threads(args),
+                   "tile_size": args.tile_size, "repeats": args.repeats, "threads_per_rank": threads_per_rank(args),
                    "memory_limit_gib": args.memory_limit, "attempt_unfit": args.attempt_unfit},
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "mem_total_bytes": _meminfo_bytes("MemTotal")},
+        "machine": machine_facts(),
         "points": points,
         "summary": summarize_curve(points),
         "plot": os.path.relpath(plot, out.parent),
     }
-    print(format_curve(report))
+    plot.parent.mkdir(parents=True, exist_ok=True)
     plot_curve(report, plot)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {out} and {plot}")
-    return 0
+    print(f"plot: {plot}")
+    return report

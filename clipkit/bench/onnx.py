@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,12 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .harness import BenchError, bench_main, command_line, machine_facts, median, orders
+
 BACKENDS = ("torch_fp32", "onnx_fp32", "onnx_int8")
-
-
-class BenchError(RuntimeError):
-    pass
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipkit bench onnx", description=__doc__.split("\n\n")[0])
@@ -144,9 +140,8 @@ def images_per_s(encoders, pixels: torch.Tensor, batch_size: int) -> float:
 
 def measure_speed(backends: dict, pixels: torch.Tensor, batch_size: int, repeats: int) -> dict[str, list[float]]:
     runs = {name: [] for name in backends}
-    names = list(backends)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+    for _, order in orders(list(backends), repeats, rotate=True):
+        for name in order:
             runs[name].append(images_per_s(backends[name], pixels, batch_size))
     return runs
 
@@ -208,7 +203,7 @@ def summarize(args, argv, loaded, zs, results, speeds, files, speed_n) -> dict:
     backends = {}
     for name in BACKENDS:
         backends[name] = dict(results[name]["metrics"]) | {
-            "images_per_s": statistics.median(speeds[name]), "images_per_s_runs": speeds[name]}
+            "images_per_s": median(speeds[name]), "images_per_s_runs": speeds[name]}
     torch_speed = backends["torch_fp32"]["images_per_s"]
     for name in BACKENDS[1:]:
         backends[name]["speedup_vs_torch"] = backends[name]["images_per_s"] / torch_speed
@@ -216,14 +211,13 @@ def summarize(args, argv, loaded, zs, results, speeds, files, speed_n) -> dict:
     return {
         "benchmark": "zero-shot classification and image-encoder throughput: torch fp32 vs ONNX Runtime fp32 "
                      "and int8 (dynamic quantisation), CPU",
-        "command": "clipkit bench onnx " + " ".join(argv),
+        "command": command_line("onnx", argv),
         "checkpoint": str(args.checkpoint), "model": loaded.model_name,
         "dataset": {"name": zs.name, "num_samples": int(results["torch_fp32"]["metrics"]["num_samples"]),
                     "num_classes": len(zs.classnames), "num_templates": len(zs.templates)},
         "config": {"batch_size": args.batch_size, "threads": args.threads, "speed_samples": speed_n,
                    "repeats": args.repeats},
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                    "onnx": onnx.__version__},
+        "machine": machine_facts(onnxruntime=onnxruntime.__version__, onnx=onnx.__version__),
         "files_bytes": _file_sizes(files),
         "backends": backends,
         "versus_torch_fp32": versus,
@@ -269,27 +263,22 @@ def run(args: argparse.Namespace, argv: list[str], export_dir: Path) -> dict:
     return summarize(args, argv, loaded, zs, results, speeds, files, len(speed_pixels))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from clipkit.errors import UserError
+def drive(args: argparse.Namespace, argv: list[str]) -> dict:
     from clipkit.extras import require
-    from clipkit.evaluation import ZeroShotDataError
-    from clipkit.checkpoint import CheckpointError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    try:
-        for module in ("onnx", "onnxruntime", "onnxscript"):
-            require(module, "clipkit bench onnx")
-        with tempfile.TemporaryDirectory(prefix="clipkit_bench_onnx_") as tmp:
-            report = run(args, argv, Path(args.export_dir or tmp))
-    except (BenchError, UserError, ZeroShotDataError, CheckpointError) as e:
-        print(f"clipkit bench onnx: error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.out}")
-    return 0
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        require(module, "clipkit bench onnx")
+    with tempfile.TemporaryDirectory(prefix="clipkit_bench_onnx_") as tmp:
+        return run(args, argv, Path(args.export_dir or tmp))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clipkit.checkpoint import CheckpointError
+    from clipkit.errors import UserError
+    from clipkit.evaluation import ZeroShotDataError
+
+    return bench_main("onnx", argv, parse_args, drive, lambda report: print(format_table(report)),
+                      errors=(UserError, ZeroShotDataError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from .bad_inputs import eps, png_bomb
-from .data import CACHE, BenchError
+from .harness import CACHE, BenchError, bench_main, command_line, machine_facts, proc_status_bytes
 
 BAD_KINDS = {"chunked": 413, "bomb": 413, "eps": 400, "garbage": 400}  # kind -> the status it must get
 CHUNK = 1 << 16
@@ -185,17 +185,8 @@ class Server:
             time.sleep(0.3)
         raise BenchError(f"clipkit serve did not answer within {timeout:.0f} s: see {self.log.name}")
 
-    def _status(self, field: str) -> int | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
-
     def rss(self) -> int:
-        value = self._status("VmRSS")
+        value = proc_status_bytes("VmRSS", self.proc.pid)
         if value is None:
             import psutil  # where there is no /proc
 
@@ -220,7 +211,7 @@ class Server:
     def peak(self) -> int:
         """The peak since reset_peak(): the kernel's high-water mark where it has one, else the samples."""
         self._sampling.clear()
-        hwm = self._status("VmHWM")
+        hwm = proc_status_bytes("VmHWM", self.proc.pid)
         return max(hwm, self._peak_sampled) if hwm is not None else self._peak_sampled
 
     def stop(self) -> None:
@@ -405,8 +396,6 @@ def drive(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def report(args, argv, runs: list[dict], rss_ready: int, rss_end: int, load_before) -> dict:
-    import torch
-
     from ..retrieval.serve import MAX_BODY_BYTES
 
     good = [r for r in runs if r["mix"] == "good"]
@@ -431,35 +420,28 @@ def report(args, argv, runs: list[dict], rss_ready: int, rss_end: int, load_befo
     checks["met"] = checks["good_query_errors"] == 0 and checks["bad_refused_as_expected"] and checks["rss_flat"]
     return {
         "benchmark": "clipkit serve under a bounded load on loopback: good queries, then with bad requests mixed in",
-        "command": "clipkit bench serve " + " ".join(argv),
+        "command": command_line("serve", argv),
         "config": {"model": args.model, "samples": args.samples, "clients": args.clients, "queries": args.queries,
                    "bad_fraction": args.bad_fraction, "bad_body_mb": args.bad_body_mb,
                    "bad_kinds": BAD_KINDS, "seed": args.seed},
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "loadavg_before": list(load_before),
-                    "loadavg_after": list(os.getloadavg())},
+        "machine": machine_facts(loadavg_before=list(load_before), loadavg_after=list(os.getloadavg())),
         "server": {"rss_ready_mb": rss_ready / 2 ** 20, "rss_end_mb": rss_end / 2 ** 20},
         "runs": runs,
         "checks": checks,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    try:
-        result = drive(args, argv)
-    except BenchError as e:
-        print(f"clipkit bench serve: error: {e}", file=sys.stderr)
-        return 2
+def _show(result: dict) -> None:
     c = result["checks"]
     print(f"good-query errors {c['good_query_errors']}, bad requests refused as expected: "
           f"{c['bad_refused_as_expected']}, server peak RSS {c['rss_good_peak_mb']:.0f} MB (good) -> "
           f"{c['rss_mixed_peak_mb']:.0f} MB (mixed; at most {c['oversize_bodies_in_flight_max']} oversize bodies "
           f"in flight), {c['rss_growth_between_mixed_passes_mb']:+.0f} MB from one mixed pass to the next: "
           f"{'flat' if c['rss_flat'] else 'NOT flat'}")
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {args.out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("serve", argv, parse_args, drive, _show)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ record_function ranges), the matmul/attention kernels' own time, and the ops tha
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from .harness import bench_main, command_line, machine_facts
 
 WORDS = ("a the of and with in on at near under over by two three small large old new young little big red blue "
          "green white black yellow brown dark bright wooden stone glass metal dog cat bird horse cow sheep man woman "
@@ -117,15 +117,6 @@ def build_step(model: str, batch: int, trim: bool):
     return ContrastiveStep(engine, create_loss(cfg.train.loss)), module
 
 
-def matmul_peak() -> float:
-    """fp32 GFLOP/s of this process's matmuls (clipkit.models.flops.matmul_peak, the trainer's MFU denominator)."""
-    import torch
-
-    from ..models.flops import matmul_peak as measured
-
-    return measured(torch.device("cpu"), torch.float32) / 1e9
-
-
 PHASES = ("clipkit.forward", "clipkit.loss", "clipkit.backward", "clipkit.grad_norm", "clipkit.optimizer")
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::convolution_backward",
@@ -156,19 +147,20 @@ def profile_steps(step, batches: list) -> dict:
             "top_ops_self_seconds_per_step": {e.key: e.self_cpu_time_total / 1e6 / n for e in ops[:15]}}
 
 
-def step_flops(step, images, tokens) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+def step_flops(step, images, tokens) -> float:
+    """FLOPs the step executes on this batch (a trimmed text tower executes fewer)."""
+    from clipkit.models.flops import count_flops
 
-    with FlopCounterMode(display=False) as counter:
-        step.compute_gradients(images, tokens)
+    flops = count_flops(lambda: step.compute_gradients(images, tokens))
     step.engine.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return flops
 
 
 def run(args: argparse.Namespace) -> dict:
     import torch
 
     from clipkit.models import get_tokenizer
+    from clipkit.models.flops import matmul_peak
 
     torch.set_num_threads(args.threads)
     tokens = get_tokenizer(args.model)(web_captions(args.captions, args.seed))
@@ -200,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
                 cpu[m][i].append(time.process_time() - c)
     profile = profile_steps(steps[True][0], [(images[i % args.batches], tokens[picked["plain"][i % args.batches]])
                                              for i in range(args.profile_steps)]) if args.profile_steps else None
-    peak = matmul_peak()
+    peak = matmul_peak(torch.device("cpu"), torch.float32) / 1e9  # GFLOP/s of this process's threads
     seconds = {m: statistics.mean(statistics.median(r) for r in per) for m, per in times.items()}
     cpu_seconds = {m: statistics.mean(statistics.median(r) for r in per) for m, per in cpu.items()}
     fastest = {m: statistics.mean(min(r) for r in per) for m, per in times.items()}
@@ -230,17 +222,18 @@ def run(args: argparse.Namespace) -> dict:
         "matmul_peak_gflop_s": peak,
         "mfu": {m: flops[m] / 1e9 / seconds[m] / peak for m in plan},
         "profile_trim": profile,
+        "machine": machine_facts(),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    result = {"command": "clipkit bench text " + " ".join(argv), **run(args)}
-    Path(args.out).write_text(json.dumps(result, indent=2))
+def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
+    return {"command": command_line("text", argv), **run(args)}
+
+
+def _show(result: dict) -> None:
     s, f, g = result["step_seconds"], result["speedup_vs_full"], result["mean_longest_caption_per_batch"]
-    print(f"{args.model}, batch {args.batch}, {args.threads} threads; longest caption per batch (mean): plain "
-          f"{g['plain']:.1f}, bucketed {g['bucketed']:.1f} tokens")
+    print(f"{result['model']}, batch {result['batch']}, {result['threads']} threads; longest caption per batch "
+          f"(mean): plain {g['plain']:.1f}, bucketed {g['bucketed']:.1f} tokens")
     for m in s:
         print(f"  {m:13s} {s[m]:.3f} s/step  {f[m]:.2f}x  (CPU {result['step_cpu_seconds'][m]:.2f} s, "
               f"{result['cpu_speedup_vs_full'][m]:.2f}x; fastest {result['step_seconds_fastest'][m]:.3f} s, "
@@ -252,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  profile of the trimmed step ({prof['step_seconds_profiled']:.2f} s profiled): " + ", ".join(
             f"{k} {v:.2f} s" for k, v in prof["phase_seconds_per_step"].items())
               + f"; matmul/attention kernels {prof['matmul_attention_conv_seconds_per_step']:.2f} s")
-    print(f"wrote {args.out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("text", argv, parse_args, _drive, _show)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ batch, precision, loader workers, torch threads (OMP_NUM_THREADS and torch.set_n
 sample shuffle buffer (1000) and logging (every step), each in a fresh process of its own; the methods
 alternate over the repeats.
 
-- clipkit:  `clipkit train` (clipkit.cli.main) with dotted overrides, no evaluation or export at the end (its
-  final checkpoint, which it always writes, comes after the timed steps), with its defaults otherwise: the
-  exact speed-ups only (model.trim_text: the text tower runs up to the batch's longest caption, the same
-  numbers as at full length). `--set KEY=VALUE` adds overrides (e.g. model.trim_text=false to measure without).
+- clipkit:  what `clipkit train` runs (clipkit.run.run, on the config of dotted overrides), in-process, with no
+  evaluation or export at the end (its final checkpoint, which it always writes, comes after the timed steps),
+  with its defaults otherwise: the exact speed-ups only (model.trim_text: the text tower runs up to the batch's
+  longest caption, the same numbers as at full length). `--set KEY=VALUE` adds overrides (e.g.
+  model.trim_text=false to measure without).
 - clipkit_buckets: the same plus caption-length bucketing, data.length_buckets=[--buckets] (batches of similar
   caption length: a different sampling of the same epoch, not the same numbers). `--buckets ''` leaves it out.
 - openclip: `open_clip_train.main.main(argv)` of the installed open_clip_torch, from scratch (no pretrained
@@ -47,7 +48,6 @@ import argparse
 import json
 import math
 import os
-import random
 import re
 import statistics
 import subprocess
@@ -57,7 +57,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import CACHE, BenchError, peer_site, write_bench_shards
+from .harness import (BenchError, bench_main, command_line, emit_result, home_as_tilde, machine_facts, orders,
+                      peer_site, read_result, runs_and_median, worker_command, worker_env)
+from .shards import caption_shards
 
 # clipkit: its defaults (exact speed-ups only: the same numbers as a full-length text tower);
 # clipkit_buckets: the same plus caption-length bucketing (data.length_buckets, a different batching);
@@ -65,74 +67,9 @@ from .data import CACHE, BenchError, peer_site, write_bench_shards
 METHODS = ("clipkit", "clipkit_buckets", "openclip")
 DEFAULT_BUCKETS = "12,16,24,32,48"  # data.length_buckets edges (tokens) of clipkit_buckets
 TARGET = 1.5  # clipkit >= 1.5x OpenCLIP's samples/s
-CAPTION_FORMAT = "c1"  # bump when the caption recipe changes, so cached shards are rebuilt
 # clipkit's precision -> OpenCLIP's --precision of the same arithmetic (autocast, fp32 master weights)
 OPENCLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 SHUFFLE_BUFFER = 1000  # samples; OpenCLIP's trainer hard-codes 1000, clipkit's is set to match
-
-
-# -------------------------------------------------------------------------------------------- captions
-
-_SUBJECTS = {
-    "astronaut": ["an astronaut", "a nasa astronaut", "an astronaut in a white spacesuit", "astronaut portrait"],
-    "coffee": ["a cup of coffee", "coffee", "an espresso cup on a saucer", "latte art in a white cup"],
-    "chelsea": ["a cat", "a tabby cat", "ginger kitten", "a cute cat looking at the camera"],
-    "rocket": ["a rocket", "rocket launch", "the space shuttle on the launch pad", "a rocket before launch"],
-    "immunohistochemistry": ["a microscope slide", "stained tissue", "cells under the microscope", "histology"],
-    "hubble_deep_field": ["galaxies", "deep space", "the hubble deep field", "a night sky full of distant galaxies"],
-}
-_ADJECTIVES = ("small large old new white black red blue green bright dark vintage modern beautiful cute happy "
-               "close-up aerial colorful wooden quiet busy cozy sunny rainy famous rare classic natural").split()
-_NOUNS = ("table window light background street city garden room sky water tree book desk wall floor morning "
-          "evening sunset kitchen office camera lens detail texture pattern view home studio museum").split()
-_PREPOSITIONS = "on in with near under behind at over by from".split()
-_WEB_TERMS = ["stock photo", "free download", "hd wallpaper", "royalty free image", "high resolution",
-              "photo by", "image", "picture", "jpg", "4k", "for sale", "buy online", "- Pinterest", "| Flickr"]
-_TAGS = ["#photography", "#travel", "#love", "#instagood", "#nature", "#art", "#science", "#space", "#coffee",
-         "#cat", "#photooftheday", "#picoftheday"]
-
-
-def caption_words(rng: random.Random) -> int:
-    """Words in a caption: log-normal, median 11, about 5% over 29 (as in web alt-text), 2..63."""
-    return max(2, min(63, round(math.exp(rng.gauss(math.log(11), 0.59)))))
-
-
-def _phrase(rng: random.Random) -> str:
-    r = rng.random()
-    if r < 0.5:
-        return (f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_PREPOSITIONS)} the "
-                f"{rng.choice(_NOUNS)}")
-    if r < 0.7:
-        return f"{rng.choice(_PREPOSITIONS)} a {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
-    if r < 0.85:
-        return rng.choice(_WEB_TERMS)
-    if r < 0.93:
-        return " ".join(rng.sample(_TAGS, rng.randint(1, 3)))
-    return rng.choice([str(rng.randint(1995, 2024)), f"{rng.randint(640, 4000)}x{rng.randint(480, 3000)}",
-                       f"IMG_{rng.randint(1000, 9999)}", f"({rng.randint(1, 99)})"])
-
-
-def web_caption(rng: random.Random, photo_name: str) -> str:
-    """A caption of caption_words() words: the photo's subject, then web-like phrases, cut at the count."""
-    words = caption_words(rng)
-    subject = rng.choice(_SUBJECTS.get(photo_name, [photo_name.replace("_", " ")]))
-    parts = rng.choice([f"photo of {subject}", subject, f"{subject} stock photo", f"close-up of {subject}"]).split()
-    while len(parts) < words:
-        if rng.random() < 0.4:
-            parts[-1] += ","
-        parts += _phrase(rng).split()
-    text = " ".join(parts[:words]).rstrip(",")
-    return text[0].upper() + text[1:] if rng.random() < 0.5 else text
-
-
-# ---------------------------------------------------------------------------------------------- shards
-
-def write_train_shards(out: Path, images: int, per_shard: int = 100, seed: int = 0) -> str:
-    """Shards 00000.tar ... of photos (bench data's recipe: the same photos for the same seed) with web-like
-    captions (KEY.jpg, KEY.txt, KEY.json, img2dataset's layout) under OUT; returns the brace spec. Cached."""
-    caption_rng = random.Random(f"captions-{seed}")
-    return write_bench_shards(out, images, per_shard, seed, caption_for=lambda name: web_caption(caption_rng, name),
-                              caption_format=CAPTION_FORMAT)
 
 
 def caption_token_stats(spec: str, model: str, batch_size: int, limit: int) -> dict | None:
@@ -167,10 +104,10 @@ def caption_token_stats(spec: str, model: str, batch_size: int, limit: int) -> d
 # ----------------------------------------------------------------------------------- the two trainers
 
 def clipkit_command(args: argparse.Namespace, spec: str, run_dir: Path, buckets: bool = False) -> list[str]:
-    """`clipkit train` with the run's settings (no evaluation, export or progress bar), then --set's overrides;
-    with `buckets`, data.length_buckets from --buckets."""
+    """The dotted overrides of `clipkit train` for the run's settings (no evaluation, export or progress bar),
+    then --set's; with `buckets`, data.length_buckets from --buckets."""
     extra = [f"data.length_buckets=[{args.buckets}]"] if buckets else []
-    return ["train", f"run.dir={run_dir}", f"data.train={spec}", f"model.name={args.model}",
+    return [f"run.dir={run_dir}", f"data.train={spec}", f"model.name={args.model}",
             f"train.global_batch_size={args.batch_size}", f"train.steps={args.steps}",
             f"train.precision={args.precision}", f"data.workers={args.workers}",
             f"data.shuffle_buffer={SHUFFLE_BUFFER}", f"train.lr={args.lr}", f"train.warmup_steps={args.skip_steps}",
@@ -238,9 +175,11 @@ def _launch(args: argparse.Namespace) -> int:
     trainer_args = json.loads(args.trainer_args)
     try:
         if args.worker.startswith("clipkit"):
-            from ..cli import main as clipkit_main
+            from ..config import load_config
+            from ..run import run
 
-            rc = clipkit_main(trainer_args)
+            run(load_config(None, trainer_args))  # what `clipkit train OVERRIDES` runs
+            rc = 0
         else:
             import open_clip
             from open_clip_train.main import main as openclip_main
@@ -249,7 +188,7 @@ def _launch(args: argparse.Namespace) -> int:
             rc = openclip_main(trainer_args)
             rc = 0 if rc is None else rc
     finally:
-        Path(args.clock).write_text(json.dumps(clock.to_dict()))
+        emit_result(clock.to_dict())
     return rc
 
 
@@ -306,26 +245,23 @@ def _run_one(method: str, args: argparse.Namespace, spec: str, folder: Path) -> 
     from ..models import MODEL_CONFIG_DIR
 
     folder.mkdir(parents=True)
-    clock_file, log_file, run_dir = folder / "clock.json", folder / "trainer.log", folder / "run"
+    log_file, run_dir = folder / "trainer.log", folder / "run"
     trainer_args = (clipkit_command(args, spec, run_dir, buckets=method == "clipkit_buckets")
                     if method.startswith("clipkit") else openclip_command(args, spec))
-    root = str(Path(__file__).resolve().parents[2])  # where clipkit imports from, whatever the working folder
-    paths = ([str(peer_site())] if method == "openclip" else []) + [root, os.environ.get("PYTHONPATH", "")]
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
-                        "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    cmd = [sys.executable, "-m", "clipkit.bench.train", "--worker", method, "--clock", str(clock_file),
-           "--threads", str(args.threads), "--model-configs", str(MODEL_CONFIG_DIR),
-           "--trainer-args", json.dumps(trainer_args)]
+    env = worker_env(args.threads, peer=method == "openclip")
+    cmd = worker_command("clipkit.bench.train", method, ["--threads", args.threads, "--model-configs",
+                                                         MODEL_CONFIG_DIR, "--trainer-args", json.dumps(trainer_args)])
     start, load = time.perf_counter(), os.getloadavg()[0]
     with open(log_file, "w") as log:  # cwd: OpenCLIP's `--logs none` still writes none/NAME/out.log there
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, timeout=args.timeout)
     wall = time.perf_counter() - start
     text = log_file.read_text(errors="replace")
-    if proc.returncode != 0 or not clock_file.is_file():
+    clock = read_result(text)  # the batch clock: the trainer's log is the process's output, the clock its RESULT
+    if proc.returncode != 0 or clock is None:
         raise BenchError(f"{method} trainer failed ({proc.returncode}); the end of its output:\n{text[-3000:]}")
     steps = (read_clipkit_metrics(run_dir / "metrics.jsonl", args.batch_size) if method.startswith("clipkit")
              else read_openclip_log(text, args.batch_size))
-    result = steady_state(json.loads(clock_file.read_text()), args.skip_steps, args.threads)
+    result = steady_state(clock, args.skip_steps, args.threads)
     if method.startswith("clipkit"):  # what the run resolved, from the config it wrote into its run.dir
         import yaml
 
@@ -343,15 +279,6 @@ def _run_one(method: str, args: argparse.Namespace, spec: str, folder: Path) -> 
 
 # ----------------------------------------------------------------------------------------- FLOPs, peak
 
-def _count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def model_flops_per_sample(model_name: str, batch_size: int) -> dict:
     """Forward + backward FLOPs per sample of each tower at its full input (image size, context length),
     plus the contrastive loss over a batch of batch_size (its share per sample)."""
@@ -359,29 +286,30 @@ def model_flops_per_sample(model_name: str, batch_size: int) -> dict:
 
     from ..losses import create_loss
     from ..models import create_model
+    from ..models.flops import count_flops, tower_train_flops_per_sample
 
     torch.manual_seed(0)
     model = create_model(model_name, trim_text=False).train()  # model FLOPs: the text at its full context
-    size = model.visual.image_size
-    h, w = size if isinstance(size, (tuple, list)) else (size, size)
-    n = 2  # per-sample tower FLOPs do not depend on the batch
-    images, tokens = torch.randn(n, 3, h, w), torch.randint(1, 1000, (n, model.context_length))
-    image = _count_flops(lambda: model.encode_image(images).sum().backward()) / n
-    text = _count_flops(lambda: model.encode_text(tokens).sum().backward()) / n
-    dim = model.encode_text(tokens[:1]).shape[-1]
+    towers = tower_train_flops_per_sample(model)
+    dim = model.encode_text(torch.ones(1, model.context_length, dtype=torch.long)).shape[-1]
     feats = [torch.nn.functional.normalize(torch.randn(batch_size, dim), dim=-1).requires_grad_() for _ in "it"]
     scale = torch.tensor(10.0, requires_grad=True)
-    loss = _count_flops(lambda: create_loss("infonce")(feats[0], feats[1], scale, None).backward()) / batch_size
-    return {"total": image + text + loss, "image_tower": image, "text_tower": text, "loss": loss,
-            "image_size": [h, w], "context_length": model.context_length}
+    loss = count_flops(lambda: create_loss("infonce")(feats[0], feats[1], scale, None).backward()) / batch_size
+    size = model.visual.image_size
+    return {"total": towers["image_tower"] + towers["text_tower"] + loss, **towers, "loss": loss,
+            "image_size": list(size) if isinstance(size, (tuple, list)) else [size, size],
+            "context_length": model.context_length}
 
 
 def fp32_matmul_peak(threads: int, tries: int = 3) -> float:
-    """The best of a few measurements of the fp32 matmul FLOP/s of `threads` threads, the trainer's own
-    MFU denominator (clipkit.models.flops.matmul_peak; other jobs only lower it)."""
-    from .embed import matmul_peak
+    """The best of a few measurements (other jobs only lower it) of the fp32 matmul FLOP/s of `threads` threads:
+    the trainer's own MFU denominator."""
+    import torch
 
-    return max(matmul_peak(threads) for _ in range(tries))
+    from ..models.flops import matmul_peak
+
+    torch.set_num_threads(threads)
+    return max(matmul_peak(torch.device("cpu"), torch.float32) for _ in range(tries))
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -407,7 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a dotted override for clipkit's runs (repeatable), e.g. model.trim_text=false")
     p.add_argument("--out", default="bench_train.json")
-    for hidden in ("--worker", "--clock", "--model-configs", "--trainer-args"):
+    for hidden in ("--worker", "--model-configs", "--trainer-args"):
         p.add_argument(hidden, help=argparse.SUPPRESS, **({"choices": METHODS} if hidden == "--worker" else {}))
     args = p.parse_args(argv)
     try:
@@ -442,10 +370,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _shards(args: argparse.Namespace) -> str:
     if args.data:
         return args.data
-    name = f"{CAPTION_FORMAT}-{args.images}-{args.per_shard}"
     t0 = time.perf_counter()
-    spec = write_train_shards(Path(args.shards) if args.shards else CACHE / "bench_train" / name, args.images,
-                              args.per_shard)
+    spec = caption_shards(args.shards, args.images, args.per_shard)
     print(f"shards: {spec} ({time.perf_counter() - t0:.1f} s)", flush=True)
     return spec
 
@@ -459,9 +385,9 @@ def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
           f"{flops['context_length']}); fp32 matmul peak {peaks[0] / 1e9:.1f} GFLOP/s on {args.threads} threads",
           flush=True)
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
-    for repeat in range(args.repeats):
+    for repeat, order in orders(args.methods, args.repeats):
         with tempfile.TemporaryDirectory(prefix="clipkit-bench-train-") as tmp:
-            for method in args.methods if repeat % 2 == 0 else args.methods[::-1]:
+            for method in order:
                 r = _run_one(method, args, spec, Path(tmp) / method)
                 runs[method].append(r)
                 print(f"repeat {repeat + 1}/{args.repeats} {method}: {r['samples_per_s']:.2f} samples/s over "
@@ -479,11 +405,10 @@ def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def _summary(rs: list[dict], flops: float, peak: float) -> dict:
-    rates = [r["samples_per_s"] for r in rs]
-    median = statistics.median(rates)
+    rates = runs_and_median("samples_per_s", [r["samples_per_s"] for r in rs])
+    median = rates["samples_per_s_median"]
     own = [r["own_log_samples_per_s"] for r in rs]
-    return {"samples_per_s": rates, "samples_per_s_median": median,
-            "model_gflop_per_s": median * flops / 1e9, "mfu_model_flops": median * flops / peak,
+    return {**rates, "model_gflop_per_s": median * flops / 1e9, "mfu_model_flops": median * flops / peak,
             "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in rs),
             "data_wait_s_per_step": statistics.median(r["data_wait_s_per_step"] for r in rs),
             "compute_s_per_step": statistics.median(r["compute_s_per_step"] for r in rs),
@@ -499,15 +424,7 @@ def _summary(rs: list[dict], flops: float, peak: float) -> dict:
             **({"settings": rs[0]["settings"]} if "settings" in rs[0] else {})}
 
 
-def _home_as_tilde(spec: str) -> str:
-    """The spec as written in the report: the user's home folder as ~ (the cache lives there)."""
-    home = str(Path.home())
-    return "~" + spec[len(home):] if spec.startswith(home + os.sep) else spec
-
-
 def _report(args, argv, spec: str, flops: dict, peaks: list[float], runs: dict[str, list[dict]]) -> dict:
-    import torch
-
     peak = max(peaks)
     methods = {m: _summary(rs, flops["total"], peak) for m, rs in runs.items()}
     peer = methods["openclip"]["samples_per_s_median"]
@@ -515,17 +432,15 @@ def _report(args, argv, spec: str, flops: dict, peaks: list[float], runs: dict[s
     ratio = ratios["clipkit"]
     return {
         "benchmark": "training samples/s, steady state: clipkit train vs OpenCLIP's open_clip_train.main",
-        "command": "clipkit bench train " + " ".join(argv),
+        "command": command_line("train", argv),
         "config": {"model": args.model, "batch_size": args.batch_size, "precision": args.precision,
                    "workers": args.workers, "threads": args.threads, "steps": args.steps,
-                   "skip_steps": args.skip_steps, "lr": args.lr, "repeats": args.repeats, "data": _home_as_tilde(spec),
+                   "skip_steps": args.skip_steps, "lr": args.lr, "repeats": args.repeats, "data": home_as_tilde(spec),
                    "openclip_precision": OPENCLIP_PRECISION[args.precision],
                    "clipkit_overrides": list(args.set),
                    "clipkit_buckets_length_buckets": [int(e) for e in args.buckets.split(",")] if args.buckets else None},
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "device": "cuda" if torch.cuda.is_available() else "cpu",
-                    "fp32_matmul_peak_gflop_per_s": peak / 1e9,
-                    "fp32_matmul_peak_measurements_gflop_per_s": [x / 1e9 for x in peaks]},
+        "machine": machine_facts(fp32_matmul_peak_gflop_per_s=peak / 1e9,
+                                 fp32_matmul_peak_measurements_gflop_per_s=[x / 1e9 for x in peaks]),
         "model_flops_per_sample": {
             "gflop": flops["total"] / 1e9, "image_tower_gflop": flops["image_tower"] / 1e9,
             "text_tower_gflop": flops["text_tower"] / 1e9, "loss_gflop": flops["loss"] / 1e9,
@@ -539,24 +454,16 @@ def _report(args, argv, spec: str, flops: dict, peaks: list[float], runs: dict[s
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.worker:
-        return _launch(args)
-    try:
-        report = _drive(args, argv)
-    except (BenchError, subprocess.TimeoutExpired) as e:
-        print(f"clipkit bench train: error: {e}", file=sys.stderr)
-        return 2
+def _show(report: dict) -> None:
     for m, r in report["methods"].items():
         print(f"{m:<15} {r['samples_per_s_median']:7.2f} samples/s  {r['model_gflop_per_s']:7.1f} GFLOP/s  "
               f"MFU {r['mfu_model_flops']:.2f}  data wait {100 * r['data_wait_fraction']:.0f}%")
     for m, ratio in report["ratios_over_openclip"].items():
         print(f"{m}/openclip: {ratio:.2f}x (target >= {TARGET}x, {'met' if report['target']['met'][m] else 'NOT met'})")
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("train", argv, parse_args, _drive, _show, worker=_launch, errors=(subprocess.TimeoutExpired,))
 
 
 if __name__ == "__main__":
