@@ -164,15 +164,8 @@ def _source(path: Path, model_name: str | None) -> _Source:
         return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "open_clip",
                        preprocess_cfg=pp or None, tokenizer_dir=path if hf_tokenizer else None,
                        convert=open_clip_state)
-    if hf_clip.is_hf_directory(path):  # a transformers CLIPModel directory
-        model_cfg = hf_clip.model_config(path, hf_clip.read_config(path))
-        weights = hf_clip.weights_file(path)
-        hf_clip.check_tokenizer(path)
-        pp = hf_clip.preprocess_config(path, model_cfg["vision_cfg"]["image_size"])
-        return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "transformers",
-                       preprocess_cfg=pp, tokenizer_dir=path,
-                       convert=lambda model, state: hf_clip.to_open_clip_state(
-                           path, state, model_cfg, {k: v.shape for k, v in model.state_dict().items()}))
+    if hf_clip.is_hf_directory(path):  # a transformers CLIPModel or SiglipModel directory
+        return _transformers_source(path)
     if path.is_dir() or (path.suffix == ".safetensors" and _has_clipkit_header(path)):
         weights, name, model_cfg, pp = _clipkit_file(path)
         return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit", preprocess_cfg=pp)
@@ -192,6 +185,23 @@ def _source(path: Path, model_name: str | None) -> _Source:
                        convert=open_clip_state, extra=extra)
     raise CheckpointError(f"{path}: expected a checkpoint or run directory, a .safetensors weights file, an "
                           "open_clip or transformers CLIPModel directory, or a weights-only .bin/.pt state dict")
+
+
+def _transformers_source(path: Path) -> _Source:
+    """A transformers directory: CLIPModel (hf_clip.py) or SiglipModel (hf_siglip.py), told by model_type."""
+    from . import hf_clip, hf_siglip
+    from .sources import read_tensors
+
+    config = hf_clip.read_config(path)
+    kind = hf_siglip if config["model_type"] == "siglip" else hf_clip
+    model_cfg = kind.model_config(path, config)
+    weights = hf_clip.weights_file(path)
+    hf_clip.check_tokenizer(path, kind.TOKENIZER_FILES)
+    pp = hf_clip.preprocess_config(path, model_cfg["vision_cfg"]["image_size"])
+    return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "transformers",
+                   preprocess_cfg=pp, tokenizer_dir=path,
+                   convert=lambda model, state: kind.to_open_clip_state(
+                       path, state, model_cfg, {k: v.shape for k, v in model.state_dict().items()}))
 
 
 def _directory_model_name(path: Path) -> str:
@@ -272,7 +282,7 @@ def load_any(path: str | Path, model_name: str | None, device: str | torch.devic
 
 
 FORMATS = {"clipkit": "clipkit weights", "open_clip": "open_clip model directory",
-           "transformers": "transformers CLIPModel directory", "open_clip-trainer": "OpenCLIP trainer checkpoint",
+           "transformers": "transformers CLIPModel/SiglipModel directory", "open_clip-trainer": "OpenCLIP trainer checkpoint",
            "state-dict": "open_clip state dict"}
 
 
@@ -293,5 +303,9 @@ def _tokenizer(src: _Source, registered: str, ctx: int):
         tokenizer = DirectoryTokenizer(src.tokenizer_dir, ctx)
         if src.format == "transformers":
             check_tokenizer_fits(src.tokenizer_dir, tokenizer, src.model_cfg)
+            if src.model_cfg.get("text_cfg", {}).get("pool_type") == "last":  # SigLIP reads the last position
+                from .hf_siglip import check_context
+
+                check_context(src.tokenizer_dir, tokenizer, ctx)
         return tokenizer
     return get_tokenizer(registered)

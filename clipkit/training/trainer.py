@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointError
-from ..config import Config, ConfigError, ModelConfig, config_to_dict, save_config
+from ..config import Config, ConfigError, ModelConfig, TrainConfig, config_to_dict, save_config
 from ..data import StreamState, build_train_loader, expand_sources, repartition_train_states
 from ..distributed import DistEnv, gather_objects, init_distributed
 from ..errors import UserError
@@ -100,6 +100,7 @@ def load_pretrained(cfg: Config) -> LoadedModel | None:
     if path is None:
         return None
     loaded = load_any(path, cfg.model.name)
+    _keep_sigmoid_loss(cfg, loaded)
     if loaded.format in ("open_clip-trainer", "state-dict"):
         return loaded  # read as model.name
     if cfg.model.name != ModelConfig().name and get_model_config(cfg.model.name) != loaded.model_cfg:
@@ -107,6 +108,16 @@ def load_pretrained(cfg: Config) -> LoadedModel | None:
                           f"model.pretrained={path} holds ({loaded.model_name}, {loaded.format}): leave model.name "
                           "out, or name that architecture")
     return loaded
+
+
+def _keep_sigmoid_loss(cfg: Config, pretrained: LoadedModel) -> None:
+    """A model trained with the sigmoid loss (it has a logit bias: SigLIP) goes on with it, its imported bias
+    included: train.loss left at its default becomes siglip in the run's config (so config.yaml and a resume
+    see it). A loss named otherwise stays as named."""
+    if getattr(pretrained.model, "logit_bias", None) is not None and cfg.train.loss == TrainConfig().loss:
+        log.info("model.pretrained=%s was trained with a sigmoid loss (it has a logit bias): train.loss=siglip",
+                 cfg.model.pretrained)
+        cfg.train.loss = "siglip"
 
 
 def _load_pretrained_weights(model: torch.nn.Module, pretrained: LoadedModel) -> None:
