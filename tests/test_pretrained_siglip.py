@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #  activation): two patch sizes, widths, depths, head counts, both GELUs, a text tower of another width
 SHAPES = [
     (16, 32, 32, 2, 2, 80, 48, 2, 4, 96, 16, 1e-6, "gelu_pytorch_tanh"),
-    (8, 24, 48, 1, 4, 100, 32, 3, 2, 72, 12, 1e-5, "gelu"),
-]
+    (8, 28, 48, 1, 4, 100, 32, 3, 2, 72, 12, 1e-5, "gelu"),  # 28px / patch 8: the edge pixels unused, as
+]                                                          # in SO400M/14 at 384px
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 LOGIT_SCALE, LOGIT_BIAS = 2.3, -4.5
 TEXTS = ["a photo of a cat", "Wow!! A dog, on the GRASS.", "x " * 100]
@@ -155,7 +155,7 @@ def test_first_training_step_from_a_siglip_directory_uses_its_sigmoid_loss(tmp_p
                              "train.warmup_steps=1", "run.progress=false", "data.workers=0"])
     trainer = Trainer(cfg)
     assert cfg.train.loss == "siglip" and "loss: siglip" in (tmp_path / "run" / "config.yaml").read_text()
-    images = torch.stack([trainer.val_transform(im) for im in _images(24)[:3]] * 2)
+    images = torch.stack([trainer.val_transform(im) for im in _images(28)[:3]] * 2)
     tokens = trainer.tokenizer([f"a picture number {i} of something" for i in range(len(images))])
     with torch.no_grad():
         expected = hf(input_ids=tokens, pixel_values=images, return_loss=True).loss
@@ -246,3 +246,49 @@ def test_inspect_and_hf_export_of_a_siglip_directory(tmp_path, spiece, capsys):
     assert cli.main(["export", "--checkpoint", str(tmp_path / "hf"), "--format", "hf", "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "logit bias" in err
+
+
+def test_open_clip_export_of_a_siglip_directory_loads_in_open_clip(tmp_path, spiece):
+    """open_clip itself builds the export once the tower's name is registered, and gives transformers' features."""
+    import open_clip
+
+    from clipkit.export import export_checkpoint
+    from clipkit.models.siglip_tower import register
+
+    hf = siglip_directory(tmp_path / "hf", spiece, SHAPES[1])
+    export_checkpoint(tmp_path / "hf", tmp_path / "oc")
+    model_cfg = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())["model_cfg"]
+    assert register(model_cfg["vision_cfg"]["timm_model_name"])
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    images = _images(SHAPES[1][1])
+    pixels = torch.stack([preprocess(im) for im in images])
+    tokens = _hf_tokens(tmp_path / "hf", TEXTS, SHAPES[1][10])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encode_image(pixels),
+                                   _features(hf.get_image_features(pixel_values=pixels)), atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.encode_text(tokens), _features(hf.get_text_features(input_ids=tokens)),
+                                   atol=1e-4, rtol=0)
+    assert model.logit_bias.item() == pytest.approx(LOGIT_BIAS)
+
+
+def test_a_short_run_from_a_siglip_directory_trains_evaluates_and_exports(tmp_path, spiece, synth_small):
+    from clipkit.config import load_config
+    from clipkit.run import run
+
+    siglip_directory(tmp_path / "hf", spiece, SHAPES[0])
+    summary = run(load_config(None, [
+        f"model.pretrained={tmp_path / 'hf'}", f"run.dir={tmp_path / 'run'}", f"data.train={synth_small.train_spec}",
+        f"data.zeroshot={synth_small.eval_root}", "train.global_batch_size=8", "train.steps=2",
+        "train.warmup_steps=1", "run.progress=false", "data.workers=1", "data.shuffle_buffer=20",
+        "eval.retrieval_at_end=false", "run.report=false"]))
+    assert summary["pretrained"]["format"] == "transformers"
+    assert "loss: siglip" in (tmp_path / "run" / "config.yaml").read_text()
+    # evaluated at the end with the directory's own tokenizer (its 200 ids, not open_clip's BPE)
+    assert 0.0 <= summary["zeroshot"]["acc1"] <= 1.0
+    exported = load_file(tmp_path / "run" / "export" / "open_clip_model.safetensors")
+    assert exported["logit_bias"].item() != LOGIT_BIAS  # the imported bias trained on
+    # the run's weights do not record the directory's tokenizer: loading them alone says so in one line
+    for weights in (summary["checkpoint"], tmp_path / "run" / "export"):
+        with pytest.raises(CheckpointError, match="embeds 200 tokens but open_clip's tokenizer") as info:
+            load_model(weights)
+        assert "\n" not in str(info.value)

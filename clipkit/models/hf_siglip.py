@@ -58,8 +58,8 @@ def _vision_cfg(path: Path, vision: dict) -> dict:
                       "attention-pooling head, which this model lacks")
     if vision.get("num_channels", 3) != 3:
         _refuse(path, f"the image tower takes {vision['num_channels']} channels; open_clip's takes RGB")
-    if vision["image_size"] % vision["patch_size"]:
-        _refuse(path, f"image_size {vision['image_size']} is not a multiple of patch_size {vision['patch_size']}")
+    # an image size that is not a multiple of the patch (SO400M/14 at 384px) loses its last pixels to the
+    # patch convolution in transformers and timm alike: no check needed
     width, eps = vision["hidden_size"], float(vision["layer_norm_eps"])
     name = tower_name(patch=vision["patch_size"], image=vision["image_size"], width=width,
                       depth=vision["num_hidden_layers"], heads=vision["num_attention_heads"],

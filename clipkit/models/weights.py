@@ -238,11 +238,13 @@ def context_length(model: torch.nn.Module) -> int:
     return int(getattr(model, "context_length", None) or model.text.context_length)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None) -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None,
+               tokenizer: Callable | None = None) -> LoadedModel:
     """Load any source sources.py describes, with its tokenizer and image transforms (refused when not finite).
 
     model_name (--model / model.name) names the architecture of a file that does not carry one; for one that
-    does, it must name the same architecture."""
+    does, it must name the same architecture. tokenizer: the one the weights were trained with, for weights
+    that do not record it (a run's own checkpoint, when the run started from a model with its own tokenizer)."""
     src = _source(Path(path), model_name)
     if model_name and src.format in ("clipkit", "open_clip", "transformers"):
         _check_same_architecture(path, model_name, src)
@@ -261,7 +263,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
     _check_fit(model, state, src.weights, src.name)
     model.load_state_dict(state)
     ctx = context_length(model)
-    tokenizer = _tokenizer(src, registered, ctx)
+    tokenizer = tokenizer or _tokenizer(src, registered, ctx)
     train_transform, eval_transform = create_transforms(model)
     if src.format == "transformers":  # the directory's processor places its crop its own way
         from .hf_clip import processor_eval_transform
@@ -308,4 +310,17 @@ def _tokenizer(src: _Source, registered: str, ctx: int):
 
                 check_context(src.tokenizer_dir, tokenizer, ctx)
         return tokenizer
-    return get_tokenizer(registered)
+    tokenizer = get_tokenizer(registered)
+    _check_vocabulary(src, tokenizer)
+    return tokenizer
+
+
+def _check_vocabulary(src: _Source, tokenizer) -> None:
+    """The architecture's own tokenizer must only give ids the text tower embeds: weights trained from a
+    model with its own tokenizer (a SigLIP directory's SentencePiece) do not record it."""
+    size, embedded = getattr(tokenizer, "vocab_size", None), src.model_cfg.get("text_cfg", {}).get("vocab_size")
+    if isinstance(size, int) and isinstance(embedded, int) and size > embedded:
+        raise CheckpointError(f"{src.weights}: its text tower embeds {embedded} tokens but open_clip's tokenizer for "
+                              f"{src.name} has {size}: these weights were trained with another tokenizer (a run "
+                              "started from a transformers SiglipModel directory), which clipkit weights do not "
+                              "record; evaluate the run's source directory, or within the run (eval.every)")
