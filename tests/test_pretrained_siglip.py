@@ -3,6 +3,7 @@ features, tokens, pixels and the sigmoid loss, on tiny random models and a Sente
 here (nothing is downloaded)."""
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -55,13 +56,13 @@ def spiece(tmp_path_factory) -> Path:
     return path
 
 
-def _randomize(model: torch.nn.Module) -> None:
+def _randomize(model: torch.nn.Module, logit_scale: float) -> None:
     """Weights far from any initialisation (LayerNorms included), so a misplaced tensor shows."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name == "logit_scale":
-                p.fill_(LOGIT_SCALE)
+                p.fill_(logit_scale)
             elif name == "logit_bias":
                 p.fill_(LOGIT_BIAS)
             elif "norm" in name and name.endswith("weight"):
@@ -70,7 +71,8 @@ def _randomize(model: torch.nn.Module) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def siglip_directory(path: Path, spiece: Path, shape, *, weights: str = "safetensors") -> SiglipModel:
+def siglip_directory(path: Path, spiece: Path, shape, *, weights: str = "safetensors",
+                     logit_scale: float = LOGIT_SCALE) -> SiglipModel:
     patch, image, vw, vl, vh, vm, tw, tl, th, tm, ctx, eps, act = shape
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = SiglipTokenizer(vocab_file=str(spiece), model_max_length=ctx)
@@ -83,7 +85,7 @@ def siglip_directory(path: Path, spiece: Path, shape, *, weights: str = "safeten
         vision_config=dict(image_size=image, patch_size=patch, hidden_size=vw, intermediate_size=vm,
                            num_hidden_layers=vl, num_attention_heads=vh, hidden_act=act, layer_norm_eps=eps))
     hf = SiglipModel(config).eval()
-    _randomize(hf)
+    _randomize(hf, logit_scale)
     hf.save_pretrained(path)
     if weights == "bin":  # the older layout: a pickled state dict (transformers 5 writes only safetensors)
         torch.save(hf.state_dict(), path / "pytorch_model.bin")
@@ -243,7 +245,8 @@ def test_inspect_and_hf_export_of_a_siglip_directory(tmp_path, spiece, capsys):
     assert info["tokenizer"].startswith("SiglipTokenizer")
     assert info["preprocessing"]["mean"] == MEAN and info["preprocessing"]["size"] == SHAPES[0][1]
     # transformers' CLIPModel has no logit bias: the hf export refuses in one line
-    assert cli.main(["export", "--checkpoint", str(tmp_path / "hf"), "--format", "hf", "--out", str(tmp_path / "e")]) == 2
+    args = ["export", "--checkpoint", str(tmp_path / "hf"), "--format", "hf", "--out", str(tmp_path / "e")]
+    assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "logit bias" in err
 
@@ -275,7 +278,8 @@ def test_a_short_run_from_a_siglip_directory_trains_evaluates_and_exports(tmp_pa
     from clipkit.config import load_config
     from clipkit.run import run
 
-    siglip_directory(tmp_path / "hf", spiece, SHAPES[0])
+    released = math.log(117.0)  # about what the released SigLIP models learned: above CLIP's ceiling of 100
+    siglip_directory(tmp_path / "hf", spiece, SHAPES[0], logit_scale=released)
     summary = run(load_config(None, [
         f"model.pretrained={tmp_path / 'hf'}", f"run.dir={tmp_path / 'run'}", f"data.train={synth_small.train_spec}",
         f"data.zeroshot={synth_small.eval_root}", "train.global_batch_size=8", "train.steps=2",
@@ -287,6 +291,8 @@ def test_a_short_run_from_a_siglip_directory_trains_evaluates_and_exports(tmp_pa
     assert 0.0 <= summary["zeroshot"]["acc1"] <= 1.0
     exported = load_file(tmp_path / "run" / "export" / "open_clip_model.safetensors")
     assert exported["logit_bias"].item() != LOGIT_BIAS  # the imported bias trained on
+    # its temperature trained on from its own value, not cut to CLIP's exp(logit_scale) <= 100 at the first step
+    assert abs(exported["logit_scale"].item() - released) < 0.01 and exported["logit_scale"].item() > math.log(100.0)
     # the run's weights do not record the directory's tokenizer: loading them alone says so in one line
     for weights in (summary["checkpoint"], tmp_path / "run" / "export"):
         with pytest.raises(CheckpointError, match="embeds 200 tokens but open_clip's tokenizer") as info:

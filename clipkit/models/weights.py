@@ -263,7 +263,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
     _check_fit(model, state, src.weights, src.name)
     model.load_state_dict(state)
     ctx = context_length(model)
-    tokenizer = tokenizer or _tokenizer(src, registered, ctx)
+    tokenizer = _tokenizer(src, registered, ctx) if tokenizer is None else tokenizer
     train_transform, eval_transform = create_transforms(model)
     if src.format == "transformers":  # the directory's processor places its crop its own way
         from .hf_clip import processor_eval_transform
@@ -284,8 +284,8 @@ def load_any(path: str | Path, model_name: str | None, device: str | torch.devic
 
 
 FORMATS = {"clipkit": "clipkit weights", "open_clip": "open_clip model directory",
-           "transformers": "transformers CLIPModel/SiglipModel directory", "open_clip-trainer": "OpenCLIP trainer checkpoint",
-           "state-dict": "open_clip state dict"}
+           "transformers": "transformers CLIPModel/SiglipModel directory",
+           "open_clip-trainer": "OpenCLIP trainer checkpoint", "state-dict": "open_clip state dict"}
 
 
 def _check_same_architecture(path, model_name: str, src: _Source) -> None:

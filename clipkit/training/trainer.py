@@ -258,6 +258,9 @@ class Trainer:
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.module = build_model(cfg, self.device, pretrained, **engine_class(cfg).model_kwargs(cfg))
+        # exp(logit_scale) is kept at or below CLIP's 100; a pretrained model that learned a higher one (SigLIP's
+        # are about 117) keeps its own as the ceiling, so its first step does not cut its temperature
+        self.max_logit_scale = max(MAX_LOGIT_SCALE, float(self.module.logit_scale.detach().max()))
         # MFU's numerator: the model's FLOPs per sample, counted on the plain model before any wrapping
         self.flops_per_sample = self._count_flops() if env.is_main else None
         self.train_transform, self.val_transform = create_transforms(self.module)
@@ -547,7 +550,7 @@ class Trainer:
                     stop: bool | Callable[[], bool] = False) -> StepResult:
         result = self.step_fn.run(images, tokens, stop=stop)
         with torch.no_grad():
-            self.module.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            self.module.logit_scale.clamp_(0, self.max_logit_scale)
         self.step += 1
         if result.applied:
             self.nonfinite.streak = 0
