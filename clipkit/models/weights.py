@@ -184,7 +184,8 @@ def _source(path: Path, model_name: str | None) -> _Source:
         return _Source(path, state, name, model_cfg, "open_clip-trainer" if trainer else "state-dict",
                        convert=open_clip_state, extra=extra)
     raise CheckpointError(f"{path}: expected a checkpoint or run directory, a .safetensors weights file, an "
-                          "open_clip or transformers CLIPModel directory, or a weights-only .bin/.pt state dict")
+                          "open_clip or transformers CLIPModel/SiglipModel directory, or a weights-only .bin/.pt state "
+                          "dict")
 
 
 def _transformers_source(path: Path) -> _Source:
