@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "webdataset==1.0.2",
     "timm>=1.0,<2",
     "transformers>=5.0,<6",  # the HF export uses the 5.x tokenizer and processor API
+    "sentencepiece>=0.2,<1",  # SiglipTokenizer: the SentencePiece tokenizer of a transformers SiglipModel directory
     "fsspec>=2024.1",
     "safetensors>=0.4,<1",
     "numpy>=2.0,<3",

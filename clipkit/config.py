@@ -91,7 +91,7 @@ class ModelConfig:
     # main job's time it learns the built-in set's shapes, which the ViT clipkit-tiny barely does.
     name: str = "clipkit-tiny-rn"
     # Start from these weights (continued pretraining, LiT with lock_image): a clipkit checkpoint, an open_clip
-    # or transformers CLIPModel directory, an OpenCLIP epoch_N.pt or a state dict (docs/pretrained.md). A source
+    # or transformers CLIPModel/SiglipModel directory, an OpenCLIP epoch_N.pt or a state dict (docs/pretrained.md). A source
     # that carries its architecture gives it (model.name stays at its default or names the same one); for an
     # epoch_N.pt or a bare state dict model.name names it.
     pretrained: Optional[str] = None
@@ -126,7 +126,8 @@ class TrainConfig:
     # "latest" continues the newest good checkpoint in run.dir, a path resumes that checkpoint
     # directory, None starts fresh.
     resume: Optional[str] = None
-    loss: str = "infonce"  # one of clipkit.losses.LOSS_NAMES
+    # one of clipkit.losses.LOSS_NAMES; left at infonce, a model.pretrained with a logit bias (SigLIP) makes it siglip
+    loss: str = "infonce"
     local_loss: bool = False  # each rank computes B_local x B_global logits instead of the full matrix
     tile_size: int = DEFAULT_TILE_SIZE  # infonce_tiled: similarity tile edge
     # Contrastive gradient accumulation: the batch is processed in accum_steps chunks, and the update

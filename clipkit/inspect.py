@@ -45,7 +45,10 @@ def _architecture(loaded) -> str:
         f"ViT width {vision.get('width')}, {vision.get('layers')} layers, patch {vision.get('patch_size')}, "
         f"{vision.get('image_size')}px" if isinstance(vision.get("layers"), int) else f"ResNet {vision.get('layers')}")
     words = text.get("hf_model_name") or f"transformer width {text.get('width')}, {text.get('layers')} layers"
-    act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
+    approximate = (text.get("act_kwargs") or {}).get("approximate", "none")
+    act = "quick_gelu" if cfg.get("quick_gelu") else "gelu" if approximate == "none" else f"gelu ({approximate})"
+    if cfg.get("init_logit_bias") is not None:
+        act += "; sigmoid loss (logit bias)"
     return f"{loaded.model_name}: image {image}; text {words}; embedding {cfg.get('embed_dim')}; {act}"
 
 
@@ -59,6 +62,8 @@ def commands(loaded, model_flag: str | None) -> dict[str, str]:
     out["finetune"] = f"yes (model.name={loaded.model_name})" if needs_name else "yes"
     out["train model.pretrained"] = f"yes (model.name={loaded.model_name})" if needs_name else \
         "yes (its own architecture: leave model.name out)"
+    if getattr(loaded.model, "logit_bias", None) is not None:  # see training.trainer._keep_sigmoid_loss
+        out["train model.pretrained"] += "; trains on with train.loss=siglip and its logit bias"
     # embed records the name it was given; search and serve reuse it (or take their own --model)
     out["index / search / serve"] = flag
     try:

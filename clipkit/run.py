@@ -96,7 +96,7 @@ def run(cfg: Config) -> dict:
         if env.device.type == "cuda":
             summary["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
         if env.is_main and trainer.stopped_by is None:
-            summary.update(evaluate_and_export(cfg, checkpoint, held_out, env.device))
+            summary.update(evaluate_and_export(cfg, checkpoint, held_out, env.device, trainer.tokenizer))
         if env.is_main:
             (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if cfg.run.report:
@@ -150,9 +150,11 @@ class PeriodicEval:
                 if not name.startswith("num_") and name != "chance_acc1"}
 
 
-def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device: torch.device) -> dict:
+def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device: torch.device,
+                        tokenizer=None) -> dict:
+    """tokenizer: the one the run trained with (a pretrained source's own; its checkpoints do not record it)."""
     run_dir, out = Path(cfg.run.dir), {}
-    loaded = load_model(checkpoint, device=device)
+    loaded = load_model(checkpoint, device=device, tokenizer=tokenizer)
     at_end = HeldOut(held_out.zeroshot if cfg.eval.zeroshot_at_end else None,
                      held_out.retrieval if cfg.eval.retrieval_at_end else None)
     results = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, at_end, cfg, device,

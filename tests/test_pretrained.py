@@ -543,7 +543,7 @@ def test_bad_transformers_directories_are_refused_in_one_line(tmp_path, tokenize
     save_file(state, wrong_shape / "model.safetensors")
     refused(wrong_shape, r"tensor 'text_projection.weight' has shape \(7, 32\), the config says \(16, 32\)")
 
-    for model_type, pattern in (("bert", "unknown model_type 'bert'"), ("siglip", "SigLIP.*not supported yet")):
+    for model_type, pattern in (("bert", "unknown model_type 'bert'"), ("siglip2", "SigLIP 2.*no exact open_clip")):
         other = tmp_path / model_type
         shutil.copytree(tmp_path / "hf", other)
         config = json.loads((other / "config.json").read_text())

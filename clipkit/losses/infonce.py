@@ -81,7 +81,8 @@ class InfoNCELoss(nn.Module):
     """Mean of the image->text and text->image cross-entropies, positives on the diagonal.
 
     The model owns the temperature (open_clip's `logit_scale` = log(1/0.07) at init, exponentiated
-    in the forward); the trainer clamps it so that exp(logit_scale) <= 100, as CLIP does. A `logit_bias`
+    in the forward); the trainer clamps it so that exp(logit_scale) <= 100, as CLIP does (or
+    at most a pretrained model's own higher value). A `logit_bias`
     is added to every logit as OpenCLIP does; softmax is shift-invariant, so it changes neither the
     loss nor any gradient (its own gradient is 0) and exists so that every loss takes the same arguments.
     See the module docstring for the distributed modes and the gradient convention.

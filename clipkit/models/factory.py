@@ -29,6 +29,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from ..errors import UserError
+from .siglip_tower import register as register_siglip_tower
 from .trim import set_text_trimming
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -95,7 +96,9 @@ def create_model(name: str, device: str | torch.device = "cpu", precision: str =
 
     trim_text: run the text tower only up to the batch's longest caption wherever that gives the same
     features (see trim.py; exact, so on unless asked otherwise)."""
-    get_model_config(name)  # clear error for unknown names before open_clip's own
+    cfg = get_model_config(name)  # clear error for unknown names before open_clip's own
+    # an imported SigLIP image tower is a timm model named by its shape (siglip_tower.py)
+    register_siglip_tower(cfg.get("vision_cfg", {}).get("timm_model_name"))
     with _quiet_root_logger():
         # pretrained_text=False: open_clip would otherwise load a Hugging Face text tower's pretrained weights
         # (a hub download where HF_HUB_OFFLINE is unset) before ours replace them.

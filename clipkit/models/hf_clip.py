@@ -28,6 +28,7 @@ from ..checkpoint import CheckpointError
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+MODEL_TYPES = ("clip", "siglip")  # CLIPModel (this module), SiglipModel (hf_siglip.py)
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 OPEN_CLIP_LN_EPS = 1e-5  # open_clip's LayerNorm default; any other eps goes in norm_kwargs
@@ -48,7 +49,7 @@ def is_hf_directory(path: Path) -> bool:
 
 
 def read_config(path: Path) -> dict:
-    """config.json as a dict, with model_type checked: only CLIPModel directories are read."""
+    """config.json as a dict, with model_type checked: CLIPModel and SiglipModel directories are read."""
     try:
         config = json.loads((path / HF_CONFIG).read_text())
     except (OSError, ValueError) as e:
@@ -56,15 +57,16 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         _refuse(path, f"{HF_CONFIG} holds no JSON object")
     model_type = config.get("model_type")
-    if model_type == "clip":
+    if model_type in MODEL_TYPES:
         return config
-    if model_type in ("siglip", "siglip2"):
-        _refuse(path, f"model_type {model_type!r} (SigLIP) is not supported yet; only CLIPModel (model_type "
-                      "'clip') directories are read")
-    if model_type in ("clip_vision_model", "clip_text_model"):
-        _refuse(path, f"model_type {model_type!r} is a single tower; clipkit needs a full CLIPModel")
+    if model_type == "siglip2":
+        _refuse(path, "model_type 'siglip2' (SigLIP 2, NaFlex: each image at its own resolution and aspect ratio "
+                      "with resized position embeddings) has no exact open_clip equivalent; SiglipModel "
+                      "(model_type 'siglip') directories are read")
+    if model_type in ("clip_vision_model", "clip_text_model", "siglip_vision_model", "siglip_text_model"):
+        _refuse(path, f"model_type {model_type!r} is a single tower; clipkit needs a full CLIPModel or SiglipModel")
     _refuse(path, f"unknown model_type {model_type!r} in {HF_CONFIG} (clipkit reads model_type 'clip': a "
-                  "transformers CLIPModel)")
+                  "transformers CLIPModel, and 'siglip': a SiglipModel)")
 
 
 def _towers(config: dict) -> tuple[dict, dict]:
@@ -181,24 +183,43 @@ IGNORED = ("vision_model.embeddings.position_ids", "text_model.embeddings.positi
 
 def to_open_clip_state(path: Path, hf_state: dict, model_cfg: dict, shapes: dict) -> dict:
     """open_clip's state dict from HF's; every HF tensor must be used and fit (else the first is named)."""
-    keys = key_map(model_cfg)
+    return convert_state(path, hf_state, key_map(model_cfg), shapes, "CLIPModel")
+
+
+def convert_state(path: Path, hf_state: dict, keys: dict[str, tuple], shapes: dict, layout: str) -> dict:
+    """open_clip's state dict from HF's by a key map (open_clip key -> (HF keys, how they combine)): every
+    HF tensor must be used and fit its place (else the first that does not is named)."""
     used = {k for sources, _ in keys.values() for k in sources}
     extra = [k for k in hf_state if k not in used and not k.endswith(IGNORED)]
     if extra:
-        _refuse(path, f"tensor '{extra[0]}' has no place in CLIPModel's layout ({len(extra)} unexpected)")
+        _refuse(path, f"tensor '{extra[0]}' has no place in {layout}'s layout ({len(extra)} unexpected)")
     state = {}
     for key, (sources, how) in keys.items():
         missing = [s for s in sources if s not in hf_state]
         if missing:
             _refuse(path, f"tensor '{missing[0]}' is missing from the weights")
         parts = [hf_state[s] for s in sources]
+        expected = _expected_shape(shapes[key], how, len(sources))
         for s, p in zip(sources, parts):
-            expected = _expected_shape(shapes[key], how, len(sources))
             if tuple(p.shape) != expected:
                 _refuse(path, f"tensor '{s}' has shape {tuple(p.shape)}, the config says {expected}")
-        value = torch.cat(parts) if how == "cat" else parts[0].t() if how == "t" else parts[0]
-        state[key] = value.reshape(shapes[key]).contiguous()
+        state[key] = _combine(parts, how).reshape(shapes[key]).contiguous()
     return state
+
+
+# How HF tensors become one open_clip tensor: None (as it is), "cat" (q, k, v stacked), "t" (a Linear's
+# weight as open_clip's x @ P matrix), "q" / "kv" (the query rows / key and value rows of a packed
+# in-projection), "unsqueeze" (a leading batch axis, as timm keeps pos_embed), "scalar" (a 1-element vector
+# as a 0-d parameter).
+def _combine(parts: list, how: str | None) -> torch.Tensor:
+    if how == "cat":
+        return torch.cat(parts)
+    if how == "t":
+        return parts[0].t()
+    if how in ("q", "kv"):
+        third = parts[0].shape[0] // 3
+        return parts[0][:third] if how == "q" else parts[0][third:]
+    return parts[0]
 
 
 def _expected_shape(shape: torch.Size, how: str | None, n: int) -> tuple:
@@ -206,19 +227,28 @@ def _expected_shape(shape: torch.Size, how: str | None, n: int) -> tuple:
         return (shape[0] // n, *shape[1:])
     if how == "t":
         return tuple(reversed(shape))
+    if how == "q":
+        return (3 * shape[0], *shape[1:])
+    if how == "kv":
+        return (shape[0] // 2 * 3, *shape[1:])
+    if how == "unsqueeze":
+        return tuple(shape[1:])
+    if how == "scalar":
+        return (1,)
     return tuple(shape) if shape != torch.Size([]) else ()
 
 
 # -------------------------------------------------------------------------------- tokenizer and processor
 
-def has_tokenizer(path: Path) -> bool:
-    return any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES)
+def has_tokenizer(path: Path, files: tuple = TOKENIZER_FILES) -> bool:
+    return any(all((path / f).is_file() for f in names) for names in files)
 
 
-def check_tokenizer(path: Path) -> None:
-    if not has_tokenizer(path):
-        _refuse(path, "it holds weights but no tokenizer (tokenizer.json, or vocab.json with merges.txt): "
-                      "copy the model's tokenizer files into the directory")
+def check_tokenizer(path: Path, files: tuple = TOKENIZER_FILES) -> None:
+    if not has_tokenizer(path, files):
+        named = ", or ".join(" with ".join(names) for names in files)
+        _refuse(path, f"it holds weights but no tokenizer ({named}): copy the model's tokenizer files into "
+                      "the directory")
 
 
 class DirectoryTokenizer:
@@ -315,7 +345,7 @@ def weights_file(path: Path) -> Path:
             return path / name
     if (path / "model.safetensors.index.json").is_file() or (path / "pytorch_model.bin.index.json").is_file():
         _refuse(path, "its weights are sharded (model-0000N-of-M files); save it unsharded first "
-                      "(CLIPModel.from_pretrained(dir).save_pretrained(out, max_shard_size='100GB'))")
+                      "(AutoModel.from_pretrained(dir).save_pretrained(out, max_shard_size='100GB'))")
     _refuse(path, "it has a config.json but no weights (model.safetensors or pytorch_model.bin)")
 
 

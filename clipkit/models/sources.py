@@ -4,7 +4,8 @@
                       written by clipkit (architecture in its header)
     open_clip         a directory with open_clip_config.json and open_clip_model.safetensors or
                       open_clip_pytorch_model.bin (the hub layout, and clipkit's open_clip export)
-    transformers      a CLIPModel directory: config.json, weights, tokenizer and image-processor files
+    transformers      a CLIPModel (hf_clip.py) or SiglipModel (hf_siglip.py) directory: config.json, weights,
+                      tokenizer and image-processor files
     open_clip-trainer an OpenCLIP trainer checkpoint (epoch_N.pt: state_dict, optimizer, epoch); the
                       architecture is named by --model / model.name
     state-dict        a bare open_clip state dict (.safetensors, .bin, .pt, .pth); architecture as above

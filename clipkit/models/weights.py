@@ -156,15 +156,8 @@ def _source(path: Path, model_name: str | None) -> _Source:
         return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "open_clip",
                        preprocess_cfg=pp or None, tokenizer_dir=path if hf_tokenizer else None,
                        convert=open_clip_state)
-    if hf_clip.is_hf_directory(path):  # a transformers CLIPModel directory
-        model_cfg = hf_clip.model_config(path, hf_clip.read_config(path))
-        weights = hf_clip.weights_file(path)
-        hf_clip.check_tokenizer(path)
-        pp = hf_clip.preprocess_config(path, model_cfg["vision_cfg"]["image_size"])
-        return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "transformers",
-                       preprocess_cfg=pp, tokenizer_dir=path,
-                       convert=lambda model, state: hf_clip.to_open_clip_state(
-                           path, state, model_cfg, {k: v.shape for k, v in model.state_dict().items()}))
+    if hf_clip.is_hf_directory(path):  # a transformers CLIPModel or SiglipModel directory
+        return _transformers_source(path)
     if path.is_dir() or (path.suffix == ".safetensors" and _has_clipkit_header(path)):
         weights, name, model_cfg, pp = _clipkit_file(path)
         return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit", preprocess_cfg=pp)
@@ -183,7 +176,25 @@ def _source(path: Path, model_name: str | None) -> _Source:
         return _Source(path, state, name, model_cfg, "open_clip-trainer" if trainer else "state-dict",
                        convert=open_clip_state, extra=extra)
     raise CheckpointError(f"{path}: expected a checkpoint or run directory, a .safetensors weights file, an "
-                          "open_clip or transformers CLIPModel directory, or a weights-only .bin/.pt state dict")
+                          "open_clip or transformers CLIPModel/SiglipModel directory, or a weights-only .bin/.pt state "
+                          "dict")
+
+
+def _transformers_source(path: Path) -> _Source:
+    """A transformers directory: CLIPModel (hf_clip.py) or SiglipModel (hf_siglip.py), told by model_type."""
+    from . import hf_clip, hf_siglip
+    from .sources import read_tensors
+
+    config = hf_clip.read_config(path)
+    kind = hf_siglip if config["model_type"] == "siglip" else hf_clip
+    model_cfg = kind.model_config(path, config)
+    weights = hf_clip.weights_file(path)
+    hf_clip.check_tokenizer(path, kind.TOKENIZER_FILES)
+    pp = hf_clip.preprocess_config(path, model_cfg["vision_cfg"]["image_size"])
+    return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "transformers",
+                   preprocess_cfg=pp, tokenizer_dir=path,
+                   convert=lambda model, state: kind.to_open_clip_state(
+                       path, state, model_cfg, {k: v.shape for k, v in model.state_dict().items()}))
 
 
 def _directory_model_name(path: Path) -> str:
@@ -220,11 +231,13 @@ def context_length(model: torch.nn.Module) -> int:
     return int(getattr(model, "context_length", None) or model.text.context_length)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None) -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None,
+               tokenizer: Callable | None = None) -> LoadedModel:
     """Load any source sources.py describes, with its tokenizer and image transforms (refused when not finite).
 
     model_name (--model / model.name) names the architecture of a file that does not carry one; for one that
-    does, it must name the same architecture."""
+    does, it must name the same architecture. tokenizer: the one the weights were trained with, for weights
+    that do not record it (a run's own checkpoint, when the run started from a model with its own tokenizer)."""
     src = _source(Path(path), model_name)
     if model_name and src.format in ("clipkit", "open_clip", "transformers"):
         _check_same_architecture(path, model_name, src)
@@ -243,7 +256,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
     _check_fit(model, state, src.weights, src.name)
     model.load_state_dict(state)
     ctx = context_length(model)
-    tokenizer = _tokenizer(src, registered, ctx)
+    tokenizer = _tokenizer(src, registered, ctx) if tokenizer is None else tokenizer
     train_transform, eval_transform = create_transforms(model)
     if src.format == "transformers":  # the directory's processor places its crop its own way
         from .hf_clip import processor_eval_transform
@@ -264,8 +277,8 @@ def load_any(path: str | Path, model_name: str | None, device: str | torch.devic
 
 
 FORMATS = {"clipkit": "clipkit weights", "open_clip": "open_clip model directory",
-           "transformers": "transformers CLIPModel directory", "open_clip-trainer": "OpenCLIP trainer checkpoint",
-           "state-dict": "open_clip state dict"}
+           "transformers": "transformers CLIPModel/SiglipModel directory",
+           "open_clip-trainer": "OpenCLIP trainer checkpoint", "state-dict": "open_clip state dict"}
 
 
 def _check_same_architecture(path, model_name: str, src: _Source) -> None:
@@ -285,5 +298,22 @@ def _tokenizer(src: _Source, registered: str, ctx: int):
         tokenizer = DirectoryTokenizer(src.tokenizer_dir, ctx)
         if src.format == "transformers":
             check_tokenizer_fits(src.tokenizer_dir, tokenizer, src.model_cfg)
+            if src.model_cfg.get("text_cfg", {}).get("pool_type") == "last":  # SigLIP reads the last position
+                from .hf_siglip import check_context
+
+                check_context(src.tokenizer_dir, tokenizer, ctx)
         return tokenizer
-    return get_tokenizer(registered)
+    tokenizer = get_tokenizer(registered)
+    _check_vocabulary(src, tokenizer)
+    return tokenizer
+
+
+def _check_vocabulary(src: _Source, tokenizer) -> None:
+    """The architecture's own tokenizer must only give ids the text tower embeds: weights trained from a
+    model with its own tokenizer (a SigLIP directory's SentencePiece) do not record it."""
+    size, embedded = getattr(tokenizer, "vocab_size", None), src.model_cfg.get("text_cfg", {}).get("vocab_size")
+    if isinstance(size, int) and isinstance(embedded, int) and size > embedded:
+        raise CheckpointError(f"{src.weights}: its text tower embeds {embedded} tokens but open_clip's tokenizer for "
+                              f"{src.name} has {size}: these weights were trained with another tokenizer (a run "
+                              "started from a transformers SiglipModel directory), which clipkit weights do not "
+                              "record; evaluate the run's source directory, or within the run (eval.every)")

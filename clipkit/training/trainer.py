@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointError
-from ..config import Config, ConfigError, ModelConfig, config_to_dict, save_config
+from ..config import Config, ConfigError, ModelConfig, TrainConfig, config_to_dict, save_config
 from ..data import StreamState, build_train_loader, expand_sources, repartition_train_states
 from ..distributed import DistEnv, gather_objects, init_distributed
 from ..errors import UserError
@@ -100,6 +100,7 @@ def load_pretrained(cfg: Config) -> LoadedModel | None:
     if path is None:
         return None
     loaded = load_any(path, cfg.model.name)
+    _keep_sigmoid_loss(cfg, loaded)
     if loaded.format in ("open_clip-trainer", "state-dict"):
         return loaded  # read as model.name
     if cfg.model.name != ModelConfig().name and get_model_config(cfg.model.name) != loaded.model_cfg:
@@ -107,6 +108,16 @@ def load_pretrained(cfg: Config) -> LoadedModel | None:
                           f"model.pretrained={path} holds ({loaded.model_name}, {loaded.format}): leave model.name "
                           "out, or name that architecture")
     return loaded
+
+
+def _keep_sigmoid_loss(cfg: Config, pretrained: LoadedModel) -> None:
+    """A model trained with the sigmoid loss (it has a logit bias: SigLIP) goes on with it, its imported bias
+    included: train.loss left at its default becomes siglip in the run's config (so config.yaml and a resume
+    see it). A loss named otherwise stays as named."""
+    if getattr(pretrained.model, "logit_bias", None) is not None and cfg.train.loss == TrainConfig().loss:
+        log.info("model.pretrained=%s was trained with a sigmoid loss (it has a logit bias): train.loss=siglip",
+                 cfg.model.pretrained)
+        cfg.train.loss = "siglip"
 
 
 def _load_pretrained_weights(model: torch.nn.Module, pretrained: LoadedModel) -> None:
@@ -247,6 +258,9 @@ class Trainer:
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.module = build_model(cfg, self.device, pretrained, **engine_class(cfg).model_kwargs(cfg))
+        # exp(logit_scale) is kept at or below CLIP's 100; a pretrained model that learned a higher one (SigLIP's
+        # are about 117) keeps its own as the ceiling, so its first step does not cut its temperature
+        self.max_logit_scale = max(MAX_LOGIT_SCALE, float(self.module.logit_scale.detach().max()))
         # MFU's numerator: the model's FLOPs per sample, counted on the plain model before any wrapping
         self.flops_per_sample = self._count_flops() if env.is_main else None
         self.train_transform, self.val_transform = create_transforms(self.module)
@@ -536,7 +550,7 @@ class Trainer:
                     stop: bool | Callable[[], bool] = False) -> StepResult:
         result = self.step_fn.run(images, tokens, stop=stop)
         with torch.no_grad():
-            self.module.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            self.module.logit_scale.clamp_(0, self.max_logit_scale)
         self.step += 1
         if result.applied:
             self.nonfinite.streak = 0
