@@ -14,7 +14,7 @@ from pathlib import Path
 from ..atomic import atomic_write_text
 from ..errors import UserError
 
-ORDER = {"linear_probe": 0, "full": 1, "wise": 2, "lora": 3}
+ORDER = {"linear_probe": 0, "full": 1, "wise": 2, "lora": 3, "flyp": 4}
 
 
 def find_results(dirs: list[str]) -> list[dict]:
