@@ -155,7 +155,9 @@ def test_short_flyp_run_beats_zeroshot_and_shows_in_the_report(trained_nano, tas
     assert re.search(rf"^flyp\s+{result['val']['acc1']:.4f}\s+{result['test']['acc1']:.4f}", rows, re.M), rows
 
 
-def test_wise_ft_interpolates_flyp_weights_with_the_head_rebuilt(trained_nano, task, flyp_run, tmp_path):
+def test_wise_ft_interpolates_flyp_weights_with_the_head_rebuilt(trained_nano, task, flyp_run, tmp_path, capsys):
+    from clipkit.finetune.report import main as report_main
+
     out, flyp = flyp_run
     result = _finetune(tmp_path / "wise", trained_nano[0], task, "wise", f"finetune.wise.finetuned={out}",
                        "finetune.wise.method=flyp", "finetune.wise.alphas=0,0.5,1")
@@ -165,3 +167,10 @@ def test_wise_ft_interpolates_flyp_weights_with_the_head_rebuilt(trained_nano, t
         assert curve[0.0][split]["acc1"] == pytest.approx(result["zeroshot"][split]["acc1"])
         assert curve[1.0][split]["acc1"] == pytest.approx(flyp[split]["acc1"])
     _head_matches_its_text_tower(tmp_path / "wise", task)
+    assert result["wise_method"] == "flyp"
+
+    capsys.readouterr()
+    assert report_main([str(out), str(tmp_path / "wise"), "--plot", str(tmp_path / "report.png")]) == 0
+    rows = capsys.readouterr().out
+    assert re.search(rf"^wise \(flyp\)\s+{result['val']['acc1']:.4f}\s+{result['test']['acc1']:.4f}", rows, re.M), rows
+    assert re.search(rf"^flyp\s+{flyp['val']['acc1']:.4f}", rows, re.M), rows

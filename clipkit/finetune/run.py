@@ -258,8 +258,8 @@ class Finetune:
             curve.append({"alpha": alpha, **self.val_test(model)})
         best = max(curve, key=lambda c: c["val"]["acc1"])  # the first of equals: the smaller alpha
         self.load_interpolated(model, interpolate(zs_state, ft_state, best["alpha"]))
-        return model, {**extra, "trainable_params": trainable, "alphas": curve, "best_alpha": best["alpha"],
-                       "val": best["val"], "test": best["test"]}
+        return model, {**extra, "trainable_params": trainable, "wise_method": self.f.wise.method, "alphas": curve,
+                       "best_alpha": best["alpha"], "val": best["val"], "test": best["test"]}
 
     def load_interpolated(self, model: ImageClassifier, state: dict) -> None:
         """WiSE-FT's weights; interpolating FLYP's, the head is zero-shot's of the interpolated text tower, as FLYP
