@@ -174,3 +174,38 @@ def test_wise_ft_interpolates_flyp_weights_with_the_head_rebuilt(trained_nano, t
     rows = capsys.readouterr().out
     assert re.search(rf"^wise \(flyp\)\s+{result['val']['acc1']:.4f}\s+{result['test']['acc1']:.4f}", rows, re.M), rows
     assert re.search(rf"^flyp\s+{flyp['val']['acc1']:.4f}", rows, re.M), rows
+
+
+def _slices_worker(rank: int, init_file: str, errors) -> None:
+    import torch.distributed as dist
+
+    from clipkit.errors import UserError
+    from clipkit.finetune.flyp import _check_equal_slices
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for sizes in ([4, 4], [4, 3]):  # equal slices pass; a rank short of an image stops both
+            try:
+                _check_equal_slices(sizes[rank], torch.device("cpu"))
+                errors.put((rank, tuple(sizes), None))
+            except UserError as e:
+                errors.put((rank, tuple(sizes), str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_slices_stop_every_rank_with_one_line(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_slices_worker, args=(r, str(tmp_path / "init"), errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {(rank, sizes): msg for rank, sizes, msg in (errors.get(timeout=120) for _ in range(4))}
+    for p in procs:
+        p.join(timeout=60)
+    assert got[(0, (4, 4))] is None and got[(1, (4, 4))] is None
+    for rank in (0, 1):  # both ranks raise, so none is left waiting in the gather
+        msg = got[(rank, (4, 3))]
+        assert msg and "3 to 4 images" in msg and "\n" not in msg, got

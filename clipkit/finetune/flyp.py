@@ -17,8 +17,10 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..evaluation import build_classifier
 from ..evaluation.zeroshot import PLACEHOLDER
 from ..losses import InfoNCELoss
@@ -45,6 +47,19 @@ def train_both_towers(model: ImageClassifier) -> None:
     model.head.requires_grad_(False)
 
 
+def _check_equal_slices(size: int, device: torch.device) -> None:
+    """Under torchrun the loss gathers every rank's features, which needs slices of one size; a slice short of an
+    image that did not decode would make the gather wrong, so every rank stops with the same error instead."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    sizes = torch.tensor([size, -size], device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    if sizes[0].item() != -sizes[1].item():
+        raise UserError(f"flyp under torchrun: this step's slices hold {-sizes[1].item()} to {sizes[0].item()} "
+                        "images (a training image did not decode); the contrastive loss gathers equal slices from "
+                        "every rank: remove the unreadable images or train in one process")
+
+
 class FlypObjective:
     """FLYP's training step and the zero-shot head it validates with (see the module docstring)."""
 
@@ -66,6 +81,7 @@ class FlypObjective:
 
     def loss(self, out, targets: torch.Tensor) -> torch.Tensor:
         image_features, text_features, scale = out
+        _check_equal_slices(len(targets), targets.device)
         return self.loss_fn(image_features.float(), text_features.float(), scale.float())
 
     def after_step(self, model: ImageClassifier) -> None:
