@@ -1,6 +1,7 @@
-"""The fine-tuning loop: cross-entropy on the classifier's logits, AdamW with warmup + cosine, validation every
-`val_every` optimizer steps, early stopping on val acc1 after `patience_steps` steps without a better one (never
-before warm-up and `min_steps` have run), the best weights kept. Every length is in optimizer steps, so a set
+"""The fine-tuning loop: an objective (cross-entropy on the classifier's logits; FLYP's contrastive loss, see
+flyp.py), AdamW with warmup + cosine, validation every `val_every` optimizer steps, early stopping on val acc1
+after `patience_steps` steps without a better one (never before warm-up and `min_steps` have run), the best
+weights kept. Every length is in optimizer steps, so a set
 of 300 images (5 steps an epoch) gets the same schedule as a large one. Runs in one process or under
 torchrun (DDP: each rank takes its slice of every global batch, so the update equals the single-process one).
 
