@@ -76,7 +76,8 @@ def format_lr_search(table: list[dict]) -> str:
         search = r["lr_search"]
         if not search:
             continue
-        edge = "  (at the edge of the grid: a wider one may do better)" if search["at_edge"] else ""
+        # results written before the edge check have no at_edge
+        edge = "  (at the edge of the grid: a wider one may do better)" if search.get("at_edge") else ""
         lines = [f"LR search, {_label(r, table)}: chose {search['lr']:g} (head {search['head_lr']:g}){edge}",
                  f"  {'lr':>10}{'val acc1':>10}{'val loss':>10}"]
         for t in search["trials"]:
