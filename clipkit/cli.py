@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("search", "clipkit.retrieval.search", "nearest neighbours of a text or image query in an index"),
         ("serve", "clipkit.retrieval.serve", "an HTTP retrieval service over an index"),
         ("finetune", "clipkit.finetune.run",
-         "adapt a checkpoint to a labelled task: linear probe, full/partial fine-tuning, WiSE-FT, LoRA"),
+         "adapt a checkpoint to a labelled task: linear probe, full/partial fine-tuning, WiSE-FT, LoRA, FLYP"),
         ("finetune-report", "clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
         ("report", "clipkit.report", "a run's report.html: loss, LR, throughput, MFU, evaluation over time"),
         ("inspect", "clipkit.inspect", "what a checkpoint or pretrained model path holds, and which commands "

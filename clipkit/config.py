@@ -193,6 +193,9 @@ class WiseConfig:
     alphas: str = "0,0.25,0.5,0.75,1"  # comma-separated, each in [0, 1]
     # The best checkpoint of an earlier full fine-tune of the same checkpoint (RUN_DIR/best); None: fine-tune first.
     finetuned: Optional[str] = None
+    # The fine-tune interpolated towards (run first, or the kind of `finetuned`): full (the image tower and the head)
+    # or flyp (both towers; the head is rebuilt from the interpolated text tower).
+    method: str = "full"
 
 
 @dataclass
@@ -258,7 +261,8 @@ class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
-FINETUNE_METHODS = ("linear_probe", "full", "wise", "lora")
+FINETUNE_METHODS = ("linear_probe", "full", "wise", "lora", "flyp")
+WISE_METHODS = ("full", "flyp")
 
 
 @dataclass
@@ -557,6 +561,10 @@ def _validate_finetune(f: FinetuneConfig) -> None:
     _check(lp.c_steps > 0, "finetune.linear_probe.c_steps", "must be positive")
     _check(lp.max_iter > 0, "finetune.linear_probe.max_iter", "must be positive")
     parse_alphas(f.wise.alphas)
+    _check(f.wise.method in WISE_METHODS, "finetune.wise.method",
+           f"must be one of {', '.join(WISE_METHODS)} (got {f.wise.method!r})")
+    _check(f.trainable_blocks == -1 or not (f.method == "flyp" or (f.method == "wise" and f.wise.method == "flyp")),
+           "finetune.trainable_blocks", "must be -1 with flyp: FLYP trains both towers whole")
     lo = f.lora
     _check(lo.rank > 0, "finetune.lora.rank", "must be positive")
     _check(lo.alpha > 0, "finetune.lora.alpha", "must be positive")

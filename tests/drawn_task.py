@@ -11,6 +11,7 @@ Run as a script, it measures every method with the defaults on tasks of this kin
 docs/finetune.md):
 
     python tests/drawn_task.py CHECKPOINT OUT_DIR [--shape small|many] [--size 32] [--methods linear_probe,full,lora]
+                               [--templates "{c};a photo of {c}."]
 """
 from __future__ import annotations
 
@@ -71,9 +72,13 @@ def classes(textures: int = 6, colours: int = 0) -> list[tuple[str, str, tuple[i
 
 
 def write_texture_task(root: str | Path, per_class: tuple[int, int, int] = (60, 20, 40), textures: int = 6,
-                       colours: int = 0, size: int = 32, seed: int = 0) -> Path:
-    """root/{train,val,test}/<class>/<n>.png (ImageFolder; "_" in a folder name reads as a space)."""
+                       colours: int = 0, size: int = 32, seed: int = 0, templates: list[str] | None = None) -> Path:
+    """root/{train,val,test}/<class>/<n>.png (ImageFolder; "_" in a folder name reads as a space); with
+    `templates`, root/zeroshot_classification_templates.txt (else the task uses the 80 OpenAI templates)."""
     root = Path(root)
+    if templates:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
     rng = random.Random(seed)
     for name, texture, hues in classes(textures, colours):
         for split, n in zip(("train", "val", "test"), per_class):
@@ -97,10 +102,13 @@ def main() -> None:
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
     p.add_argument("--methods", default="linear_probe,full,lora")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--templates", default=None,
+                   help="the task's zero-shot templates, ';'-separated (default: the 80 OpenAI templates)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every method")
     args = p.parse_args()
     out = Path(args.out)
-    data = write_texture_task(out / "data", **SHAPES[args.shape], size=args.size)
+    data = write_texture_task(out / "data", **SHAPES[args.shape], size=args.size,
+                              templates=args.templates.split(";") if args.templates else None)
     rows = {}
     for method in args.methods.split(","):
         finetune_main(["--checkpoint", args.checkpoint, "--data", str(data), "--method", method,

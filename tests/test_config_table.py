@@ -40,7 +40,7 @@ BAD = {
     "finetune.grad_clip": "0", "finetune.precision": "int4",
     "finetune.linear_probe.c_min": "0", "finetune.linear_probe.c_max": "-1", "finetune.linear_probe.c_steps": "0",
     "finetune.linear_probe.max_iter": "0", "finetune.linear_probe.refit_on_train_val": "both",
-    "finetune.wise.alphas": "0,1.5", "finetune.wise.finetuned": "/no/such/run",
+    "finetune.wise.alphas": "0,1.5", "finetune.wise.finetuned": "/no/such/run", "finetune.wise.method": "lora",
     "finetune.lora.rank": "0", "finetune.lora.alpha": "0", "finetune.lora.dropout": "1.0",
     "finetune.lora.targets": "out_proj", "finetune.lora.text": "maybe",
 }

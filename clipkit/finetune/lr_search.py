@@ -38,7 +38,7 @@ def _rank(trial: dict) -> tuple:
 
 def search_lr(build: Callable[[], ImageClassifier], train_samples, val_samples, num_classes: int,
               cfg: FinetuneConfig, *, env: DistEnv, transforms, seed: int, workers: int, eval_batch_size: int,
-              run_dir) -> dict:
+              run_dir, objective=None) -> dict:
     """Try every LR of the grid on train, judge it on val; every rank returns the same choice."""
     quiet = MetricsLogger(run_dir, total_steps=0, enabled=False, progress=False)
     trials = []
@@ -47,7 +47,7 @@ def search_lr(build: Callable[[], ImageClassifier], train_samples, val_samples, 
         model = build()
         fitted = fit(model, train_samples, val_samples, num_classes, cfg, plan=Plan.for_trial(cfg, cfg.lr_search.steps),
                      lr=lr, head_lr=head_lr_for(cfg, lr), env=env, transforms=transforms, seed=seed, workers=workers,
-                     eval_batch_size=eval_batch_size, logger=quiet)
+                     eval_batch_size=eval_batch_size, logger=quiet, objective=objective)
         if env.is_main:
             val = fitted.history[-1]["val"]
             trials.append({"lr": lr, "head_lr": head_lr_for(cfg, lr), "steps": fitted.steps,

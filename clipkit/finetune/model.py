@@ -173,6 +173,13 @@ def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Te
     return out
 
 
+def text_tower_attr(clip: nn.Module) -> str:
+    """The attribute of the CLIP model holding the text layers LoRA adapts: open_clip CLIP's `transformer` (its
+    blocks), or CustomTextCLIP's whole `text` tower (an open_clip TextTransformer, or an HFTextEncoder, whose
+    Hugging Face encoder `text.transformer` holds the layers its targets name)."""
+    return "text" if isinstance(getattr(clip, "text", None), nn.Module) else "transformer"
+
+
 def add_lora(model: ImageClassifier, rank: int, alpha: float, dropout: float, targets: list[str] | None,
              text: bool = False, min_coverage: float = 0.0) -> dict:
     """LoRA adapters (peft) on the image tower's modules named in `targets` (and the text tower's, with
@@ -182,7 +189,7 @@ def add_lora(model: ImageClassifier, rank: int, alpha: float, dropout: float, ta
     peft = require("peft", "LoRA fine-tuning")
     LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
-    towers = {"image": "visual"} | ({"text": "transformer"} if text else {})
+    towers = {"image": "visual"} | ({"text": text_tower_attr(model.clip)} if text else {})
     chosen = {}
     for which, attr in towers.items():  # check every tower before adapting any
         tower = getattr(model.clip, attr)
@@ -211,6 +218,7 @@ def merge_lora(model: ImageClassifier) -> ImageClassifier:
 
     if isinstance(model.clip.visual, PeftModel):
         model.clip.visual = model.clip.visual.merge_and_unload()
-    if isinstance(model.clip.transformer, PeftModel):
-        model.clip.transformer = model.clip.transformer.merge_and_unload()
+    attr = text_tower_attr(model.clip)
+    if isinstance(getattr(model.clip, attr), PeftModel):
+        setattr(model.clip, attr, getattr(model.clip, attr).merge_and_unload())
     return model

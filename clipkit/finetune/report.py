@@ -14,7 +14,7 @@ from pathlib import Path
 from ..atomic import atomic_write_text
 from ..errors import UserError
 
-ORDER = {"linear_probe": 0, "full": 1, "wise": 2, "lora": 3}
+ORDER = {"linear_probe": 0, "full": 1, "wise": 2, "lora": 3, "flyp": 4}
 
 
 def find_results(dirs: list[str]) -> list[dict]:
@@ -40,20 +40,29 @@ def rows(results: list[dict]) -> list[dict]:
                     "test_mean_per_class_recall": r["test"]["mean_per_class_recall"],
                     "trainable_fraction": r["trainable_fraction"],
                     # as the run recorded it: None for a fixed finetune.lr and for the linear probe
-                    "lr_search": r.get("lr_search"), "run_dir": r["run_dir"]})
+                    "lr_search": r.get("lr_search"), "run_dir": r["run_dir"],
+                    # WiSE-FT's fine-tuned end: full, or flyp (absent in results written before FLYP)
+                    **({"wise_method": r.get("wise_method", "full")} if r["method"] == "wise" else {})})
     return out
+
+
+def _method(run: dict) -> str:
+    """The method, and for WiSE-FT towards FLYP weights which: "wise (flyp)"."""
+    wise = run.get("wise_method", "full")
+    return run["method"] if wise == "full" else f"{run['method']} ({wise})"
 
 
 def _label(run: dict, runs: list[dict]) -> str:
     """The method, and the run's directory name where several runs share a method."""
-    same = sum(r["method"] == run["method"] for r in runs)
-    return run["method"] if same == 1 else f"{run['method']} ({Path(run.get('run_dir', '')).name})"
+    same = sum(_method(r) == _method(run) for r in runs)
+    return _method(run) if same == 1 else f"{_method(run)} ({Path(run.get('run_dir', '')).name})"
 
 
 def format_table(table: list[dict]) -> str:
-    lines = [f"{'method':<14}{'val acc1':>10}{'test acc1':>11}{'test recall':>13}{'trainable':>11}"]
+    width = max([14] + [len(_label(r, table)) + 2 for r in table])
+    lines = [f"{'method':<{width}}{'val acc1':>10}{'test acc1':>11}{'test recall':>13}{'trainable':>11}"]
     for r in table:
-        lines.append(f"{r['method']:<14}{r['val_acc1']:>10.4f}{r['test_acc1']:>11.4f}"
+        lines.append(f"{_label(r, table):<{width}}{r['val_acc1']:>10.4f}{r['test_acc1']:>11.4f}"
                      f"{r['test_mean_per_class_recall']:>13.4f}" + (f"{100 * r['trainable_fraction']:>10.2f}%"
                                                                      if r["trainable_fraction"] is not None
                                                                      else f"{'n/a':>11}"))
@@ -67,7 +76,8 @@ def format_lr_search(table: list[dict]) -> str:
         search = r["lr_search"]
         if not search:
             continue
-        edge = "  (at the edge of the grid: a wider one may do better)" if search["at_edge"] else ""
+        # results written before the edge check have no at_edge
+        edge = "  (at the edge of the grid: a wider one may do better)" if search.get("at_edge") else ""
         lines = [f"LR search, {_label(r, table)}: chose {search['lr']:g} (head {search['head_lr']:g}){edge}",
                  f"  {'lr':>10}{'val acc1':>10}{'val loss':>10}"]
         for t in search["trials"]:

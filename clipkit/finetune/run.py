@@ -3,7 +3,8 @@
     clipkit finetune --checkpoint CK --data DIR --method full --out RUN_DIR [CONFIG.yaml] [dotted overrides]
     torchrun --nproc_per_node=2 -m clipkit finetune ...          # DDP, the same update as one process
 
-Methods (finetune.method): linear_probe, full (partial with finetune.trainable_blocks), wise (WiSE-FT), lora.
+Methods (finetune.method): linear_probe, full (partial with finetune.trainable_blocks), wise (WiSE-FT), lora, flyp
+(both towers with the contrastive loss against class prompts, the zero-shot head rebuilt from the text tower).
 RUN_DIR gets config.yaml, metrics.jsonl, tensorboard/, result.json (method, parameter counts, val and test
 metrics with CLIP_benchmark's names, the zero-shot baseline on the same splits), checkpoints/best/ (the
 adapted model: model.safetensors + head.safetensors, verified like every clipkit checkpoint) and export/ (an
@@ -38,6 +39,7 @@ from ..models.digest import weights_sha256
 from ..models.weights import LoadedModel, load_any
 from ..training.metrics import MetricsLogger
 from .data import DownstreamSet, eval_loader, load_downstream
+from .flyp import FlypClassifier, FlypObjective, train_both_towers
 from .linear_probe import extract_features, linear_probe, load_features, save_features
 from .lr_search import head_lr_for, search_lr
 from .model import (ImageClassifier, add_lora, count_parameters, feature_dim, interpolate, merge_lora, set_trainable,
@@ -173,9 +175,11 @@ class Finetune:
     def plan(self) -> Plan:
         return Plan.for_run(self.f, steps_per_epoch(self.data.train, self.f, self.env, self.cfg.run.seed))
 
-    def train(self, build: Callable[[], ImageClassifier], logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
-        """Choose the LR (finetune.lr=auto: search_lr on val), then train a model from build() with it."""
-        f, common = self.f, self.fit_kwargs()
+    def train(self, build: Callable[[], ImageClassifier], logger: MetricsLogger,
+              objective=None) -> tuple[ImageClassifier, dict]:
+        """Choose the LR (finetune.lr=auto: search_lr on val), then train a model from build() with it; objective:
+        what a step minimises (None: cross-entropy on the classifier's logits)."""
+        f, common = self.f, {**self.fit_kwargs(), "objective": objective}
         extra: dict = {}
         if f.lr == "auto":
             extra["lr_search"] = search_lr(build, self.data.train, self.data.val, self.num_classes, f,
@@ -214,8 +218,19 @@ class Finetune:
             model.use_text_head(tokens.reshape(self.num_classes, len(self.data.templates), -1))
         return model.to(self.device)
 
+    def build_flyp(self) -> FlypClassifier:
+        model = FlypClassifier.from_zeroshot(copy.deepcopy(self.clip), self.zeroshot_weights).to(self.device)
+        train_both_towers(model)
+        return model
+
+    def flyp_objective(self) -> FlypObjective:
+        return FlypObjective(self.tokenizer, self.data.classnames, self.data.templates, seed=self.cfg.run.seed)
+
     def full(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
         return self.train(self.build_full, logger)
+
+    def flyp(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
+        return self.train(self.build_flyp, logger, self.flyp_objective())
 
     def lora(self, logger: MetricsLogger) -> tuple[ImageClassifier, dict]:
         self.build_lora()  # the targets are checked (and refused) before any training, the search included
@@ -231,7 +246,7 @@ class Finetune:
             finetuned = self.load_finetuned(self.f.wise.finetuned)
             trainable = self.finetuned_trainable
         else:
-            finetuned, extra = self.train(self.build_full, logger)
+            finetuned, extra = self.flyp(logger) if self.f.wise.method == "flyp" else self.full(logger)
             trainable = extra.pop("trainable_params")
         ft_state = {k: v.detach().cpu().clone() for k, v in finetuned.state_dict().items()}
         if not self.env.is_main:
@@ -239,12 +254,19 @@ class Finetune:
         model = self.zeroshot_model()
         curve = []
         for alpha in parse_alphas(self.f.wise.alphas):
-            model.load_state_dict(interpolate(zs_state, ft_state, alpha))
+            self.load_interpolated(model, interpolate(zs_state, ft_state, alpha))
             curve.append({"alpha": alpha, **self.val_test(model)})
         best = max(curve, key=lambda c: c["val"]["acc1"])  # the first of equals: the smaller alpha
-        model.load_state_dict(interpolate(zs_state, ft_state, best["alpha"]))
-        return model, {**extra, "trainable_params": trainable, "alphas": curve, "best_alpha": best["alpha"],
-                       "val": best["val"], "test": best["test"]}
+        self.load_interpolated(model, interpolate(zs_state, ft_state, best["alpha"]))
+        return model, {**extra, "trainable_params": trainable, "wise_method": self.f.wise.method, "alphas": curve,
+                       "best_alpha": best["alpha"], "val": best["val"], "test": best["test"]}
+
+    def load_interpolated(self, model: ImageClassifier, state: dict) -> None:
+        """WiSE-FT's weights; interpolating FLYP's, the head is zero-shot's of the interpolated text tower, as FLYP
+        classifies (the interpolated heads would mix two text towers' classifiers)."""
+        model.load_state_dict(state)
+        if self.f.wise.method == "flyp":
+            self.flyp_objective().prepare_eval(model)
 
     def load_finetuned(self, path: str) -> ImageClassifier:
         """A fine-tuned classifier from an earlier run's checkpoints/best (or its export directory)."""
@@ -340,7 +362,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
                                         "/ state dict read as model.name (finetune.checkpoint)")
     p.add_argument("--data", help="an image folder with train/, val/ (optional), test/ of class folders, or a "
                                   "CLIP_benchmark webdataset root (finetune.data)")
-    p.add_argument("--method", help="linear_probe, full, wise or lora (finetune.method; default full)")
+    p.add_argument("--method", help="linear_probe, full, wise, lora or flyp (finetune.method; default full)")
     p.add_argument("--out", help="the run directory (run.dir)")
     p.add_argument("overrides", nargs="*", help="[CONFIG.yaml] then dotted.key=value overrides")
     args = p.parse_args(argv)

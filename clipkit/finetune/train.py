@@ -1,6 +1,7 @@
-"""The fine-tuning loop: cross-entropy on the classifier's logits, AdamW with warmup + cosine, validation every
-`val_every` optimizer steps, early stopping on val acc1 after `patience_steps` steps without a better one (never
-before warm-up and `min_steps` have run), the best weights kept. Every length is in optimizer steps, so a set
+"""The fine-tuning loop: an objective (cross-entropy on the classifier's logits; FLYP's contrastive loss, see
+flyp.py), AdamW with warmup + cosine, validation every `val_every` optimizer steps, early stopping on val acc1
+after `patience_steps` steps without a better one (never before warm-up and `min_steps` have run), the best
+weights kept. Every length is in optimizer steps, so a set
 of 300 images (5 steps an epoch) gets the same schedule as a large one. Runs in one process or under
 torchrun (DDP: each rank takes its slice of every global batch, so the update equals the single-process one).
 
@@ -73,6 +74,27 @@ class Plan:
         at the end, never stopped early."""
         return cls(total=steps, warmup=min(cfg.warmup_steps, steps // 4), val_every=steps, patience=0,
                    earliest_stop=steps)
+
+
+class CrossEntropy:
+    """The classifier's objective: cross-entropy on its logits. fit() calls forward under autocast, loss outside
+    it, after_step after every optimizer step and prepare_eval before every validation (FLYP's objective,
+    flyp.FlypObjective, uses the last two to clamp its temperature and rebuild its head)."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, keys: list[str], epoch: int):
+        return model(images)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def prepare_eval(self, model: nn.Module) -> None:
+        pass
 
 
 @dataclass
@@ -150,10 +172,12 @@ def _merge_counts(total: dict[str, int], new: dict[str, int]) -> None:
 
 def fit(model: ImageClassifier, train_samples, val_samples, num_classes: int, cfg: FinetuneConfig, *,
         plan: Plan, lr: float, head_lr: float, env: DistEnv, transforms, seed: int, workers: int,
-        eval_batch_size: int, logger: MetricsLogger, log_every: int = 10) -> FitResult:
+        eval_batch_size: int, logger: MetricsLogger, log_every: int = 10, objective=None) -> FitResult:
     """Train the model's trainable parameters for plan.total steps (fewer when early stopping ends it); returns
-    the best weights by val acc1 (the model is left at its last weights). transforms: (train, eval)."""
+    the best weights by val acc1 (the model is left at its last weights). transforms: (train, eval). objective:
+    what a step minimises (default: CrossEntropy with cfg.label_smoothing)."""
     device = env.device
+    objective = objective if objective is not None else CrossEntropy(cfg.label_smoothing)
     train_tf, eval_tf = transforms
     model.to(device)
     groups = optimizer_groups(model, lr, head_lr, cfg.weight_decay, cfg.layer_decay)
@@ -176,18 +200,18 @@ def fit(model: ImageClassifier, train_samples, val_samples, num_classes: int, cf
         result.epochs_run, epoch_start = epoch + 1, step
         for batch in loader:
             _merge_counts(result.skipped, batch.skipped)
-            weight = 1.0
+            weight, keys = 1.0, batch.keys
             if batch.keys:
                 images, targets = batch.images.to(device), batch.targets.to(device)
             elif env.distributed:  # nothing in this rank's slice decoded: a zero-weight step keeps the ranks in step
                 size = model.clip.visual.image_size
                 images = torch.zeros(1, 3, *(size if isinstance(size, tuple) else (size, size)), device=device)
-                targets, weight = torch.zeros(1, dtype=torch.long, device=device), 0.0
+                targets, weight, keys = torch.zeros(1, dtype=torch.long, device=device), 0.0, [""]
             else:
                 continue
             with autocast(device, cfg.precision):
-                logits = wrapped(images)
-            loss = weight * F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+                out = objective.forward(wrapped, images, targets, keys, epoch)
+            loss = weight * objective.loss(out, targets)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -201,6 +225,7 @@ def fit(model: ImageClassifier, train_samples, val_samples, num_classes: int, cf
                 scaler.update()
             else:
                 optimizer.step()
+            objective.after_step(model)
             scheduler.step()
             step += 1
             result.steps = step
@@ -214,7 +239,7 @@ def fit(model: ImageClassifier, train_samples, val_samples, num_classes: int, cf
                 loss_sum, loss_n = torch.zeros_like(loss_sum), 0
                 stop = _validate(model, val_samples, num_classes, cfg, stopper, result, step=step, epoch=epoch,
                                  train_loss=train_loss, env=env, eval_tf=eval_tf, workers=workers,
-                                 eval_batch_size=eval_batch_size, logger=logger)
+                                 eval_batch_size=eval_batch_size, logger=logger, objective=objective)
                 wrapped.train()
             if stop or step == plan.total:
                 break
@@ -227,10 +252,11 @@ def fit(model: ImageClassifier, train_samples, val_samples, num_classes: int, cf
 
 def _validate(model: ImageClassifier, val_samples, num_classes: int, cfg: FinetuneConfig, stopper: EarlyStopping,
               result: FitResult, *, step: int, epoch: int, train_loss: float, env: DistEnv, eval_tf, workers: int,
-              eval_batch_size: int, logger: MetricsLogger) -> bool:
+              eval_batch_size: int, logger: MetricsLogger, objective) -> bool:
     """Rank 0 validates, keeps the best weights and decides whether to stop; every rank gets the verdict."""
     stop = False
     if env.is_main:
+        objective.prepare_eval(model)
         val = evaluate(model, val_samples, eval_tf, num_classes, batch_size=eval_batch_size, workers=workers,
                        device=env.device, precision=cfg.precision)
         improved = stopper.update(val["acc1"], step)
