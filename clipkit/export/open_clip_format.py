@@ -19,7 +19,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..errors import UserError
 from ..models import ModelNameError, load_model, plain_model_name
+from ..models.factory import HF_TEXT_CONFIG
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
@@ -30,6 +32,10 @@ def export_open_clip(model, model_name: str, model_cfg: dict, out: str | Path) -
     if f"{model_name}.json" == CONFIG_NAME:
         raise ModelNameError(f"model name {model_name!r} would overwrite the export's {CONFIG_NAME}: train or "
                              "export under another name")
+    if HF_TEXT_CONFIG in model_cfg.get("text_cfg", {}):
+        raise UserError(f"{model_name}: its text tower is a transformers model recorded by model.pretrained_text "
+                        "(text_cfg.hf_model_config), which open_clip's config cannot name without a hub name: "
+                        "the open_clip export of such a model is not supported yet")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

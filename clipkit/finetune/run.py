@@ -92,7 +92,7 @@ def save_best(model: ImageClassifier, run_dir: Path, loaded: LoadedModel, classn
     tmp = directory / "best.tmp"
     tmp.mkdir()
     save_weights(model.clip.state_dict(), tmp / WEIGHTS_FILE, loaded.model_name, loaded.model_cfg,
-                 loaded.preprocess_cfg)
+                 loaded.preprocess_cfg, loaded.tokenizer_files)
     save_head(model, tmp / HEAD_FILE, classnames, loaded.model_name)
     return commit(tmp, {"kind": "finetune", "engine": "finetune", **meta})
 

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, read_latest, read_manifest, verify
+from . import tokenizer_files as tokenizer_codec
 from .factory import (ModelNameError, ModelNotFoundError, create_model, create_transforms, get_model_config,
                       get_tokenizer, plain_model_name, register_model_config)
 
@@ -56,6 +57,9 @@ class LoadedModel:
     # model keep it (save_weights(..., preprocess_cfg=loaded.preprocess_cfg))
     preprocess_cfg: dict | None = None
     weights: Path | None = None  # the file the tensors were read from (a run directory resolved to its step)
+    # the files of a transformers tokenizer (tokenizer_files.py), None for open_clip's own: weights files
+    # saved from this model carry them (save_weights(..., tokenizer_files=loaded.tokenizer_files))
+    tokenizer_files: dict | None = None
 
     @property
     def transforms(self) -> tuple[Callable, Callable]:
@@ -85,13 +89,16 @@ class _Source:
 
 
 def save_weights(state_dict: dict, path: str | Path, model_name: str, model_cfg: dict,
-                 preprocess_cfg: dict | None = None) -> Path:
-    """preprocess_cfg: image preprocessing other than the architecture's default (an imported model's)."""
+                 preprocess_cfg: dict | None = None, tokenizer_files: dict | None = None) -> Path:
+    """preprocess_cfg: image preprocessing other than the architecture's default (an imported model's);
+    tokenizer_files: a transformers tokenizer's files, carried in the header (tokenizer_files.py)."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = {"format": "pt", "model_name": model_name, "model_cfg": json.dumps(model_cfg)}
     if preprocess_cfg:
         meta["preprocess_cfg"] = json.dumps(preprocess_cfg)
+    if tokenizer_files:
+        meta[tokenizer_codec.HEADER_KEY] = tokenizer_codec.encode(tokenizer_files)
     save_file(state, str(path), metadata=meta)
     return path
 
@@ -104,9 +111,9 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is not a readable safetensors weights file: {e}") from None
 
 
-def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None]:
+def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None, dict | None]:
     """A run directory, a clipkit checkpoint directory or a weights file clipkit wrote: (file, name, model_cfg,
-    preprocess_cfg when the header has one)."""
+    preprocess_cfg and tokenizer files when the header has them)."""
     latest = read_latest(path / "checkpoints") if path.is_dir() else None
     if latest is not None:  # a run directory: its newest checkpoint
         path = latest
@@ -129,7 +136,9 @@ def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None]:
     pp = json.loads(meta["preprocess_cfg"]) if "preprocess_cfg" in meta else None
     if pp:  # JSON has no tuples: mean and std as open_clip keeps them
         pp = {k: tuple(v) if isinstance(v, list) else v for k, v in pp.items()}
-    return path, name, json.loads(meta["model_cfg"]), pp
+    files = meta.get(tokenizer_codec.HEADER_KEY)
+    files = tokenizer_codec.decode(files, path) if files else None
+    return path, name, json.loads(meta["model_cfg"]), pp, files
 
 
 def _has_clipkit_header(path: Path) -> bool:
@@ -174,8 +183,9 @@ def _source(path: Path, model_name: str | None) -> _Source:
                        convert=lambda model, state: hf_clip.to_open_clip_state(
                            path, state, model_cfg, {k: v.shape for k, v in model.state_dict().items()}))
     if path.is_dir() or (path.suffix == ".safetensors" and _has_clipkit_header(path)):
-        weights, name, model_cfg, pp = _clipkit_file(path)
-        return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit", preprocess_cfg=pp)
+        weights, name, model_cfg, pp, files = _clipkit_file(path)
+        return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit", preprocess_cfg=pp,
+                       tokenizer_dir=tokenizer_codec.materialize(files) if files else None)
     if path.suffix == ".safetensors":
         name, model_cfg = _named_architecture(path, model_name, "an open_clip state dict")
         return _Source(path, read_tensors(path), name, model_cfg, "state-dict", convert=open_clip_state)
@@ -228,6 +238,13 @@ def context_length(model: torch.nn.Module) -> int:
     return int(getattr(model, "context_length", None) or model.text.context_length)
 
 
+def tokenizer_context_length(model: torch.nn.Module, model_cfg: dict) -> int:
+    """What texts are padded to: a Hugging Face text tower's text_cfg.context_length (as open_clip's
+    get_tokenizer has it; the tower itself embeds max_position_embeddings), else the model's."""
+    text = model_cfg.get("text_cfg", {})
+    return int(text.get("context_length", 77)) if text.get("hf_model_name") else context_length(model)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None) -> LoadedModel:
     """Load any source sources.py describes, with its tokenizer and image transforms (refused when not finite).
 
@@ -250,8 +267,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
              for k, v in state.items()}
     _check_fit(model, state, src.weights, src.name)
     model.load_state_dict(state)
-    ctx = context_length(model)
+    ctx = tokenizer_context_length(model, src.model_cfg)
     tokenizer = _tokenizer(src, registered, ctx)
+    files = tokenizer_codec.read_tokenizer_files(src.tokenizer_dir) if src.tokenizer_dir is not None else None
     train_transform, eval_transform = create_transforms(model)
     if src.format == "transformers":  # the directory's processor places its crop its own way
         from .hf_clip import processor_eval_transform
@@ -259,7 +277,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
         eval_transform = processor_eval_transform(eval_transform)
     return LoadedModel(model.to(device), registered, src.name, src.model_cfg, Path(path), tokenizer,
                        train_transform, eval_transform, ctx, src.format, f"{FORMATS[src.format]}: {src.weights}",
-                       src.extra, dict(model.visual.preprocess_cfg) if src.preprocess_cfg else None, src.weights)
+                       src.extra, dict(model.visual.preprocess_cfg) if src.preprocess_cfg else None, src.weights,
+                       files)
 
 
 def load_any(path: str | Path, model_name: str | None, device: str | torch.device = "cpu") -> LoadedModel:
