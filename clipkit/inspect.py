@@ -1,6 +1,7 @@
 """`clipkit inspect PATH [--model NAME] [--json]`: what a path holds and what clipkit can do with it.
 
-    format          how it was detected (clipkit, open_clip, transformers, open_clip-trainer, state-dict)
+    format          how it was detected (clipkit, open_clip, transformers, open_clip-trainer, state-dict,
+                    openai-torchscript)
     architecture    the model's name and its towers' shapes
     parameters      per tower (image, text, other: temperature, bias)
     tokenizer       which one captions go through, at which context length

@@ -163,6 +163,7 @@ def _source(path: Path, model_name: str | None) -> _Source:
     from . import hf_clip
     from .sources import OPEN_CLIP_CONFIG as OC_CONFIG, PICKLE_SUFFIXES, open_clip_directory, open_clip_state, \
         read_pickled, read_tensors, trainer_state
+    from .torchscript import is_torchscript_archive, openai_model_config, openai_state, read_torchscript_state
 
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -189,6 +190,11 @@ def _source(path: Path, model_name: str | None) -> _Source:
     if path.suffix == ".safetensors":
         name, model_cfg = _named_architecture(path, model_name, "an open_clip state dict")
         return _Source(path, read_tensors(path), name, model_cfg, "state-dict", convert=open_clip_state)
+    if is_torchscript_archive(path):  # OpenAI's original CLIP archives, read without running their code
+        state = read_torchscript_state(path)
+        model_cfg = openai_model_config(path, state)
+        return _Source(path, state, _known_name(model_cfg) or _directory_model_name(path.with_suffix("")), model_cfg,
+                       "openai-torchscript", convert=openai_state)
     if path.suffix in PICKLE_SUFFIXES:
         obj = read_pickled(path)  # weights_only: refused before anything else is looked at
         trainer = trainer_state(path, obj)
@@ -202,6 +208,13 @@ def _source(path: Path, model_name: str | None) -> _Source:
                        convert=open_clip_state, extra=extra)
     raise CheckpointError(f"{path}: expected a checkpoint or run directory, a .safetensors weights file, an "
                           "open_clip or transformers CLIPModel directory, or a weights-only .bin/.pt state dict")
+
+
+def _known_name(model_cfg: dict) -> str | None:
+    """The open_clip architecture with exactly this config (ViT-B-32-quickgelu for OpenAI's ViT-B-32.pt), if any."""
+    from open_clip import get_model_config as open_clip_config, list_models
+
+    return next((name for name in list_models() if open_clip_config(name) == model_cfg), None)
 
 
 def _directory_model_name(path: Path) -> str:
@@ -251,7 +264,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
     model_name (--model / model.name) names the architecture of a file that does not carry one; for one that
     does, it must name the same architecture."""
     src = _source(Path(path), model_name)
-    if model_name and src.format in ("clipkit", "open_clip", "transformers"):
+    if model_name and src.format in ("clipkit", "open_clip", "transformers", "openai-torchscript"):
         _check_same_architecture(path, model_name, src)
     bad = first_nonfinite(src.state)
     if bad is not None:
@@ -292,7 +305,7 @@ def load_any(path: str | Path, model_name: str | None, device: str | torch.devic
 
 FORMATS = {"clipkit": "clipkit weights", "open_clip": "open_clip model directory",
            "transformers": "transformers CLIPModel directory", "open_clip-trainer": "OpenCLIP trainer checkpoint",
-           "state-dict": "open_clip state dict"}
+           "state-dict": "open_clip state dict", "openai-torchscript": "OpenAI CLIP TorchScript archive"}
 
 
 def _check_same_architecture(path, model_name: str, src: _Source) -> None:
