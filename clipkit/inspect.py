@@ -35,7 +35,8 @@ def _tokenizer(loaded) -> str:
     tok = loaded.tokenizer
     inner = getattr(tok, "tokenizer", None)
     if inner is not None and getattr(tok, "path", None):  # a directory's own transformers tokenizer
-        return f"{type(inner).__name__} from {tok.path} (vocabulary {len(inner)})"
+        where = "the weights file's header" if loaded.format == "clipkit" else tok.path  # (tokenizer_files.py)
+        return f"{type(inner).__name__} from {where} (vocabulary {len(inner)})"
     return f"open_clip {type(tok).__name__}"
 
 

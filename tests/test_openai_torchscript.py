@@ -20,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VIT = {"embed_dim": 16, "quick_gelu": True,
        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}}
-RN = {"embed_dim": 16, "quick_gelu": True, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 64},
+RN = {"embed_dim": 16, "quick_gelu": True,
+      "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 64, "patch_size": None},
       "text_cfg": {"context_length": 10, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
 
 
@@ -58,6 +59,10 @@ def test_openai_archive_gives_open_clips_features_tokens_and_pixels(tmp_path, cf
     loaded = load_model(archive)
     reference = open_clip.load_openai_model(str(archive), device="cpu", precision="fp32")
     assert loaded.format == "openai-torchscript" and loaded.model_cfg == cfg
+    from clipkit.inspect import inspect_path
+
+    described = inspect_path(str(archive))
+    assert described["format"] == "openai-torchscript" and described["commands"]["zeroshot"] == "yes"
     ours, theirs = loaded.model.state_dict(), reference.state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     size = cfg["vision_cfg"]["image_size"]
@@ -129,3 +134,18 @@ def test_training_from_an_openai_archive_records_its_source(tmp_path, synth_smal
     trained = load_model(summary["checkpoint"]).model.state_dict()
     assert all(torch.equal(trained[k], v) for k, v in source.items() if k.startswith("visual."))
     assert json.loads(json.dumps(summary["pretrained"]))["path"] == str(archive)
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32-quickgelu", "ViT-L-14-quickgelu", "RN50-quickgelu", "RN101-quickgelu"])
+def test_openai_shapes_are_read_as_open_clips_quickgelu_architectures(name):
+    """The architecture read from the tensor shapes of OpenAI's released models (built on the meta device: no
+    memory, no download) is open_clip's -quickgelu config of the same name, and the model is named by it."""
+    from open_clip.model import CLIP
+
+    from clipkit.models.torchscript import openai_model_config
+    from clipkit.models.weights import _known_name
+
+    with torch.device("meta"):
+        state = CLIP(**open_clip.get_model_config(name)).state_dict()
+    inferred = openai_model_config(None, state)
+    assert inferred == open_clip.get_model_config(name) and _known_name(inferred) == name

@@ -146,6 +146,10 @@ def test_lit_run_keeps_both_pretrained_towers_bit_identical_and_records_the_toke
     reference = tokenizer(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
     assert torch.equal(trained.tokenizer(texts), reference["input_ids"])
     assert trained.context_length == 16 and trained.tokenizer_files is not None
+    from clipkit.inspect import inspect_path
+
+    described = inspect_path(summary["checkpoint"])["tokenizer"]
+    assert "weights file's header" in described and f"vocabulary {len(tokenizer)}" in described
 
 
 def _refused(capsys, *overrides) -> str:

@@ -159,6 +159,9 @@ def _open_clip_config(model_cfg: dict, registered: str) -> dict:
     hf_config = model_cfg.get("text_cfg", {}).get(HF_TEXT_CONFIG)
     if hf_config is None:
         return model_cfg
+    if not isinstance(hf_config, dict) or "auto_map" in hf_config:  # custom code: never followed
+        raise UserError(f"model {registered}: its recorded text tower config (text_cfg.{HF_TEXT_CONFIG}) is not a "
+                        "transformers config clipkit builds (a JSON object naming no custom code)")
     directory = _private_config_dir() / f"{registered}-text"
     directory.mkdir(mode=0o700, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(hf_config))

@@ -209,7 +209,7 @@ def openai_model_config(path: Path, state: dict) -> dict:
             layers = [len({k.split(".")[2] for k in state if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4)]
             width = state["visual.layer1.0.conv1.weight"].shape[0]
             side = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-            vision = {"layers": layers, "width": width, "image_size": side * 32}
+            vision = {"layers": layers, "width": width, "image_size": side * 32, "patch_size": None}
         text_width = state["ln_final.weight"].shape[0]
         text = {"context_length": state["positional_embedding"].shape[0],
                 "vocab_size": state["token_embedding.weight"].shape[0], "width": text_width,

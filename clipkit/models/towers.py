@@ -87,9 +87,10 @@ def _read_hf_config(path: Path) -> dict:
         raise TowerError(f"model.pretrained_text={path}: expected a transformers model directory with a readable "
                          f"config.json ({e})") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in arch_dict or config.get("is_encoder_decoder"):
+    encoders = [t for t in arch_dict if t not in ("mt5", "m2m_100")]  # those two are encoder-decoders
+    if model_type not in encoders or config.get("is_encoder_decoder"):
         raise TowerError(f"model.pretrained_text={path}: model_type {model_type!r} is not a text encoder open_clip's "
-                         f"HFTextEncoder reads whole (supported: {', '.join(t for t in arch_dict if t != 'mt5')})")
+                         f"HFTextEncoder reads whole (supported: {', '.join(encoders)})")
     if config.get("auto_map"):  # a class defined by code in the directory: nothing from it is run
         raise TowerError(f"model.pretrained_text={path}: its config.json names custom code (auto_map); clipkit "
                          "builds only the model classes that ship with transformers")
@@ -109,7 +110,8 @@ def text_tower_config(model_cfg: dict, path: str | Path) -> dict:
     check_tokenizer(path)
     ctx = int(text.get("context_length", 77))
     # RoBERTa-style embeddings number positions from padding_idx + 1
-    offset = config.get("pad_token_id", 1) + 1 if config["model_type"] in ("roberta", "xlm-roberta") else 0
+    pad = config.get("pad_token_id")
+    offset = (1 if pad is None else int(pad)) + 1 if config["model_type"] in ("roberta", "xlm-roberta") else 0
     positions = int(config.get("max_position_embeddings", 0)) - offset
     if ctx > positions:
         raise TowerError(f"model.pretrained_text={path}: the config's context_length {ctx} is longer than the "
