@@ -36,7 +36,7 @@ from .evaluation import (
     load_zeroshot_set,
     write_result,
 )
-from .export import EXPORT_FORMATS
+from .export import EXPORT_FORMATS, tokenizer_kwargs
 from .models import create_model, load_model
 from .report import write_report
 from .training import Trainer
@@ -165,7 +165,8 @@ def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device
         out[task] = {**metrics, "result_file": str(path)}
     if cfg.export.at_end:
         files = EXPORT_FORMATS[cfg.export.format](loaded.model.cpu(), loaded.model_name, loaded.model_cfg,
-                                                  run_dir / "export")
+                                                  run_dir / "export",
+                                                  **tokenizer_kwargs(cfg.export.format, loaded.tokenizer_files))
         out["export"] = {k: str(v) for k, v in files.items()}
         out["export_format"] = cfg.export.format
     return out

@@ -256,3 +256,49 @@ def test_a_run_from_a_transformers_directory_keeps_its_tokenizer_through_trainin
                           "finetune.warmup_steps=1", "finetune.linear_probe.c_steps=2", "eval.batch_size=32"]) == 0
     best = load_model(json.loads((out / "result.json").read_text())["best_checkpoint"])
     assert torch.equal(best.tokenizer(texts), reference["input_ids"])
+    # the open_clip export carries it too: open_clip's own local-dir: loading reads it back
+    import open_clip
+
+    from clipkit.export import export_checkpoint
+
+    export_checkpoint(summary["checkpoint"], tmp_path / "oc", "open_clip")
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")(texts), reference["input_ids"])
+    assert torch.equal(load_model(tmp_path / "oc").tokenizer(texts), reference["input_ids"])
+    from transformers import AutoTokenizer
+
+    export_checkpoint(summary["checkpoint"], tmp_path / "onnx", "onnx")
+    described = json.loads((tmp_path / "onnx" / "onnx_config.json").read_text())["tokenizer"]
+    assert described["files"] == "tokenizer" and described["pad_id"] == 0 and described["eot_id"] == 3
+    onnx_tokens = AutoTokenizer.from_pretrained(tmp_path / "onnx" / "tokenizer")(
+        texts, padding="max_length", max_length=described["context_length"], truncation=True, return_tensors="pt")
+    assert torch.equal(onnx_tokens["input_ids"], reference["input_ids"])
+
+
+def test_hf_export_writes_the_directorys_own_tokenizer(tmp_path):
+    """A transformers CLIP directory padding with end-of-text (as openai/clip-vit-* do), exported back to the
+    transformers layout: the exported tokenizer is the directory's, not clipkit's BPE (which pads with 0)."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from clipkit.export import export_checkpoint
+    from clipkit.export.hf_format import write_bpe_files
+
+    source = tmp_path / "hf"
+    source.mkdir()
+    vocab, merges = write_bpe_files(source)
+    CLIPTokenizer(vocab=str(vocab), merges=str(merges), pad_token="<|endoftext|>", model_max_length=16) \
+        .save_pretrained(source)
+    CLIPModel(CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=16, eos_token_id=49407,
+                                          bos_token_id=49406, pad_token_id=49407),
+                         vision_config=dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2),
+                         projection_dim=16)).save_pretrained(source)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(source)
+    export_checkpoint(source, tmp_path / "out", "hf")
+    texts = ["a photo of a cat", "x"]
+
+    def tokens(path):
+        return AutoTokenizer.from_pretrained(path)(texts, padding="max_length", max_length=16, truncation=True,
+                                                   return_tensors="pt")["input_ids"]
+
+    assert torch.equal(tokens(tmp_path / "out"), tokens(source)) and int(tokens(source)[1, -1]) == 49407

@@ -98,7 +98,8 @@ def save_best(model: ImageClassifier, run_dir: Path, loaded: LoadedModel, classn
 
 
 def export_classifier(model: ImageClassifier, out: Path, loaded: LoadedModel, classnames: list[str]) -> dict:
-    files = export_open_clip(model.clip.cpu(), loaded.model_name, loaded.model_cfg, out)
+    files = export_open_clip(model.clip.cpu(), loaded.model_name, loaded.model_cfg, out,
+                             tokenizer_files=loaded.tokenizer_files)
     files["head"] = save_head(model, out / HEAD_FILE, classnames, loaded.model_name)
     return {k: str(v) for k, v in files.items()}
 

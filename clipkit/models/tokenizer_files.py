@@ -64,3 +64,14 @@ def materialize(files: dict[str, bytes]) -> Path:
             (tmp / name).write_bytes(data)
         tmp.rename(directory)
     return directory
+
+
+def write_tokenizer_files(files: dict[str, bytes], directory: Path) -> list[Path]:
+    """The files into `directory` (an export's folder), by their fixed names only."""
+    written = []
+    for name, data in files.items():
+        if name not in TOKENIZER_FILES:  # decode() already refused such a name; an export never writes one
+            raise CheckpointError(f"{name[:80]!r} is not a tokenizer file clipkit writes")
+        (directory / name).write_bytes(data)
+        written.append(directory / name)
+    return written
