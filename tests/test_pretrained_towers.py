@@ -195,6 +195,12 @@ def test_tower_files_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, s
     err = _refused(capsys, f"model.name={_hf_text_config(tmp_path)}", f"model.pretrained_text={tmp_path / 'wide-bert'}",
                    *common)
     assert "does not fit the bert text tower: tensor 'embeddings.word_embeddings.weight'" in err
+    shutil.copytree(tmp_path / "bert", tmp_path / "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "no-tokenizer" / name).unlink()
+    err = _refused(capsys, f"model.name={_hf_text_config(tmp_path)}",
+                   f"model.pretrained_text={tmp_path / 'no-tokenizer'}", *common)
+    assert "has no tokenizer" in err
 
 
 def test_malicious_tower_file_is_refused_and_never_runs(tmp_path, capsys, synth_small):

@@ -28,6 +28,10 @@ from ..checkpoint import CheckpointError
 from .factory import HF_TEXT_CONFIG
 
 
+# a transformers text model's tokenizer is one of these (fast JSON, WordPiece, BPE, SentencePiece)
+TEXT_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
 class TowerError(CheckpointError):
     """A tower weights file or directory that does not fit the configured tower; the message names why."""
 
@@ -99,15 +103,15 @@ def _read_hf_config(path: Path) -> dict:
 
 def text_tower_config(model_cfg: dict, path: str | Path) -> dict:
     """model_cfg with its Hugging Face text tower built as the directory's model (its config.json as data)."""
-    from .hf_clip import check_tokenizer
-
     path = Path(path)
     text = model_cfg.get("text_cfg", {})
     if not text.get("hf_model_name"):
         raise TowerError(f"model.pretrained_text={path}: the configured text tower is open_clip's own transformer, "
                          "not a Hugging Face one (text_cfg.hf_model_name): a transformers model has no place in it")
     config = _read_hf_config(path)
-    check_tokenizer(path)
+    if not any((path / name).is_file() for name in TEXT_TOKENIZER_FILES):
+        raise TowerError(f"model.pretrained_text={path}: it has no tokenizer ({', '.join(TEXT_TOKENIZER_FILES)}): "
+                         "save the model's tokenizer into the directory (tokenizer.save_pretrained(DIR))")
     ctx = int(text.get("context_length", 77))
     # RoBERTa-style embeddings number positions from padding_idx + 1
     pad = config.get("pad_token_id")
