@@ -123,13 +123,15 @@ def test_lit_run_keeps_both_pretrained_towers_bit_identical_and_records_the_toke
 
     net, image_file = _timm_file(tmp_path / "vit")
     bert, tokenizer = _bert_directory(tmp_path / "bert")
-    summary = run(_config(f"model.name={_hf_text_config(tmp_path)}", f"model.pretrained_image={image_file}",
-                          f"model.pretrained_text={tmp_path / 'bert'}", "model.lock_image=true",
-                          "model.lock_text=true", f"run.dir={tmp_path / 'run'}",
-                          f"data.train={synth_small.train_spec}", "train.global_batch_size=8", "train.steps=3",
-                          "train.warmup_steps=1", "train.lr=1e-2", "run.progress=false", "data.workers=0",
-                          "data.shuffle_buffer=20", "eval.zeroshot_at_end=false", "eval.retrieval_at_end=false",
-                          "export.at_end=false", "run.report=false"))
+    overrides = [f"model.name={_hf_text_config(tmp_path)}", f"model.pretrained_image={image_file}",
+                 f"model.pretrained_text={tmp_path / 'bert'}", "model.lock_image=true", "model.lock_text=true",
+                 f"run.dir={tmp_path / 'run'}", f"data.train={synth_small.train_spec}", "train.global_batch_size=8",
+                 "train.warmup_steps=1", "train.lr=1e-2", "run.progress=false", "data.workers=0",
+                 "data.shuffle_buffer=20", "eval.zeroshot_at_end=false", "eval.retrieval_at_end=false",
+                 "export.at_end=false", "run.report=false"]
+    run(_config(*overrides, "train.steps=2"))
+    summary = run(_config(*overrides, "train.steps=3", "train.resume=latest"))  # resumes as any run does
+    assert summary["start_step"] == 2 and summary["steps"] == 3
     assert summary["pretrained"]["towers"] == {"image": str(image_file), "text": str(tmp_path / "bert")}
     written = (tmp_path / "run" / "config.yaml").read_text()
     assert f"pretrained_image: {image_file}" in written and f"pretrained_text: {tmp_path / 'bert'}" in written
