@@ -44,8 +44,11 @@ def _train(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict) -> None:
     print(f"\nrun directory : {summary['run_dir']}")
     print(f"checkpoint    : {summary.get('checkpoint')}")
-    if summary.get("pretrained"):
-        print(f"started from  : {summary['pretrained']['source']}")
+    pretrained = summary.get("pretrained") or {}
+    if pretrained.get("source"):
+        print(f"started from  : {pretrained['source']}")
+    for tower, path in pretrained.get("towers", {}).items():
+        print(f"{tower} tower    : {path}" if tower == "text" else f"{tower} tower   : {path}")
     done = summary["steps"] - summary.get("start_step", 0)
     resumed = f", resumed at step {summary['start_step']}" if summary.get("start_step") else ""
     print(f"trained       : {done} steps in {summary['train_seconds']:.0f} s (step {summary['steps']}{resumed})")

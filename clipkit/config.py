@@ -95,6 +95,11 @@ class ModelConfig:
     # that carries its architecture gives it (model.name stays at its default or names the same one); for an
     # epoch_N.pt or a bare state dict model.name names it.
     pretrained: Optional[str] = None
+    # One tower's weights (LiT, partial init; docs/pretrained.md): a timm model's weights file for a config whose
+    # image tower is a timm model, and a transformers text model directory (BertModel, RobertaModel, XLM-R ...)
+    # for a config with a Hugging Face text tower; the run then tokenises with the directory's tokenizer.
+    pretrained_image: Optional[str] = None
+    pretrained_text: Optional[str] = None
     grad_checkpointing: bool = False
     # Run the text tower only up to the batch's longest caption where that gives the same features and
     # gradients (a causal text tower read at its end-of-text token, as in every CLIP config); else full length.
@@ -474,6 +479,7 @@ def validate(cfg: Config) -> None:
     _check_model(cfg.model.name)
     p = cfg.model.pretrained
     _check(p is None or Path(p).exists(), "model.pretrained", f"names a path that does not exist: {p}")
+    _check_towers(cfg.model)
     _check(t.resume is None or t.resume == "latest" or Path(t.resume).is_dir(), "train.resume",
            f"must be latest, null, or an existing checkpoint directory (got {t.resume!r})")
     _check(d.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")
@@ -595,6 +601,26 @@ def _check_model(name: str) -> None:
         get_model_config(name)
     except ModelNotFoundError as e:
         raise ConfigError(f"config key 'model.name': {e}") from None
+
+
+def _check_towers(m: ModelConfig) -> None:
+    """Tower weights exist and fit the kind of tower model.name configures (with model.pretrained the source's
+    architecture decides, checked when it is read)."""
+    for key, path in (("model.pretrained_image", m.pretrained_image), ("model.pretrained_text", m.pretrained_text)):
+        _check(path is None or Path(path).exists(), key, f"names a path that does not exist: {path}")
+    if m.pretrained is not None or (m.pretrained_image is None and m.pretrained_text is None):
+        return
+    from .models import get_model_config
+    from .models.towers import TowerError, check_image_tower, text_tower_config
+
+    model_cfg = get_model_config(m.name)
+    try:
+        if m.pretrained_image is not None:
+            check_image_tower(model_cfg, m.pretrained_image)
+        if m.pretrained_text is not None:
+            text_tower_config(model_cfg, m.pretrained_text)
+    except TowerError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_json_file(path: str, key: str) -> None:

@@ -1,6 +1,7 @@
 """`clipkit inspect PATH [--model NAME] [--json]`: what a path holds and what clipkit can do with it.
 
-    format          how it was detected (clipkit, open_clip, transformers, open_clip-trainer, state-dict)
+    format          how it was detected (clipkit, open_clip, transformers, open_clip-trainer, state-dict,
+                    openai-torchscript)
     architecture    the model's name and its towers' shapes
     parameters      per tower (image, text, other: temperature, bias)
     tokenizer       which one captions go through, at which context length
@@ -34,7 +35,8 @@ def _tokenizer(loaded) -> str:
     tok = loaded.tokenizer
     inner = getattr(tok, "tokenizer", None)
     if inner is not None and getattr(tok, "path", None):  # a directory's own transformers tokenizer
-        return f"{type(inner).__name__} from {tok.path} (vocabulary {len(inner)})"
+        where = "the weights file's header" if loaded.format == "clipkit" else tok.path  # (tokenizer_files.py)
+        return f"{type(inner).__name__} from {where} (vocabulary {len(inner)})"
     return f"open_clip {type(tok).__name__}"
 
 

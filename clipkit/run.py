@@ -36,7 +36,7 @@ from .evaluation import (
     load_zeroshot_set,
     write_result,
 )
-from .export import EXPORT_FORMATS
+from .export import EXPORT_FORMATS, tokenizer_kwargs
 from .models import create_model, load_model
 from .report import write_report
 from .training import Trainer
@@ -96,7 +96,7 @@ def run(cfg: Config) -> dict:
         if env.device.type == "cuda":
             summary["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
         if env.is_main and trainer.stopped_by is None:
-            summary.update(evaluate_and_export(cfg, checkpoint, held_out, env.device, trainer.tokenizer))
+            summary.update(evaluate_and_export(cfg, checkpoint, held_out, env.device))
         if env.is_main:
             (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if cfg.run.report:
@@ -150,11 +150,10 @@ class PeriodicEval:
                 if not name.startswith("num_") and name != "chance_acc1"}
 
 
-def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device: torch.device,
-                        tokenizer=None) -> dict:
-    """tokenizer: the one the run trained with (a pretrained source's own; its checkpoints do not record it)."""
+def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device: torch.device) -> dict:
+    """The final checkpoint evaluated and exported, with the tokenizer it carries (a pretrained source's own)."""
     run_dir, out = Path(cfg.run.dir), {}
-    loaded = load_model(checkpoint, device=device, tokenizer=tokenizer)
+    loaded = load_model(checkpoint, device=device)
     at_end = HeldOut(held_out.zeroshot if cfg.eval.zeroshot_at_end else None,
                      held_out.retrieval if cfg.eval.retrieval_at_end else None)
     results = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, at_end, cfg, device,
@@ -167,7 +166,8 @@ def evaluate_and_export(cfg: Config, checkpoint: Path, held_out: HeldOut, device
         out[task] = {**metrics, "result_file": str(path)}
     if cfg.export.at_end:
         files = EXPORT_FORMATS[cfg.export.format](loaded.model.cpu(), loaded.model_name, loaded.model_cfg,
-                                                  run_dir / "export")
+                                                  run_dir / "export",
+                                                  **tokenizer_kwargs(cfg.export.format, loaded.tokenizer_files))
         out["export"] = {k: str(v) for k, v in files.items()}
         out["export_format"] = cfg.export.format
     return out

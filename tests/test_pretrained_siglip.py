@@ -293,8 +293,9 @@ def test_a_short_run_from_a_siglip_directory_trains_evaluates_and_exports(tmp_pa
     assert exported["logit_bias"].item() != LOGIT_BIAS  # the imported bias trained on
     # its temperature trained on from its own value, not cut to CLIP's exp(logit_scale) <= 100 at the first step
     assert abs(exported["logit_scale"].item() - released) < 0.01 and exported["logit_scale"].item() > math.log(100.0)
-    # the run's weights do not record the directory's tokenizer: loading them alone says so in one line
+    # the run's weights carry the directory's tokenizer: loaded alone, with the directory gone, they tokenise as
+    # the directory's SiglipTokenizer does
+    reference = _hf_tokens(tmp_path / "hf", TEXTS, SHAPES[0][10])
+    shutil.rmtree(tmp_path / "hf")
     for weights in (summary["checkpoint"], tmp_path / "run" / "export"):
-        with pytest.raises(CheckpointError, match="embeds 200 tokens but open_clip's tokenizer") as info:
-            load_model(weights)
-        assert "\n" not in str(info.value)
+        assert torch.equal(load_model(weights).tokenizer(TEXTS), reference)

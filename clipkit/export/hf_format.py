@@ -292,15 +292,23 @@ def build_image_processor(pp: dict):
         do_normalize=True, do_convert_rgb=True)
 
 
-def export_hf(model, model_name: str, model_cfg: dict, out: str | Path) -> dict[str, Path]:
-    """Write OUT as a CLIPModel + CLIPProcessor directory (see the module docstring)."""
-    from transformers import CLIPProcessor
+def export_hf(model, model_name: str, model_cfg: dict, out: str | Path,
+              tokenizer_files: dict | None = None) -> dict[str, Path]:
+    """Write OUT as a CLIPModel + CLIPProcessor directory (see the module docstring). tokenizer_files: the
+    transformers tokenizer the model was trained with (LoadedModel.tokenizer_files), written in place of the BPE."""
+    from transformers import AutoTokenizer, CLIPProcessor
+
+    from ..models.tokenizer_files import materialize
 
     out = Path(out)
     hf = to_hf_model(model, model_cfg)  # every check runs before anything is written
     image_processor = build_image_processor(dict(model.visual.preprocess_cfg))
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, model.positional_embedding.shape[0])
+    if tokenizer_files:
+        tokenizer = AutoTokenizer.from_pretrained(materialize(tokenizer_files), trust_remote_code=False,
+                                                  local_files_only=True)
+    else:
+        tokenizer = build_tokenizer(out, model.positional_embedding.shape[0])
     hf.save_pretrained(out, safe_serialization=True)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     # transformers 5 keeps the image processor inside processor_config.json; earlier releases and
@@ -309,6 +317,7 @@ def export_hf(model, model_name: str, model_cfg: dict, out: str | Path) -> dict[
     files = {"config": out / "config.json", "weights": out / "model.safetensors",
              "tokenizer": out / "tokenizer.json", "vocab": out / "vocab.json", "merges": out / "merges.txt",
              "preprocessor": out / "preprocessor_config.json"}
+    files = {k: v for k, v in files.items() if v.is_file()}  # another tokenizer may keep no vocab.json/merges.txt
     if (out / "processor_config.json").is_file():
         files["processor"] = out / "processor_config.json"
     return files

@@ -6,7 +6,8 @@
     OUT/text.int8.onnx    (onnxruntime.quantization.quantize_dynamic)
     OUT/onnx_config.json  inputs, outputs, preprocessing, tokenizer and logit scale
     OUT/tokenizer/        CLIP tokenizer files (tokenizer.json, vocab.json, merges.txt), when the model
-                          uses open_clip's standard tokenizer
+                          uses open_clip's standard tokenizer, or the transformers tokenizer it was
+                          trained with (tokenizer_files)
 
 The outputs equal open_clip's encode_image / encode_text (not L2-normalised). Each file is self-contained
 (weights inside, no .onnx.data), the batch axis is dynamic, and every graph is run once through ONNX
@@ -58,15 +59,20 @@ def context_length(model: nn.Module) -> int:
     return int(getattr(model, "context_length", None) or model.text.context_length)
 
 
-def example_inputs(model: nn.Module, model_cfg: dict, batch: int = 2) -> dict[str, torch.Tensor]:
+def example_inputs(model: nn.Module, model_cfg: dict, batch: int = 2,
+                   tokenizer_files: dict | None = None) -> dict[str, torch.Tensor]:
     """Inputs to trace and to check with. Batch 2: the exporter would specialise a batch of 1."""
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, *image_size(model), generator=gen)
     ctx = context_length(model)
+    captions = ["a photo of a red circle.", "two small blue stars!"]
+    if tokenizer_files:  # the model's own transformers tokenizer
+        ids = _hf_tokenizer(tokenizer_files)([captions[i % 2] for i in range(batch)], padding="max_length",
+                                             max_length=ctx, truncation=True, return_tensors="pt")["input_ids"]
+        return {"pixel_values": pixels, "input_ids": ids.long()}
     if _standard_tokenizer(model_cfg):  # real captions: start, words, end-of-text, padding
         from open_clip.tokenizer import SimpleTokenizer
 
-        captions = ["a photo of a red circle.", "two small blue stars!"]
         ids = SimpleTokenizer(context_length=ctx)([captions[i % 2] for i in range(batch)])
         return {"pixel_values": pixels, "input_ids": ids}
     vocab = int(model_cfg.get("text_cfg", {}).get("vocab_size", 1000))
@@ -158,9 +164,11 @@ def _standard_tokenizer(model_cfg: dict) -> bool:
     return not any(text_cfg.get(k) for k in ("hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs"))
 
 
-def _tokenizer_info(model: nn.Module, model_cfg: dict, out: Path) -> dict:
+def _tokenizer_info(model: nn.Module, model_cfg: dict, out: Path, tokenizer_files: dict | None = None) -> dict:
     text_cfg = model_cfg.get("text_cfg", {})
     info = {"context_length": context_length(model)}
+    if tokenizer_files:  # the transformers tokenizer the model was trained with (models/tokenizer_files.py)
+        return info | _recorded_tokenizer(tokenizer_files, out / "tokenizer")
     if not _standard_tokenizer(model_cfg):
         return info | {"type": "open_clip tokenizer from the model config",
                        **{k: text_cfg[k] for k in ("hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs")
@@ -173,6 +181,24 @@ def _tokenizer_info(model: nn.Module, model_cfg: dict, out: Path) -> dict:
                    "sot_id": 49406, "eot_id": 49407, "pad_id": 0,
                    "layout": "[sot, tokens..., eot, 0...] padded to context_length; a longer text keeps its "
                              "first context_length - 1 ids and ends with eot"}
+
+
+def _hf_tokenizer(tokenizer_files: dict):
+    from transformers import AutoTokenizer
+
+    from ..models.tokenizer_files import materialize
+
+    return AutoTokenizer.from_pretrained(materialize(tokenizer_files), trust_remote_code=False, local_files_only=True)
+
+
+def _recorded_tokenizer(tokenizer_files: dict, directory: Path) -> dict:
+    tokenizer = _hf_tokenizer(tokenizer_files)
+    directory.mkdir(exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    return {"type": f"the model's transformers tokenizer ({type(tokenizer).__name__}: "
+                    "AutoTokenizer.from_pretrained('tokenizer'))", "files": "tokenizer",
+            "pad_id": tokenizer.pad_token_id, "eot_id": tokenizer.eos_token_id,
+            "layout": "the tokenizer's ids, padded with pad_id and truncated to context_length"}
 
 
 def _preprocess_info(model: nn.Module) -> dict:
@@ -189,7 +215,7 @@ def _preprocess_info(model: nn.Module) -> dict:
 
 
 def describe(model: nn.Module, model_name: str, model_cfg: dict, out: Path, files: dict[str, Path],
-             diffs: dict[str, float], dim: int) -> dict:
+             diffs: dict[str, float], dim: int, tokenizer_files: dict | None = None) -> dict:
     """The JSON a consumer needs to feed the graphs and compare their outputs."""
     h, w = image_size(model)
     bias = getattr(model, "logit_bias", None)
@@ -210,22 +236,24 @@ def describe(model: nn.Module, model_name: str, model_cfg: dict, out: Path, file
         "logit_scale": math.exp(float(model.logit_scale.detach().reshape(-1)[0])),
         "logit_bias": None if bias is None else float(bias.detach().reshape(-1)[0]),
         "preprocess": _preprocess_info(model),
-        "tokenizer": _tokenizer_info(model, model_cfg, out),
+        "tokenizer": _tokenizer_info(model, model_cfg, out, tokenizer_files),
     }
 
 
-def export_onnx(model, model_name: str, model_cfg: dict, out: str | Path) -> dict[str, Path]:
+def export_onnx(model, model_name: str, model_cfg: dict, out: str | Path,
+                tokenizer_files: dict | None = None) -> dict[str, Path]:
     for module in ("onnx", "onnxruntime", "onnxscript"):
         require(module, "the ONNX export")
     """Write OUT (see the module docstring) and return the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with eval_mode(model):  # patch dropout and dropout are training-only: the graphs are the inference model
-        return _export(model, model_name, model_cfg, out)
+        return _export(model, model_name, model_cfg, out, tokenizer_files)
 
 
-def _export(model: nn.Module, model_name: str, model_cfg: dict, out: Path) -> dict[str, Path]:
-    inputs = example_inputs(model, model_cfg)
+def _export(model: nn.Module, model_name: str, model_cfg: dict, out: Path,
+            tokenizer_files: dict | None = None) -> dict[str, Path]:
+    inputs = example_inputs(model, model_cfg, tokenizer_files=tokenizer_files)
     with torch.no_grad():
         reference = {"image": model.encode_image(inputs["pixel_values"]),
                      "text": model.encode_text(inputs["input_ids"])}
@@ -235,7 +263,7 @@ def _export(model: nn.Module, model_name: str, model_cfg: dict, out: Path) -> di
         files[name] = export_encoder(encoder, inputs[input_name], input_name, output_name, out / f"{name}.onnx")
         diffs[name] = check_graph(files[name], inputs[input_name], reference[name])
         files[f"{name}_int8"] = quantize(files[name], out / f"{name}.int8.onnx")
-    config = describe(model, model_name, model_cfg, out, files, diffs, reference["image"].shape[-1])
+    config = describe(model, model_name, model_cfg, out, files, diffs, reference["image"].shape[-1], tokenizer_files)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     files["config"] = out / CONFIG_NAME
     if "files" in config["tokenizer"]:

@@ -94,13 +94,14 @@ def save_best(model: ImageClassifier, run_dir: Path, loaded: LoadedModel, classn
     tmp = directory / "best.tmp"
     tmp.mkdir()
     save_weights(model.clip.state_dict(), tmp / WEIGHTS_FILE, loaded.model_name, loaded.model_cfg,
-                 loaded.preprocess_cfg)
+                 loaded.preprocess_cfg, loaded.tokenizer_files)
     save_head(model, tmp / HEAD_FILE, classnames, loaded.model_name)
     return commit(tmp, {"kind": "finetune", "engine": "finetune", **meta})
 
 
 def export_classifier(model: ImageClassifier, out: Path, loaded: LoadedModel, classnames: list[str]) -> dict:
-    files = export_open_clip(model.clip.cpu(), loaded.model_name, loaded.model_cfg, out)
+    files = export_open_clip(model.clip.cpu(), loaded.model_name, loaded.model_cfg, out,
+                             tokenizer_files=loaded.tokenizer_files)
     files["head"] = save_head(model, out / HEAD_FILE, classnames, loaded.model_name)
     return {k: str(v) for k, v in files.items()}
 

@@ -144,11 +144,33 @@ def register_model_config(name: str, model_cfg: dict) -> str:
         return name
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16]
     registered = f"{name}-ckpt{digest}"
-    if open_clip.get_model_config(registered) != model_cfg:
+    built = _open_clip_config(model_cfg, registered)
+    if open_clip.get_model_config(registered) != built:
         path = _private_config_dir() / f"{registered}.json"
-        path.write_text(json.dumps(model_cfg))
+        path.write_text(json.dumps(built))
         open_clip.add_model_config(path)  # open_clip rescans its config paths, this one included, on each add
     return registered
+
+
+HF_TEXT_CONFIG = "hf_model_config"  # text_cfg key: a transformers text tower's config.json, as data
+
+
+def _open_clip_config(model_cfg: dict, registered: str) -> dict:
+    """The config open_clip builds from. A text tower recorded as its transformers config (model.pretrained_text)
+    is built from that config written to config.json in this process's private directory, where
+    transformers' AutoConfig reads it: the recorded tower name stays a label, never read as a path."""
+    hf_config = model_cfg.get("text_cfg", {}).get(HF_TEXT_CONFIG)
+    if hf_config is None:
+        return model_cfg
+    if not isinstance(hf_config, dict) or "auto_map" in hf_config:  # custom code: never followed
+        raise UserError(f"model {registered}: its recorded text tower config (text_cfg.{HF_TEXT_CONFIG}) is not a "
+                        "transformers config clipkit builds (a JSON object naming no custom code)")
+    directory = _private_config_dir() / f"{registered}-text"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    text_cfg = {k: v for k, v in model_cfg["text_cfg"].items() if k != HF_TEXT_CONFIG}
+    return {**model_cfg, "text_cfg": {**text_cfg, "hf_model_name": str(directory),
+                                      "hf_tokenizer_name": str(directory)}}
 
 
 _config_dir: Path | None = None

@@ -9,6 +9,8 @@
     open_clip-trainer an OpenCLIP trainer checkpoint (epoch_N.pt: state_dict, optimizer, epoch); the
                       architecture is named by --model / model.name
     state-dict        a bare open_clip state dict (.safetensors, .bin, .pt, .pth); architecture as above
+    openai-torchscript OpenAI's original CLIP archives (ViT-B-32.pt, RN50.pt): their tensors read without
+                      running their code (torchscript.py); the architecture from the tensor shapes
 
 Pickled files are read only with torch.load(weights_only=True), which unpickles tensors and plain
 containers and refuses anything else (a `__reduce__` payload never runs): such a file is refused with
@@ -35,12 +37,10 @@ def read_pickled(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, OSError) as e:
-        if "TorchScript" in str(e):  # OpenAI's original archives: their tensors come with code to run
-            raise CheckpointError(f"{path} is a TorchScript archive (OpenAI's original CLIP format): clipkit does not "
-                                  "load TorchScript; convert it once with open_clip (python -c \"import open_clip, "
-                                  "torch; m = open_clip.load_openai_model('FILE.pt', device='cpu'); torch.save("
-                                  "m.state_dict(), 'weights.bin')\") and read weights.bin with --model "
-                                  "ViT-B-32-quickgelu (or the matching -quickgelu name)") from None
+        if "TorchScript" in str(e):  # read as a whole model only (torchscript.py), never as a weights file
+            raise CheckpointError(f"{path} is a TorchScript archive, not a weights file: clipkit reads OpenAI's "
+                                  "CLIP archives as a whole model (--checkpoint, model.pretrained), without "
+                                  "running their code, and no other TorchScript") from None
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused, not a weights-only file (torch.load(weights_only=True) would "
                               f"have to run code or cannot read it: {reason}); clipkit runs no code from "

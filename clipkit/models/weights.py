@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, read_latest, read_manifest, verify
+from . import tokenizer_files as tokenizer_codec
 from .factory import (ModelNameError, ModelNotFoundError, create_model, create_transforms, get_model_config,
                       get_tokenizer, plain_model_name, register_model_config)
 from .sources import read_safetensors
@@ -56,6 +57,9 @@ class LoadedModel:
     # model keep it (save_weights(..., preprocess_cfg=loaded.preprocess_cfg))
     preprocess_cfg: dict | None = None
     weights: Path | None = None  # the file the tensors were read from (a run directory resolved to its step)
+    # the files of a transformers tokenizer (tokenizer_files.py), None for open_clip's own: weights files
+    # saved from this model carry them (save_weights(..., tokenizer_files=loaded.tokenizer_files))
+    tokenizer_files: dict | None = None
 
     @property
     def transforms(self) -> tuple[Callable, Callable]:
@@ -85,20 +89,23 @@ class _Source:
 
 
 def save_weights(state_dict: dict, path: str | Path, model_name: str, model_cfg: dict,
-                 preprocess_cfg: dict | None = None) -> Path:
-    """preprocess_cfg: image preprocessing other than the architecture's default (an imported model's)."""
+                 preprocess_cfg: dict | None = None, tokenizer_files: dict | None = None) -> Path:
+    """preprocess_cfg: image preprocessing other than the architecture's default (an imported model's);
+    tokenizer_files: a transformers tokenizer's files, carried in the header (tokenizer_files.py)."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = {"format": "pt", "model_name": model_name, "model_cfg": json.dumps(model_cfg)}
     if preprocess_cfg:
         meta["preprocess_cfg"] = json.dumps(preprocess_cfg)
+    if tokenizer_files:
+        meta[tokenizer_codec.HEADER_KEY] = tokenizer_codec.encode(tokenizer_files)
     save_file(state, str(path), metadata=meta)
     return path
 
 
-def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None]:
+def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None, dict | None]:
     """A run directory, a clipkit checkpoint directory or a weights file clipkit wrote: (file, name, model_cfg,
-    preprocess_cfg when the header has one)."""
+    preprocess_cfg and tokenizer files when the header has them)."""
     latest = read_latest(path / "checkpoints") if path.is_dir() else None
     if latest is not None:  # a run directory: its newest checkpoint
         path = latest
@@ -121,7 +128,9 @@ def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None]:
     pp = json.loads(meta["preprocess_cfg"]) if "preprocess_cfg" in meta else None
     if pp:  # JSON has no tuples: mean and std as open_clip keeps them
         pp = {k: tuple(v) if isinstance(v, list) else v for k, v in pp.items()}
-    return path, name, json.loads(meta["model_cfg"]), pp
+    files = meta.get(tokenizer_codec.HEADER_KEY)
+    files = tokenizer_codec.decode(files, path) if files else None
+    return path, name, json.loads(meta["model_cfg"]), pp, files
 
 
 def _has_clipkit_header(path: Path) -> bool:
@@ -146,24 +155,34 @@ def _source(path: Path, model_name: str | None) -> _Source:
     from . import hf_clip
     from .sources import OPEN_CLIP_CONFIG as OC_CONFIG, PICKLE_SUFFIXES, open_clip_directory, open_clip_state, \
         read_pickled, read_tensors, trainer_state
+    from .torchscript import is_torchscript_archive, openai_model_config, openai_state, read_torchscript_state
 
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir() and (path / OC_CONFIG).is_file():  # open_clip's hub layout (and clipkit's export)
         weights, model_cfg, pp = open_clip_directory(path)
         # a Hugging Face tokenizer is read from the directory when its files are there (never downloaded)
-        hf_tokenizer = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") and hf_clip.has_tokenizer(path)
+        from .hf_siglip import TOKENIZER_FILES as SIGLIP_TOKENIZER_FILES
+
+        layouts = hf_clip.TOKENIZER_FILES + SIGLIP_TOKENIZER_FILES  # BPE or SentencePiece, as the export wrote it
+        hf_tokenizer = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") and hf_clip.has_tokenizer(path, layouts)
         return _Source(weights, read_tensors(weights), _directory_model_name(path), model_cfg, "open_clip",
                        preprocess_cfg=pp or None, tokenizer_dir=path if hf_tokenizer else None,
                        convert=open_clip_state)
     if hf_clip.is_hf_directory(path):  # a transformers CLIPModel or SiglipModel directory
         return _transformers_source(path)
     if path.is_dir() or (path.suffix == ".safetensors" and _has_clipkit_header(path)):
-        weights, name, model_cfg, pp = _clipkit_file(path)
-        return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit", preprocess_cfg=pp)
+        weights, name, model_cfg, pp, files = _clipkit_file(path)
+        return _Source(weights, read_safetensors(weights)[0], name, model_cfg, "clipkit", preprocess_cfg=pp,
+                       tokenizer_dir=tokenizer_codec.materialize(files) if files else None)
     if path.suffix == ".safetensors":
         name, model_cfg = _named_architecture(path, model_name, "an open_clip state dict")
         return _Source(path, read_tensors(path), name, model_cfg, "state-dict", convert=open_clip_state)
+    if is_torchscript_archive(path):  # OpenAI's original CLIP archives, read without running their code
+        state = read_torchscript_state(path)
+        model_cfg = openai_model_config(path, state)
+        return _Source(path, state, _known_name(model_cfg) or _directory_model_name(path.with_suffix("")), model_cfg,
+                       "openai-torchscript", convert=openai_state)
     if path.suffix in PICKLE_SUFFIXES:
         obj = read_pickled(path)  # weights_only: refused before anything else is looked at
         trainer = trainer_state(path, obj)
@@ -195,6 +214,13 @@ def _transformers_source(path: Path) -> _Source:
                    preprocess_cfg=pp, tokenizer_dir=path,
                    convert=lambda model, state: kind.to_open_clip_state(
                        path, state, model_cfg, {k: v.shape for k, v in model.state_dict().items()}))
+
+
+def _known_name(model_cfg: dict) -> str | None:
+    """The open_clip architecture with exactly this config (ViT-B-32-quickgelu for OpenAI's ViT-B-32.pt), if any."""
+    from open_clip import get_model_config as open_clip_config, list_models
+
+    return next((name for name in list_models() if open_clip_config(name) == model_cfg), None)
 
 
 def _directory_model_name(path: Path) -> str:
@@ -231,15 +257,20 @@ def context_length(model: torch.nn.Module) -> int:
     return int(getattr(model, "context_length", None) or model.text.context_length)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None,
-               tokenizer: Callable | None = None) -> LoadedModel:
+def tokenizer_context_length(model: torch.nn.Module, model_cfg: dict) -> int:
+    """What texts are padded to: a Hugging Face text tower's text_cfg.context_length (as open_clip's
+    get_tokenizer has it; the tower itself embeds max_position_embeddings), else the model's."""
+    text = model_cfg.get("text_cfg", {})
+    return int(text.get("context_length", 77)) if text.get("hf_model_name") else context_length(model)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None) -> LoadedModel:
     """Load any source sources.py describes, with its tokenizer and image transforms (refused when not finite).
 
     model_name (--model / model.name) names the architecture of a file that does not carry one; for one that
-    does, it must name the same architecture. tokenizer: the one the weights were trained with, for weights
-    that do not record it (a run's own checkpoint, when the run started from a model with its own tokenizer)."""
+    does, it must name the same architecture."""
     src = _source(Path(path), model_name)
-    if model_name and src.format in ("clipkit", "open_clip", "transformers"):
+    if model_name and src.format in ("clipkit", "open_clip", "transformers", "openai-torchscript"):
         _check_same_architecture(path, model_name, src)
     bad = first_nonfinite(src.state)
     if bad is not None:
@@ -255,8 +286,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
              for k, v in state.items()}
     _check_fit(model, state, src.weights, src.name)
     model.load_state_dict(state)
-    ctx = context_length(model)
-    tokenizer = _tokenizer(src, registered, ctx) if tokenizer is None else tokenizer
+    ctx = tokenizer_context_length(model, src.model_cfg)
+    tokenizer = _tokenizer(src, registered, ctx)
+    files = tokenizer_codec.read_tokenizer_files(src.tokenizer_dir) if src.tokenizer_dir is not None else None
     train_transform, eval_transform = create_transforms(model)
     if src.format == "transformers":  # the directory's processor places its crop its own way
         from .hf_clip import processor_eval_transform
@@ -264,7 +296,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", model_name:
         eval_transform = processor_eval_transform(eval_transform)
     return LoadedModel(model.to(device), registered, src.name, src.model_cfg, Path(path), tokenizer,
                        train_transform, eval_transform, ctx, src.format, f"{FORMATS[src.format]}: {src.weights}",
-                       src.extra, dict(model.visual.preprocess_cfg) if src.preprocess_cfg else None, src.weights)
+                       src.extra, dict(model.visual.preprocess_cfg) if src.preprocess_cfg else None, src.weights,
+                       files)
 
 
 def load_any(path: str | Path, model_name: str | None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -278,7 +311,8 @@ def load_any(path: str | Path, model_name: str | None, device: str | torch.devic
 
 FORMATS = {"clipkit": "clipkit weights", "open_clip": "open_clip model directory",
            "transformers": "transformers CLIPModel/SiglipModel directory",
-           "open_clip-trainer": "OpenCLIP trainer checkpoint", "state-dict": "open_clip state dict"}
+           "open_clip-trainer": "OpenCLIP trainer checkpoint", "state-dict": "open_clip state dict",
+           "openai-torchscript": "OpenAI CLIP TorchScript archive"}
 
 
 def _check_same_architecture(path, model_name: str, src: _Source) -> None:
@@ -309,11 +343,11 @@ def _tokenizer(src: _Source, registered: str, ctx: int):
 
 
 def _check_vocabulary(src: _Source, tokenizer) -> None:
-    """The architecture's own tokenizer must only give ids the text tower embeds: weights trained from a
-    model with its own tokenizer (a SigLIP directory's SentencePiece) do not record it."""
+    """The architecture's own tokenizer must only give ids the text tower embeds: a bare state dict of weights
+    trained with their own tokenizer (a SigLIP directory's SentencePiece) does not carry it."""
     size, embedded = getattr(tokenizer, "vocab_size", None), src.model_cfg.get("text_cfg", {}).get("vocab_size")
     if isinstance(size, int) and isinstance(embedded, int) and size > embedded:
         raise CheckpointError(f"{src.weights}: its text tower embeds {embedded} tokens but open_clip's tokenizer for "
-                              f"{src.name} has {size}: these weights were trained with another tokenizer (a run "
-                              "started from a transformers SiglipModel directory), which clipkit weights do not "
-                              "record; evaluate the run's source directory, or within the run (eval.every)")
+                              f"{src.name} has {size}: these weights were trained with another tokenizer, which this "
+                              "file does not carry; load the run's checkpoint or export (they carry it), or the "
+                              "source directory")

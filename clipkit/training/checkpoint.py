@@ -105,6 +105,7 @@ class CheckpointManager:
         self.directory, self.env, self.engine = Path(directory), env, engine
         self.providers, self.every, self.keep, self.meta = providers, every, keep, meta
         self.reshard = reshard or {}
+        self.tokenizer_files: dict | None = None  # a transformers tokenizer the weights files carry
         self.last: Path | None = None
         self.load_note: str | None = None  # what the engine said about the last resume (a conversion), for the log
         if env.is_main:  # a missing key is made, a weak one refused, now rather than at the first save
@@ -168,7 +169,7 @@ class CheckpointManager:
     def _seal(self, tmp: Path, step: int, ranks: list, weights: dict | None) -> None:
         if weights is not None:
             save_weights(weights, tmp / WEIGHTS_FILE, self.meta["model_name"], self.meta["model_cfg"],
-                         self.meta.get("preprocess_cfg"))
+                         self.meta.get("preprocess_cfg"), self.tokenizer_files)
         write_json(tmp / TRAINER_FILE, {"step": step, "engine": self.engine.name, "world_size": self.env.world_size,
                                         **self.meta})
         write_json(tmp / RANKS_FILE, ranks)

@@ -79,6 +79,7 @@ class TorchEngine:
         self.module, self.env, self.grad_clip = module, env, t.grad_clip
         self.model_name, self.model_cfg = model_name, model_cfg
         self.preprocess_cfg = None  # an imported model's image preprocessing, kept in its weights files
+        self.tokenizer_files = None  # ...and its transformers tokenizer (models/tokenizer_files.py)
         self.model = module
         if env.distributed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
@@ -142,7 +143,7 @@ class TorchEngine:
         if not self.env.is_main:  # DDP replicas are identical: rank 0 writes for all
             return
         save_weights(self.module.state_dict(), directory / WEIGHTS_FILE, self.model_name, self.model_cfg,
-                     self.preprocess_cfg)
+                     self.preprocess_cfg, self.tokenizer_files)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()

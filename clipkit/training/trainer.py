@@ -57,7 +57,8 @@ from ..data import StreamState, build_train_loader, expand_sources, repartition_
 from ..distributed import DistEnv, gather_objects, init_distributed
 from ..errors import UserError
 from ..losses import create_loss
-from ..models import LoadedModel, create_model, create_transforms, get_model_config, get_tokenizer
+from ..models import (LoadedModel, create_model, create_transforms, get_model_config, get_tokenizer,
+                      register_model_config)
 from ..models.weights import load_any
 from ..models.flops import matmul_peak, train_flops_per_sample
 from .checkpoint import CheckpointManager, RNGState
@@ -120,6 +121,40 @@ def _keep_sigmoid_loss(cfg: Config, pretrained: LoadedModel) -> None:
         cfg.train.loss = "siglip"
 
 
+def architecture(cfg: Config, pretrained: LoadedModel | None) -> tuple[str, str, dict]:
+    """(the name the model builds under in this process, the name its checkpoints record, its model_cfg): the
+    pretrained source's or model.name's, with model.pretrained_text's text tower when there is one. A tower
+    file whose tower is of another kind is refused here, before anything is built."""
+    from ..models.towers import TowerError, check_image_tower, text_tower_config
+
+    build_name = pretrained.name if pretrained else cfg.model.name
+    model_name = pretrained.model_name if pretrained else cfg.model.name
+    model_cfg = pretrained.model_cfg if pretrained else get_model_config(cfg.model.name)
+    try:
+        if cfg.model.pretrained_image is not None:
+            check_image_tower(model_cfg, cfg.model.pretrained_image)
+        if cfg.model.pretrained_text is not None:
+            model_cfg = text_tower_config(model_cfg, cfg.model.pretrained_text)
+            build_name = register_model_config(model_name, model_cfg)
+    except TowerError as e:
+        raise ConfigError(str(e)) from None
+    return build_name, model_name, model_cfg
+
+
+def run_tokenizer(cfg: Config, pretrained: LoadedModel | None, model_cfg: dict) -> tuple[Callable, dict | None]:
+    """The tokenizer the run trains with and the files its weights files carry (None: open_clip's own): a
+    transformers text tower's directory, else the pretrained source's, else the architecture's."""
+    if cfg.model.pretrained_text is not None:
+        from ..models.hf_clip import DirectoryTokenizer
+        from ..models.tokenizer_files import read_tokenizer_files
+
+        path = Path(cfg.model.pretrained_text)
+        return DirectoryTokenizer(path, model_cfg["text_cfg"]["context_length"]), read_tokenizer_files(path)
+    if pretrained is not None:
+        return pretrained.tokenizer, pretrained.tokenizer_files
+    return get_tokenizer(cfg.model.name), None
+
+
 def _load_pretrained_weights(model: torch.nn.Module, pretrained: LoadedModel) -> None:
     """The pretrained weights into the model built for training; a sigmoid loss's logit bias, which a
     softmax-trained source has not, keeps its initial value."""
@@ -145,11 +180,12 @@ def build_model(cfg: Config, device: torch.device, pretrained: LoadedModel | Non
         kwargs["force_patch_dropout"] = cfg.model.patch_dropout
     if pretrained is not None:
         kwargs["force_preprocess_cfg"] = dict(pretrained.model.visual.preprocess_cfg)
-    name = pretrained.name if pretrained is not None else cfg.model.name
+    name = architecture(cfg, pretrained)[0]
     model = create_model(name, device=device, trim_text=cfg.model.trim_text, **kwargs)
     if pretrained is not None:
         _load_pretrained_weights(model, pretrained)
     m = cfg.model
+    _load_tower_weights(model, m)
     if m.lock_image:
         model.lock_image_tower(unlocked_groups=m.lock_image_unlocked_groups, freeze_bn_stats=m.lock_image_freeze_bn_stats)
     if m.lock_text:
@@ -157,6 +193,19 @@ def build_model(cfg: Config, device: torch.device, pretrained: LoadedModel | Non
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def _load_tower_weights(model: torch.nn.Module, m: ModelConfig) -> None:
+    """model.pretrained_image / pretrained_text into their towers (after model.pretrained, before locking)."""
+    from ..models.towers import TowerError, load_image_tower, load_text_tower
+
+    try:
+        if m.pretrained_image is not None:
+            load_image_tower(model, m.pretrained_image)
+        if m.pretrained_text is not None:
+            load_text_tower(model, m.pretrained_text)
+    except TowerError as e:
+        raise ConfigError(str(e)) from None
 
 
 class Throughput:
@@ -245,9 +294,7 @@ class Trainer:
         self._check_writable()
         pretrained = load_pretrained(cfg)
         # the name the model builds under in this process, and the architecture its checkpoints record
-        self.build_name = pretrained.name if pretrained else cfg.model.name
-        self.model_name = pretrained.model_name if pretrained else cfg.model.name
-        self.model_cfg = pretrained.model_cfg if pretrained else get_model_config(cfg.model.name)
+        self.build_name, self.model_name, self.model_cfg = architecture(cfg, pretrained)
         meta = {"model_name": self.model_name, "model_cfg": self.model_cfg, "config": config_to_dict(cfg)}
         self.pretrained = None
         self.optimizer_from_pretrained = False
@@ -255,6 +302,9 @@ class Trainer:
             self.pretrained = {"path": str(cfg.model.pretrained), "format": pretrained.format,
                                "architecture": pretrained.model_name, "source": pretrained.description}
             meta["preprocess_cfg"] = pretrained.preprocess_cfg
+        towers = {k: v for k, v in (("image", cfg.model.pretrained_image), ("text", cfg.model.pretrained_text)) if v}
+        if towers:  # tower weights, for the summary (their paths are in config.yaml too)
+            self.pretrained = {**(self.pretrained or {}), "towers": towers}
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.module = build_model(cfg, self.device, pretrained, **engine_class(cfg).model_kwargs(cfg))
@@ -264,14 +314,15 @@ class Trainer:
         # MFU's numerator: the model's FLOPs per sample, counted on the plain model before any wrapping
         self.flops_per_sample = self._count_flops() if env.is_main else None
         self.train_transform, self.val_transform = create_transforms(self.module)
-        self.tokenizer = get_tokenizer(cfg.model.name)
-        if pretrained is not None:  # the source's own tokenizer and evaluation preprocessing
-            self.tokenizer, self.val_transform = pretrained.tokenizer, pretrained.eval_transform
+        self.tokenizer, tokenizer_files = run_tokenizer(cfg, pretrained, self.model_cfg)
+        if pretrained is not None:  # the source's own evaluation preprocessing
+            self.val_transform = pretrained.eval_transform
             pretrained.model = None  # its weights are in self.module now
         seed_everything(cfg.run.seed + env.rank)  # then per-rank randomness (augmentation, dropout)
 
         self.engine = build_engine(cfg, self.module, env, self.model_name, self.model_cfg)
         self.engine.preprocess_cfg = meta.get("preprocess_cfg")
+        self.engine.tokenizer_files = tokenizer_files  # a transformers tokenizer travels with the weights
         loss_fn = create_loss(t.loss, local_loss=t.local_loss, tile_size=t.tile_size)
         self.step_fn = ContrastiveStep(self.engine, loss_fn, t.accum_steps, self.device)
         self.step = 0
@@ -291,6 +342,7 @@ class Trainer:
             self.run_dir / "checkpoints", env, self.engine,
             {"rng": RNGState(), "data": self.stream, "skipped": self.skipped, "nonfinite": self.nonfinite},
             every=t.checkpoint_every, keep=t.keep_checkpoints, meta=meta, reshard=self._reshard())
+        self.checkpoints.tokenizer_files = tokenizer_files
         self._start()
 
     def _import_openclip_optimizer(self, saved) -> None:
