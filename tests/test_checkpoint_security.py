@@ -194,7 +194,8 @@ def test_concurrent_first_use_makes_one_full_key(tmp_path):
                                                (b"k", 0o600, "delete it to have a new one made"),
                                                (b"k" * 31, 0o600, "delete it to have a new one made"),
                                                (os.urandom(32).hex().encode(), 0o644, "run chmod 600 {path}"),
-                                               (os.urandom(32).hex().encode(), 0o640, "run chmod 600 {path}")])
+                                               (os.urandom(32).hex().encode(), 0o640, "run chmod 600 {path}")],
+                         ids=["empty", "one-byte", "31-bytes", "readable-by-all", "readable-by-group"])
 def test_weak_keys_are_refused_with_the_fix(tmp_path, monkeypatch, content, mode, fix):
     from clipkit.checkpoint import commit, signing_key
 
