@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The test suite. Extra arguments go to pytest (e.g. -k loss, -x).
+# The test suite: both tiers, tests/unit (in-process, seconds each) and tests/process (torchrun jobs, the CLI,
+# services), as CI runs it. `--quick` runs the unit tier only, for the inner loop (a few minutes).
+# Other arguments go to pytest (e.g. -k loss, -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . launch/env.sh
-python -m pytest -q tests "$@"
+tiers=(tests)
+if [ "${1:-}" = "--quick" ]; then
+    shift
+    tiers=(tests/unit)
+fi
+python -m pytest -q --strict-markers "${tiers[@]}" "$@"

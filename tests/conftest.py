@@ -9,10 +9,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+# The two tiers, by directory: tests/unit runs in this process (seconds; `launch/test.sh --quick`), tests/process
+# starts real processes (torchrun jobs, the CLI, services). Every test carries its tier's marker (-m unit / process).
+TIERS = {"unit": "in-process tests, seconds each (launch/test.sh --quick)",
+         "process": "tests that start real processes: torchrun jobs, the CLI, services"}
+
+
+def pytest_configure(config):
+    for tier, what in TIERS.items():
+        config.addinivalue_line("markers", f"{tier}: {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = item.path.parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit or tests/process")
+        item.add_marker(tier)
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +76,73 @@ def trained_nano(synth_small, tmp_path_factory):
         torch.set_num_threads(before)
     export_checkpoint(checkpoint, run_dir.parent / "export")
     return checkpoint, run_dir.parent / "export"
+
+
+@pytest.fixture(scope="session")
+def nano_checkpoint(synth_small, tmp_path_factory):
+    """A clipkit-nano checkpoint after 2 steps on synth_small, for the tests that only read one (embed, index,
+    search): trained once per session."""
+    from helpers import tiny_run
+
+    from clipkit.config import load_config
+    from clipkit.training import Trainer
+
+    run_dir = tmp_path_factory.mktemp("nano_checkpoint") / "run"
+    return Trainer(load_config(None, tiny_run(run_dir, synth_small, f"data.zeroshot={synth_small.eval_root}"))).fit()
+
+
+@pytest.fixture(scope="session")
+def parts():
+    """(the eval transform at 16 px, open_clip's tokenizer wrapped as the pipeline does): what a ShardStream
+    decodes with in the bad-input tests."""
+    from data_shards import tokenizer, transforms
+
+    from clipkit.data.pipeline import Tokenize
+
+    _, val_tf = transforms(16)
+    return val_tf, Tokenize(tokenizer())
+
+
+@pytest.fixture(scope="session")
+def nano_export(synth_small, nano_checkpoint, tmp_path_factory):
+    """(folder, reference, checkpoint): the reference export of nano_checkpoint over synth_small's training shards
+    (tests/index_reference.py), written once per session; tests that damage it work on a copy."""
+    from index_reference import write_export
+
+    root = tmp_path_factory.mktemp("nano_export")
+    return root / "emb", write_export(synth_small, nano_checkpoint, root / "emb"), nano_checkpoint
+
+
+@pytest.fixture(scope="session")
+def nano_index(synth_small, nano_export, tmp_path_factory):
+    """(index folder, reference export, shards): an exact index over nano_export, built once per session."""
+    from clipkit.retrieval.index import build_index
+
+    emb, ref, _ = nano_export
+    index = tmp_path_factory.mktemp("nano_index") / "synth-index"
+    build_index(emb, index)
+    return index, ref, synth_small
+
+
+@pytest.fixture(scope="session")
+def nano_run_export(synth_small, tmp_path_factory):
+    """export(fmt) -> the summary of a 3-step clipkit-nano run whose run layer exported with export.format=fmt.
+    The run trains once (exporting open_clip); another format is the run layer's own end-of-run export
+    (evaluate_and_export, what run() calls) of that same final checkpoint, written once per format."""
+    from helpers import tiny_run
+
+    from clipkit.config import load_config
+    from clipkit.run import HeldOut, evaluate_and_export, run
+
+    root = tmp_path_factory.mktemp("nano_run")
+    trained = run(load_config(None, tiny_run(root / "open_clip", synth_small, "export.format=open_clip", steps=3)))
+    summaries = {"open_clip": trained}
+
+    def export(fmt: str) -> dict:
+        if fmt not in summaries:
+            cfg = load_config(None, tiny_run(root / fmt, synth_small, f"export.format={fmt}", steps=3))
+            out = evaluate_and_export(cfg, Path(trained["checkpoint"]), HeldOut(), torch.device("cpu"))
+            summaries[fmt] = {**trained, **out}
+        return summaries[fmt]
+
+    return export

@@ -72,3 +72,19 @@ def take(iterator, n: int, state=None) -> list:
 
 def same_images(a, b) -> bool:
     return all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
+
+
+def samples_shard(path, samples) -> str:
+    """A shard of (key, image bytes or None, caption bytes or None) samples, written with plain tarfile."""
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption in samples:
+            if image is not None:
+                add(tar, f"{key}.jpg", image)
+            if caption is not None:
+                add(tar, f"{key}.txt", caption)
+    return str(path)
+
+
+def good_samples(prefix: str, n: int) -> list:
+    """n decodable samples keyed PREFIX0..: a JPEG of its own colour and a caption naming its key."""
+    return [(f"{prefix}{i}", jpeg((i * 40 % 256, 90, 200)), f"picture {prefix}{i}".encode()) for i in range(n)]

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from clipkit.retrieval.embed import embed_shards
 from clipkit.retrieval.index import build_index
 from clipkit.retrieval.search import Searcher
 from test_embed import PART, _good_shard, concat, reference, tar_samples
+from helpers import free_port
 
 QUERY = "a red circle on a white background"
 
@@ -170,24 +170,18 @@ def test_search_refuses_queries_encoded_with_other_weights(run, embedded_early, 
         Searcher(old).search_text(QUERY, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_refuses_other_weights_at_startup(run, embedded_early):
     run_dir, _ = run
     root, _, _ = embedded_early
     if (run_dir / "checkpoints" / "latest").read_text().strip() != "step_00000041":
         train_on(run_dir)
     cmd = [sys.executable, "-m", "clipkit", "serve", "--index", str(root / "idx"), "--checkpoint", str(run_dir)]
-    proc = subprocess.run(cmd + ["--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd + ["--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "other weights" in err, err
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(cmd + ["--port", str(port), "--allow-other-weights"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:

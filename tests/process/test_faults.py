@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 from clipkit.checkpoint import CheckpointError, verify
 from clipkit.models import load_model, save_weights
+from helpers import DIST, process_env
 
-HERE = Path(__file__).parent
-FAULT_TRAIN = HERE / "dist" / "fault_train.py"
-TRAIN_CURVE = HERE / "dist" / "train_curve.py"
+FAULT_TRAIN = DIST / "fault_train.py"
+TRAIN_CURVE = DIST / "train_curve.py"
 STEPS = 12
 # As in tests/test_distributed_training.py: fp32 on CPU, reduction order differs between one process and
 # all-reduced ranks; a resumed single-process run is in fact bit-identical.
@@ -38,14 +38,6 @@ def _overrides(run_dir, synth, *extra):
             "run.progress=false", "data.workers=0", "eval.zeroshot_at_end=false", "export.at_end=false", *extra]
 
 
-def _env(faults: str = "") -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               CLIPKIT_TEST_FAULTS=faults)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(key, None)
-    return env
-
-
 def _command(args, nproc: int = 1, max_restarts: int = 0, script=FAULT_TRAIN) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(script), *map(str, args)]
@@ -55,7 +47,7 @@ def _command(args, nproc: int = 1, max_restarts: int = 0, script=FAULT_TRAIN) ->
 
 def _run(args, faults: str = "", nproc: int = 1, max_restarts: int = 0, timeout: float = 600):
     try:
-        return subprocess.run(_command(args, nproc, max_restarts), env=_env(faults), capture_output=True, text=True,
+        return subprocess.run(_command(args, nproc, max_restarts), env=process_env(CLIPKIT_TEST_FAULTS=faults), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired as e:
         out = "\n".join(x if isinstance(x, str) else (x or b"").decode() for x in (e.stdout, e.stderr))
@@ -64,7 +56,7 @@ def _run(args, faults: str = "", nproc: int = 1, max_restarts: int = 0, timeout:
 
 def _start(args, log: Path, faults: str = "", nproc: int = 1) -> subprocess.Popen:
     """Started in the background, stdout and stderr to files (LOG.out, LOG.err): no pipe fills up."""
-    return subprocess.Popen(_command(args, nproc), env=_env(faults), stdout=open(f"{log}.out", "w"),
+    return subprocess.Popen(_command(args, nproc), env=process_env(CLIPKIT_TEST_FAULTS=faults), stdout=open(f"{log}.out", "w"),
                             stderr=open(f"{log}.err", "w"), text=True)
 
 
@@ -165,7 +157,7 @@ def test_diverging_run_stops_with_one_message_and_saves_nothing_nonfinite(synth_
                            *_overrides(run_dir, synth_small, "train.lr=1e12", "train.grad_clip=null",
                                        "train.warmup_steps=0", "train.checkpoint_every=1", "train.keep_checkpoints=2",
                                        "train.steps=20")],
-                          env=_env(), capture_output=True, text=True, timeout=180)
+                          env=process_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("clipkit: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -272,7 +264,7 @@ def test_nonfinite_weights_are_refused_by_every_reader(reference, synth_small, t
         load_model(bad)
     for args in (["zeroshot", "--checkpoint", bad, "--data", synth_small.eval_root],
                  ["export", "--checkpoint", bad, "--out", tmp_path / "export"]):
-        proc = subprocess.run([sys.executable, "-m", "clipkit", *map(str, args)], env=_env(), capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "clipkit", *map(str, args)], env=process_env(), capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines() == [
@@ -354,7 +346,7 @@ def test_crashed_rank_under_max_restarts_resumes_by_itself(synth_small, tmp_path
     assert "restart 1 of this torchrun job" in proc.stdout and "at step 4" in proc.stdout, proc.stdout[-3000:]
     out = tmp_path / "reference.json"
     ref = subprocess.run(_command(["reference", out, STEPS, 2, *_overrides(tmp_path / "ref", synth_small)],
-                                  script=TRAIN_CURVE), env=_env(), capture_output=True, text=True, timeout=180)
+                                  script=TRAIN_CURVE), env=process_env(), capture_output=True, text=True, timeout=180)
     _ok(ref)
     _assert_same_curve(_losses(run_dir), json.loads(out.read_text())["losses"])
 
@@ -468,13 +460,13 @@ def test_read_only_run_dir_is_one_line_before_training(synth_small, tmp_path):
     command = [sys.executable, "-m", "clipkit", "train", *_overrides(run_dir, synth_small)]
     if subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0:
         inner = f"mount -t tmpfs -o ro,size=1m tmpfs {mount} && exec " + " ".join(f"'{c}'" for c in command)
-        proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", inner], env=_env(),
+        proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", inner], env=process_env(),
                               capture_output=True, text=True, timeout=120)
         reason = "Read-only file system"
     elif os.geteuid() != 0:
         mount.chmod(0o555)
         try:
-            proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(command, env=process_env(), capture_output=True, text=True, timeout=120)
         finally:
             mount.chmod(0o755)
         reason = "Permission denied"

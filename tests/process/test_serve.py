@@ -5,53 +5,26 @@ import base64
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import faiss
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
-from clipkit.retrieval.index import build_index
 from clipkit.retrieval.search import Searcher
 from clipkit.retrieval.serve import create_app
-from test_index_search import QUERIES, assert_matches_brute_force, train_checkpoint, write_export
+from helpers import serving
+from index_reference import QUERIES, assert_matches_brute_force
 
 faiss.omp_set_num_threads(1)  # shared cores: see test_index_search
 MAX_BODY = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def export(synth_small, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    checkpoint = train_checkpoint(synth_small, root / "run")
-    ref = write_export(synth_small, checkpoint, root / "emb")
-    build_index(root / "emb", root / "synth-index")
-    return root / "synth-index", ref, synth_small
-
-
-@contextmanager
-def serving(app):
-    """`app` under uvicorn in a thread, on a port the kernel picks on 127.0.0.1; yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+def export(nano_index):
+    return nano_index
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 trainer checkpoints and bare state dicts, each checked against the library that wrote it (transformers,
 open_clip), all built here with tiny random shapes (nothing is downloaded)."""
 import json
-import math
 import os
 import shutil
 import subprocess

@@ -23,9 +23,14 @@ from clipkit.data.decode import ImageTooLarge, open_image
 from clipkit.errors import UserError
 from clipkit.retrieval.search import Searcher
 from clipkit.retrieval.serve import LimitBody, allowed_hosts, create_app
-from test_bad_input import _good, _shard, parts  # noqa: F401  (fixture)
-from test_index_search import QUERIES
-from test_serve import export, serving  # noqa: F401  (export: a fixture, a trained tiny checkpoint's index)
+from data_shards import good_samples, samples_shard
+from helpers import serving
+from index_reference import QUERIES
+
+
+@pytest.fixture(scope="module")
+def export(nano_index):
+    return nano_index
 
 LIMIT = 1 << 20  # body bytes
 
@@ -282,11 +287,11 @@ def test_over_pillows_ceiling_is_too_large_even_without_a_limit_of_ours():
     assert open_image(png_bomb(9000, 9900), None).size == (9000, 9900)  # header only: nothing decoded yet
 
 
-def test_pipeline_counts_a_bomb_as_too_large(tmp_path, parts):  # noqa: F811
+def test_pipeline_counts_a_bomb_as_too_large(tmp_path, parts):
     """Training's own limit unset (None): Pillow's ceiling still refuses the bomb, and the stream counts it
     as a bad sample like any image over data.max_image_pixels."""
-    good = _good("g", 4)
-    path = _shard(tmp_path / "s.tar", good[:2] + [("bomb", png_bomb(14000, 14000, truncate=True), b"a bomb")]
+    good = good_samples("g", 4)
+    path = samples_shard(tmp_path / "s.tar", good[:2] + [("bomb", png_bomb(14000, 14000, truncate=True), b"a bomb")]
                   + good[2:])
     stream = ShardStream([path], parts[0], parts[1], batch_size=4, shuffle=False, epochs=1, max_image_pixels=None)
     keys, skipped = [], {}

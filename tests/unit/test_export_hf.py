@@ -14,12 +14,10 @@ from skimage import data as photos
 from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor
 
 from clipkit.cli import main as cli_main
-from clipkit.config import load_config
 from clipkit.errors import UserError
 from clipkit.export import EXPORT_FORMATS, export_hf
 from clipkit.models import create_model, create_transforms, get_model_config, get_tokenizer, load_model, save_weights
 from clipkit.models.factory import register_model_config
-from clipkit.run import run
 
 CAPTIONS = [
     "a photo of a red circle.",
@@ -66,14 +64,9 @@ def _assert_same_embeddings(oc_model, directory, pixels):
 
 
 @pytest.fixture(scope="module")
-def trained_run(synth_small, tmp_path_factory):
+def trained_run(nano_run_export):
     """A short clipkit-nano run whose run layer exports with export.format=hf."""
-    run_dir = tmp_path_factory.mktemp("hf") / "run"
-    summary = run(load_config(None, [
-        f"run.dir={run_dir}", f"data.train={synth_small.train_spec}", "model.name=clipkit-nano",
-        "train.global_batch_size=8", "train.steps=3", "train.warmup_steps=1", "run.progress=false",
-        "data.workers=0", "data.shuffle_buffer=20", "eval.zeroshot_at_end=false", "export.format=hf"]))
-    return summary
+    return nano_run_export("hf")
 
 
 def test_run_layer_export_loads_in_transformers_with_open_clip_outputs(trained_run):

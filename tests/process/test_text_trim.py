@@ -19,8 +19,9 @@ from clipkit.training.engine import build_engine
 from clipkit.training.step import ContrastiveStep
 from clipkit.training.trainer import build_model
 from dist.torchrun import run_torchrun
+from helpers import DIST
 
-TRIM_STEP = Path(__file__).parent / "dist" / "trim_step.py"
+TRIM_STEP = DIST / "trim_step.py"
 
 MIXED = ["a dog", "a photo of a red car parked next to a tall building in the rain at night",
          "two cats", "an old wooden boat on a lake", "sunset"]

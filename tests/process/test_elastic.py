@@ -6,7 +6,6 @@ original checkpoint (deepspeed.utils.zero_to_fp32), parameter by parameter, and 
 original world size, loss for loss.
 """
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -18,20 +17,14 @@ from data_shards import tar_keys
 from safetensors.torch import load_file
 
 from clipkit.data import expand_shards
+from helpers import DIST, process_env
 
 FIRST, STEPS, BATCH = 13, 37, 16  # 37 x 16 = 592 of the epoch's 600 samples: no sample may come twice
 TOL = 2e-4  # as tests/test_faults.py: fp32 on CPU, the reduction order differs between layouts
 
 
-FAULT_TRAIN = Path(__file__).parent / "dist" / "fault_train.py"  # `clipkit train` with a fault injected
-DS_RESUME = Path(__file__).parent / "dist" / "ds_resume.py"  # a DeepSpeed resume: its state, then fixed batches
-
-
-def _env(faults: str = "") -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CLIPKIT_TEST_FAULTS=faults)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(key, None)
-    return env
+FAULT_TRAIN = DIST / "fault_train.py"  # `clipkit train` with a fault injected
+DS_RESUME = DIST / "ds_resume.py"  # a DeepSpeed resume: its state, then fixed batches
 
 
 def _launch(run_dir: Path, synth, nproc: int, workers: int, steps: int, *extra,
@@ -44,8 +37,8 @@ def _launch(run_dir: Path, synth, nproc: int, workers: int, steps: int, *extra,
     command = [str(FAULT_TRAIN)] if faults else ["-m", "clipkit", "train"]
     if nproc > 1:
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *command]
-    return subprocess.run([sys.executable, *command, *args], env=_env(faults), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, *command, *args], env=process_env(CLIPKIT_TEST_FAULTS=faults),
+                          capture_output=True, text=True, timeout=300)
 
 
 def _train(*args) -> subprocess.CompletedProcess:
@@ -115,7 +108,7 @@ def _ds_overrides(run_dir: Path, synth, stage: int) -> list[str]:
 def _run_ok(nproc: int, *args: str) -> None:
     if nproc > 1:
         args = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args)
-    proc = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, *args], env=process_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 

@@ -15,11 +15,10 @@ import runpy
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 from clipkit.extras import EXTRA_OF_MODULE
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 PACKAGE = ROOT / "clipkit"
 
 

@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, process_env
 
 
 def _env(**extra):
     # CLIPKIT_NO_ENV: use the environment the tests run in; its python3 and torchrun first on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return os.environ | {"CLIPKIT_NO_ENV": "1", "PATH": path, "OMP_NUM_THREADS": "1", **extra}
+    return process_env(CLIPKIT_NO_ENV="1", PATH=path, **extra)
 
 
 def _tiny(run_dir, synth):

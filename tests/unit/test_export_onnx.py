@@ -11,23 +11,17 @@ import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
 from clipkit.cli import main as cli_main
-from clipkit.config import load_config
 from clipkit.export import EXPORT_FORMATS
 from clipkit.models import create_transforms, get_tokenizer, load_model, save_weights
-from clipkit.run import run
 
 CAPTIONS = ["a photo of a red circle.", "Two BIG blue squares!!", "an image with a green star in it.",
             "there are three small purple crosses here", "x " * 30, "a"]
 
 
 @pytest.fixture(scope="module")
-def trained_run(synth_small, tmp_path_factory):
+def trained_run(nano_run_export):
     """A short clipkit-nano run whose run layer exports with export.format=onnx."""
-    run_dir = tmp_path_factory.mktemp("onnx") / "run"
-    return run(load_config(None, [
-        f"run.dir={run_dir}", f"data.train={synth_small.train_spec}", "model.name=clipkit-nano",
-        "train.global_batch_size=8", "train.steps=3", "train.warmup_steps=1", "run.progress=false",
-        "data.workers=0", "data.shuffle_buffer=20", "eval.zeroshot_at_end=false", "export.format=onnx"]))
+    return nano_run_export("onnx")
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,16 @@ import pytest
 from clipkit.config import DataConfig
 from clipkit.data import build_train_loader, expand_shards
 from data_shards import keys_of, tar_keys, tokenizer, transforms, write_shards
+from helpers import free_port
 
 BUCKET = "clipkit-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """(endpoint, local shard dir): a moto S3 server holding the shards under s3://clipkit-test/shards/."""
     server = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

@@ -106,14 +106,3 @@ def test_each_default_lives_in_one_place():
 def test_renamed_key_names_its_new_name():
     with pytest.raises(ConfigError, match="'train.batch_size' is now 'train.global_batch_size"):
         load_config(None, ["train.batch_size=64"])
-
-
-def test_cli_config_prints_the_resolved_config(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "clipkit", "config", "train.lr=0.25", "model.name=RN50"],
-                          capture_output=True, text=True, check=True)
-    printed = yaml.safe_load(proc.stdout)
-    assert printed["train"]["lr"] == 0.25 and printed["model"]["name"] == "RN50"
-    assert config_from_dict(printed) == load_config(None, ["train.lr=0.25", "model.name=RN50"])

@@ -4,32 +4,18 @@ The golden curve is computed here, in the test, by the single-process run on the
 nothing is stored from an earlier distributed run.
 """
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import DIST, free_port, process_env
 
-SCRIPT = Path(__file__).parent / "dist" / "train_curve.py"
+SCRIPT = DIST / "train_curve.py"
 STEPS = 20
 # fp32 on CPU: reduction order differs between one process and gathered/all-reduced ranks, and Adam
 # magnifies such differences slowly; over 20 steps they stay far below this.
 TOL = 2e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _overrides(run_dir, *extra):
@@ -48,11 +34,11 @@ def _curve(tmp_path, name, shards, nproc, *extra, steps=STEPS, nodes=1):
         _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
               str(SCRIPT), *args])
     else:  # several "nodes" on localhost, each its own torchrun agent, meeting at a c10d rendezvous
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
                                    f"--node_rank={r}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
                                    f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=clipkit-test",
-                                   str(SCRIPT), *args], env=_env(), stdout=subprocess.PIPE,
+                                   str(SCRIPT), *args], env=process_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for r in range(nodes)]
         outputs = [p.communicate(timeout=300)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
@@ -68,7 +54,7 @@ def _reference(tmp_path, shards, world, steps=STEPS):
 
 
 def _run(cmd):
-    proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=process_env(), timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
@@ -207,10 +193,10 @@ def test_slurm_style_launch_matches_single_process(tmp_path, synth_small, golden
     exports them); no torchrun."""
     out = tmp_path / "slurm.json"
     args = ["fit", str(out), str(STEPS), *_overrides(tmp_path / "slurm", f"data.train={synth_small.train_spec}")]
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
-        env = _env() | {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+        env = process_env() | {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         env.pop("LOCAL_RANK", None)
         procs.append(subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.PIPE,

@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipkit.config import load_config
 from clipkit.retrieval.embed import embed_shards
-from clipkit.training import Trainer
 
 CACHE = Path(os.environ.get("CLIPKIT_CACHE", Path.home() / ".cache" / "clipkit"))
 # autofaiss 2.18.0 and its dependencies, resolved together (pip check clean) for Python 3.11 with numpy<2.
@@ -91,15 +89,8 @@ PEER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def train_checkpoint(synth, run_dir: Path) -> Path:
-    overrides = [f"run.dir={run_dir}", f"data.train={synth.train_spec}", f"data.zeroshot={synth.eval_root}",
-                 "model.name=clipkit-nano", "train.global_batch_size=8", "train.steps=2", "train.warmup_steps=1",
-                 "run.progress=false", "data.workers=0", "data.shuffle_buffer=20", "eval.zeroshot_at_end=false"]
-    return Trainer(load_config(None, overrides)).fit()
-
-
-def test_autofaiss_and_embedding_reader_read_the_embed_output_as_is(synth_small, tmp_path):
-    checkpoint = train_checkpoint(synth_small, tmp_path / "run")
+def test_autofaiss_and_embedding_reader_read_the_embed_output_as_is(synth_small, nano_checkpoint, tmp_path):
+    checkpoint = nano_checkpoint
     out = tmp_path / "emb"
     result = embed_shards(checkpoint, synth_small.train_spec, out, batch_size=64, part_size=PART, workers=0,
                           progress=False)
