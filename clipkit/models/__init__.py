@@ -11,6 +11,7 @@ from .factory import (
     list_models,
     plain_model_name,
     register_model_config,
+    validate_model,
 )
 from .trim import TrimmedTextCLIP, set_text_trimming, text_trimming, trim_unsupported
 from .weights import WEIGHTS_FILE, LoadedModel, load_model, save_weights
@@ -35,4 +36,5 @@ __all__ = [
     "set_text_trimming",
     "text_trimming",
     "trim_unsupported",
+    "validate_model",
 ]

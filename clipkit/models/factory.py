@@ -28,6 +28,7 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from ..config import ConfigError, ModelConfig
 from ..errors import UserError
 from .siglip_tower import register as register_siglip_tower
 from .trim import set_text_trimming
@@ -88,6 +89,14 @@ def get_model_config(name: str) -> dict:
             f"({', '.join(sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json')))}) or a path to a JSON config."
         )
     return copy.deepcopy(cfg)
+
+
+def validate_model(model: ModelConfig) -> None:
+    """The run config's model.name names an architecture this registry knows; else ConfigError naming the key."""
+    try:
+        get_model_config(model.name)
+    except ModelNotFoundError as e:
+        raise ConfigError(f"config key 'model.name': {e}") from None
 
 
 def create_model(name: str, device: str | torch.device = "cpu", precision: str = "fp32", *,
