@@ -263,10 +263,8 @@ class Trainer:
         self.max_logit_scale = max(MAX_LOGIT_SCALE, float(self.module.logit_scale.detach().max()))
         # MFU's numerator: the model's FLOPs per sample, counted on the plain model before any wrapping
         self.flops_per_sample = self._count_flops() if env.is_main else None
-        self.train_transform, self.val_transform = create_transforms(self.module)
-        self.tokenizer = get_tokenizer(cfg.model.name)
-        if pretrained is not None:  # the source's own tokenizer and evaluation preprocessing
-            self.tokenizer, self.val_transform = pretrained.tokenizer, pretrained.eval_transform
+        self.tokenizer, self.train_transform, self.val_transform = self._preprocessing(pretrained)
+        if pretrained is not None:
             pretrained.model = None  # its weights are in self.module now
         seed_everything(cfg.run.seed + env.rank)  # then per-rank randomness (augmentation, dropout)
 
@@ -292,6 +290,14 @@ class Trainer:
             {"rng": RNGState(), "data": self.stream, "skipped": self.skipped, "nonfinite": self.nonfinite},
             every=t.checkpoint_every, keep=t.keep_checkpoints, meta=meta, reshard=self._reshard())
         self._start()
+
+    def _preprocessing(self, pretrained: LoadedModel | None) -> tuple[Callable, Callable, Callable]:
+        """(tokenizer, train transform, eval transform): a pretrained source's own, from its bundle (the model
+        built here carries the same preprocessing config), else the architecture's."""
+        if pretrained is not None:
+            return pretrained.tokenizer, pretrained.train_transform, pretrained.eval_transform
+        train_transform, eval_transform = create_transforms(self.module)
+        return get_tokenizer(self.cfg.model.name), train_transform, eval_transform
 
     def _import_openclip_optimizer(self, saved) -> None:
         """Continue an OpenCLIP run: its AdamW moments when they fit this run's optimizer (a resumed checkpoint
