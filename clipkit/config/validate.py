@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .schema import (FINETUNE_METHODS, OPTIMIZER_IMPLS, PRECISIONS, WISE_METHODS, Config, ConfigError,
-                     FinetuneConfig)
+from .schema import (FINETUNE_METHODS, OPTIMIZER_IMPLS, PRECISIONS, WISE_METHODS, Config, ConfigError, DataConfig,
+                     FinetuneConfig, ModelConfig, RunConfig, TrainConfig)
 
 _REGISTERED: list[Callable[[Config], None]] = []
 
@@ -28,8 +28,25 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express, then the registered ones; each failure names its key."""
-    t, d, r = cfg.train, cfg.data, cfg.run
+    """Value checks that types alone cannot express, section by section, then the registered ones (a registry's
+    names, checked by its package); each failure names its key."""
+    _validate_train(cfg.train)
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
+    _validate_run(cfg.run)
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be positive")
+    _check(cfg.eval.every >= 0, "eval.every", "must be 0 (only at the end) or more")
+    ds = cfg.deepspeed
+    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    if ds.config is not None:
+        _check_json_file(ds.config, "deepspeed.config")
+    _validate_finetune(cfg.finetune)
+    for check in _REGISTERED:
+        check(cfg)
+
+
+def _validate_train(t: TrainConfig) -> None:
     _check(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
     _check(t.steps > 0, "train.steps", "must be positive")
     _check(t.lr > 0, "train.lr", f"must be positive (got {t.lr})")
@@ -49,9 +66,17 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 (keep all) or more")
     _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be positive")
     _check(t.stall_timeout_s >= 0, "train.stall_timeout_s", "must be 0 (no watchdog) or more")
-    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
+    _check(t.resume is None or t.resume == "latest" or Path(t.resume).is_dir(), "train.resume",
+           f"must be latest, null, or an existing checkpoint directory (got {t.resume!r})")
+
+
+def _validate_run(r: RunConfig) -> None:
     _check(bool(r.dir.strip()), "run.dir", "must name a directory")
     _check(r.seed >= 0, "run.seed", "must be 0 or more")
+    _check(r.log_every > 0, "run.log_every", "must be positive")
+
+
+def _validate_data(d: DataConfig) -> None:
     for key in ("train", "zeroshot", "retrieval"):
         value = getattr(d, key)
         _check(value is None or bool(value.strip()), f"data.{key}", "must name a path or shards, or be null")
@@ -59,12 +84,6 @@ def validate(cfg: Config) -> None:
         _check_weights(d.train_weights, d.train)
     _check(bool(d.image_key.strip(";").strip()), "data.image_key", "must name at least one extension")
     _check(bool(d.caption_key.strip()), "data.caption_key", "must name the caption's extension")
-    _check(bool(d.synth.out.strip()), "data.synth.out", "must name a directory")
-    _check(d.synth.seed >= 0, "data.synth.seed", "must be 0 or more")
-    p = cfg.model.pretrained
-    _check(p is None or Path(p).exists(), "model.pretrained", f"names a path that does not exist: {p}")
-    _check(t.resume is None or t.resume == "latest" or Path(t.resume).is_dir(), "train.resume",
-           f"must be latest, null, or an existing checkpoint directory (got {t.resume!r})")
     _check(d.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")
     _check(d.prefetch >= 1, "data.prefetch", "must be at least 1")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be 0 (no sample shuffling) or more")
@@ -74,22 +93,20 @@ def validate(cfg: Config) -> None:
     _check(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels",
            "must be positive, or null for no limit")
     s = d.synth
+    _check(bool(s.out.strip()), "data.synth.out", "must name a directory")
+    _check(s.seed >= 0, "data.synth.seed", "must be 0 or more")
     for key in ("train_samples", "eval_samples", "samples_per_shard", "image_size", "downstream_train_samples",
                 "downstream_test_samples"):
         _check(getattr(s, key) > 0, f"data.synth.{key}", "must be positive")
-    _check(0.0 <= cfg.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
-    _check(cfg.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be 0 or more")
-    _check(cfg.model.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be 0 or more")
-    _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be positive")
-    _check(cfg.eval.every >= 0, "eval.every", "must be 0 (only at the end) or more")
-    _check(r.log_every > 0, "run.log_every", "must be positive")
-    ds = cfg.deepspeed
-    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-    if ds.config is not None:
-        _check_json_file(ds.config, "deepspeed.config")
-    _validate_finetune(cfg.finetune)
-    for check in _REGISTERED:
-        check(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """The model section's values; model.name is checked by clipkit.models, which owns the architectures."""
+    _check(m.pretrained is None or Path(m.pretrained).exists(), "model.pretrained",
+           f"names a path that does not exist: {m.pretrained}")
+    _check(0.0 <= m.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
+    _check(m.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be 0 or more")
+    _check(m.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be 0 or more")
 
 
 def parse_alphas(text: str) -> list[float]:
