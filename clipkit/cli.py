@@ -87,13 +87,12 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
-    import torch
-
+    from .distributed import resolve_device
     from .evaluation import evaluate_zeroshot, load_zeroshot_set, write_result
     from .models import load_model
 
     zs = load_zeroshot_set(args.data, args.classnames, args.templates)  # bad data fails before the model loads
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     loaded = load_model(args.checkpoint, device=device, model_name=args.model)
     metrics = evaluate_zeroshot(loaded.model, loaded.tokenizer, loaded.eval_transform, zs,
                                 batch_size=args.batch_size, workers=args.workers, device=device,

@@ -97,6 +97,7 @@ def _openclip(args: argparse.Namespace, out: Path) -> tuple[int, _Clock]:
     import webdataset as wds
     from safetensors.torch import load_file
 
+    from ..config import DEFAULT_IMAGE_KEY
     from ..models import MODEL_CONFIG_DIR
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)  # clipkit's architectures (clipkit-tiny, ...) by name
@@ -107,7 +108,7 @@ def _openclip(args: argparse.Namespace, out: Path) -> tuple[int, _Clock]:
     feats, keys = [], []
     with _Clock() as clock:
         dataset = (wds.WebDataset(args.spec, shardshuffle=False).decode("pil")
-                   .to_tuple("jpg;png;webp;jpeg", "__key__").map_tuple(preprocess, lambda k: k)
+                   .to_tuple(DEFAULT_IMAGE_KEY, "__key__").map_tuple(preprocess, lambda k: k)
                    .batched(args.batch_size, partial=True))
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=args.workers)
         with torch.no_grad():

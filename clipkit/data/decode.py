@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-# Pillow's own warning threshold; images above the limit are skipped before their pixels are decoded.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+from ..config.schema import DEFAULT_MAX_IMAGE_PIXELS  # the one default, in the config schema; re-exported here
 
 
 class ImageTooLarge(ValueError):

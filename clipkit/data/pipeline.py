@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config.schema import DEFAULT_IMAGE_KEY
 from .buckets import Consecutive, LengthBuckets, caption_length
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, eval_pipeline, image_pipeline
 from .order import Piece, Replay, ShardPlan, ShuffleBuffer, buffer_rng, replay
@@ -150,7 +151,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], transform: Callable, target: Callable[[str], torch.Tensor],
                  batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 0, image_keys: str = "jpg;png;webp;jpeg", text_key: str = "txt",
+                 shuffle_buffer: int = 0, image_keys: str = DEFAULT_IMAGE_KEY, text_key: str = "txt",
                  shuffle: bool = True, epochs: int | None = None, *, factors: list[float] | None = None,
                  resampled: bool = False, num_workers: int | None = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resume_state: dict | None = None,
@@ -497,8 +498,8 @@ def build_train_loader(cfg, *, transform: Callable, tokenizer: Callable, local_b
                        epochs: int | None = None) -> DataLoader:
     """A loader of this rank's (images, caption tokens) batches of local_batch_size, from cfg.train.
 
-    cfg is the run config's `data` section (a clipkit.config.DataConfig; data does not import the config
-    module, which sits above it): the spec, its upsampling factors (train_weights), resampled or epoch
+    cfg is the run config's `data` section (a clipkit.config.DataConfig, passed in; data reads only the
+    schema's defaults from config): the spec, its upsampling factors (train_weights), resampled or epoch
     mode, workers, shuffle buffer, caption-length buckets, member keys, image size limit and
     normalize_on_device. The rest are runtime facts: where this rank stands, the seed, the stream state from
     this rank's checkpoint (same spec, seed, ranks and workers), and epochs (None streams forever). With normalize_on_device, batches
@@ -535,7 +536,7 @@ def repartition_train_states(cfg, states: list[dict], *, world_size: int) -> lis
 
 
 def build_labelled_loader(spec: str, transform: Callable, batch_size: int, *, workers: int = 1,
-                          image_keys: str = "jpg;png;webp;jpeg", label_key: str = "cls") -> DataLoader:
+                          image_keys: str = DEFAULT_IMAGE_KEY, label_key: str = "cls") -> DataLoader:
     """One ordered pass over a classification set (CLIP_benchmark layout): (images, labels) batches."""
     urls, _ = expand_sources(spec)
     stream = ShardStream(urls, transform, parse_label, batch_size, shuffle=False, epochs=1,
@@ -554,7 +555,7 @@ def one_caption(text: str) -> list[str]:
 
 
 def build_captioned_loader(spec: str, transform: Callable, batch_size: int, *, workers: int = 1,
-                           image_keys: str = "jpg;png;webp;jpeg", text_key: str = "txt",
+                           image_keys: str = DEFAULT_IMAGE_KEY, text_key: str = "txt",
                            several_per_sample: bool = True) -> DataLoader:
     """One ordered pass over (image, captions) samples: batches whose targets list each image's captions.
     `several_per_sample`: KEY.txt holds one caption per line (CLIP_benchmark's retrieval layout), else
@@ -614,7 +615,7 @@ class EmbedStream(ShardStream):
 
     def __init__(self, urls: list[str], transform: Callable, tokenizer: Callable, batch_size: int,
                  shards: list[int], chunk_size: int, finished: dict[int, set[int]] | None = None, *,
-                 image_keys: str = "jpg;png;webp;jpeg", text_key: str = "txt",
+                 image_keys: str = DEFAULT_IMAGE_KEY, text_key: str = "txt",
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, draft_margin: int = 2) -> None:
         super().__init__(urls, transform, str, batch_size, shuffle=False, epochs=1, image_keys=image_keys,
                          text_key=text_key, max_image_pixels=max_image_pixels, require_samples=False)

@@ -9,6 +9,14 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(requested: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """The one rule for where a command computes: the device asked for (--device), else this rank's GPU when
+    there is one, else the CPU. Every command that picks a device, and every rank of a process group, asks here."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int = 0
@@ -26,9 +34,11 @@ class DistEnv:
 
     @property
     def device(self) -> torch.device:
-        if self.backend == "nccl" or (self.backend is None and torch.cuda.is_available()):
+        if self.backend == "nccl":  # a GPU process group: each rank on its own GPU
             return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+        if self.backend == "gloo":  # a CPU process group: every rank on the CPU
+            return torch.device("cpu")
+        return resolve_device(local_rank=self.local_rank)
 
 
 def _from_environment() -> tuple[int, int, int]:
@@ -49,7 +59,7 @@ def init_distributed(timeout_s: float | None = None) -> DistEnv:
     rank, world, local_rank = _from_environment()
     if world == 1:
         return DistEnv()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if resolve_device(local_rank=local_rank).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

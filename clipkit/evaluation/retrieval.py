@@ -173,20 +173,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--split", default="test", help="split folder of a CLIP_benchmark root")
     p.add_argument("--recall-k", type=int, nargs="+", default=list(DEFAULT_K))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..distributed import resolve_device
     from ..models import load_model
 
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         raise RetrievalDataError(f"--batch-size must be positive, got {args.batch_size}")
     rs = load_retrieval_set(args.data, args.split)
-    loaded = load_model(args.checkpoint, device=args.device, model_name=args.model)
+    device = resolve_device(args.device)
+    loaded = load_model(args.checkpoint, device=device, model_name=args.model)
     metrics = evaluate_retrieval(loaded.model, loaded.tokenizer, loaded.eval_transform, rs, args.batch_size,
-                                 args.device, args.recall_k, args.workers)
+                                 device, args.recall_k, args.workers)
     checkpoint = Path(args.checkpoint)
     out = args.out or checkpoint.with_suffix("").as_posix() + f"_retrieval_{rs.name}.json"
     result = write_result(out, metrics, rs.name, loaded.model_name, str(checkpoint), task="zeroshot_retrieval")

@@ -8,10 +8,20 @@ tokenizer_files is a recorded transformers tokenizer (models/tokenizer_files.py)
     hf         a transformers CLIPModel + CLIPProcessor directory (ViT image tower, standard text tower)
     onnx       ONNX Runtime image and text encoders, fp32 and int8, with a JSON of inputs and preprocessing
 """
+from ..config import ConfigError, ExportConfig
 from .hf_format import export_hf
 from .onnx_format import export_onnx
 from .open_clip_format import export_checkpoint, export_open_clip, tokenizer_kwargs
 
 EXPORT_FORMATS = {"open_clip": export_open_clip, "hf": export_hf, "onnx": export_onnx}
 
-__all__ = ["EXPORT_FORMATS", "export_checkpoint", "export_hf", "export_onnx", "export_open_clip", "tokenizer_kwargs"]
+
+def validate_export(export: ExportConfig) -> None:
+    """The run config's export.format names one of EXPORT_FORMATS; else ConfigError naming the key."""
+    if export.format not in EXPORT_FORMATS:
+        raise ConfigError(f"config key 'export.format' must be one of {', '.join(EXPORT_FORMATS)} "
+                          f"(got {export.format!r})")
+
+
+__all__ = ["EXPORT_FORMATS", "export_checkpoint", "export_hf", "export_onnx", "export_open_clip", "tokenizer_kwargs",
+           "validate_export"]

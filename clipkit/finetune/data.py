@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..config import DEFAULT_IMAGE_KEY
 from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS, image_pipeline
 from ..data.tario import split_name
 from ..errors import UserError
@@ -40,7 +41,7 @@ from ..evaluation.zeroshot import _read_lines, _templates
 log = logging.getLogger("clipkit.finetune")
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")  # a wds sample's image member, first found in this order
+IMAGE_EXTS = tuple(DEFAULT_IMAGE_KEY.split(";"))  # a wds sample's image member, first found in this order
 LABEL_EXT = "cls"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 CLASSNAMES_FILE = "classnames.txt"

@@ -4,11 +4,18 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
+from ..config import ConfigError, TrainConfig
 from .infonce import InfoNCELoss
 from .siglip import SigLipLoss
 from .tiled import DEFAULT_TILE_SIZE, TiledInfoNCELoss
 
 LOSS_NAMES = ("infonce", "infonce_tiled", "siglip")
+
+
+def validate_loss(train: TrainConfig) -> None:
+    """The run config's loss names one of LOSS_NAMES; else ConfigError naming train.loss."""
+    if train.loss not in LOSS_NAMES:
+        raise ConfigError(f"config key 'train.loss' must be one of {', '.join(LOSS_NAMES)} (got {train.loss!r})")
 
 
 def create_loss(name: str, *, local_loss: bool = False, tile_size: int = DEFAULT_TILE_SIZE,

@@ -18,9 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config.schema import DEFAULT_TILE_SIZE  # the one default, in the config schema; re-exported here
 from .infonce import contrastive_block
-
-DEFAULT_TILE_SIZE = 1024
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -13,6 +13,7 @@ from .factory import (
     register_model_config,
 )
 from .trim import TrimmedTextCLIP, set_text_trimming, text_trimming, trim_unsupported
+from .validate import validate_model
 from .weights import WEIGHTS_FILE, LoadedModel, load_model, save_weights
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "set_text_trimming",
     "text_trimming",
     "trim_unsupported",
+    "validate_model",
 ]

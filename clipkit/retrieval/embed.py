@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write, publish, write_temporary
+from ..config import DEFAULT_IMAGE_KEY
+from ..distributed import resolve_device
 from ..errors import UserError
 
 log = logging.getLogger("clipkit.embed")
@@ -413,7 +415,7 @@ def _progress(enabled: bool, total_shards: int):
 
 def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_size: int = 256,
                  part_size: int = 10_000, workers: int = 1, progress: bool = True, draft_margin: int = 2,
-                 image_key: str = "jpg;png;webp;jpeg", caption_key: str = "txt", device: str | None = None,
+                 image_key: str = DEFAULT_IMAGE_KEY, caption_key: str = "txt", device: str | torch.device | None = None,
                  rank: int = 0, world_size: int = 1) -> EmbedResult:
     """Embed every (image, caption) sample of the shards in `spec` with a checkpoint (a path load_model reads,
     or a LoadedModel) into OUT in clip-retrieval's layout; shards s with s % world_size == rank are this
@@ -442,7 +444,7 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
         write_info(layout, plan, made_by, dim, len(urls))
     reused = sum(len(s.parts) for s in states.values())
     writer = PartWriter(layout, states, urls, made_by["model"])
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model = loaded.model.to(device).eval()
     if todo:
         loader = build_embed_loader(urls, loaded.eval_transform, loaded.tokenizer, batch_size, todo,
@@ -495,7 +497,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-margin", type=int, default=2,
                    help="decode JPEGs at reduced scale while keeping this many times the model's input size "
                         "(2: within ~1 grey level of a full decode; 1: faster; 0: full decode)")
-    p.add_argument("--image-key", default="jpg;png;webp;jpeg")
+    p.add_argument("--image-key", default=DEFAULT_IMAGE_KEY, help="image members tried in order (data.image_key)")
     p.add_argument("--caption-key", default="txt")
     p.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -527,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     env = init_distributed()
     try:
-        device = args.device or (str(env.device) if env.distributed else None)
+        device = resolve_device(args.device, env.local_rank)
         checkpoint = load_model(args.checkpoint, model_name=args.model) if args.model else args.checkpoint
         result = embed_shards(checkpoint, args.data, args.out, batch_size=args.batch_size,
                               part_size=args.part_size, workers=args.workers, progress=not args.no_progress,

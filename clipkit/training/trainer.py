@@ -313,10 +313,9 @@ class Trainer:
         self.max_logit_scale = max(MAX_LOGIT_SCALE, float(self.module.logit_scale.detach().max()))
         # MFU's numerator: the model's FLOPs per sample, counted on the plain model before any wrapping
         self.flops_per_sample = self._count_flops() if env.is_main else None
-        self.train_transform, self.val_transform = create_transforms(self.module)
         self.tokenizer, tokenizer_files = run_tokenizer(cfg, pretrained, self.model_cfg)
-        if pretrained is not None:  # the source's own evaluation preprocessing
-            self.val_transform = pretrained.eval_transform
+        self.train_transform, self.val_transform = self._transforms(pretrained)
+        if pretrained is not None:
             pretrained.model = None  # its weights are in self.module now
         seed_everything(cfg.run.seed + env.rank)  # then per-rank randomness (augmentation, dropout)
 
@@ -344,6 +343,13 @@ class Trainer:
             every=t.checkpoint_every, keep=t.keep_checkpoints, meta=meta, reshard=self._reshard())
         self.checkpoints.tokenizer_files = tokenizer_files
         self._start()
+
+    def _transforms(self, pretrained: LoadedModel | None) -> tuple[Callable, Callable]:
+        """(train transform, eval transform): a pretrained source's own, from its bundle (the model built here
+        carries the same preprocessing config), else the architecture's."""
+        if pretrained is not None:
+            return pretrained.train_transform, pretrained.eval_transform
+        return create_transforms(self.module)
 
     def _import_openclip_optimizer(self, saved) -> None:
         """Continue an OpenCLIP run: its AdamW moments when they fit this run's optimizer (a resumed checkpoint

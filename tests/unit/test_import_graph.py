@@ -99,3 +99,13 @@ def test_benchmarks_never_import_the_command_line():
     upward = {m: sorted(t for t in targets if t == "clipkit.cli" or t == "clipkit.__main__")
               for m, targets in graph.items() if m.startswith("clipkit.bench")}
     assert {m: t for m, t in upward.items() if t} == {}
+
+
+def test_config_imports_nothing_else_of_clipkit():
+    """Config is the schema every layer reads: models, losses, data and export import it, so it imports none of
+    them (a registry's checks live in the registry's package, composed at the top)."""
+    graph = import_graph()
+    outside = {m: sorted(t for t in targets if not (t == "clipkit.config" or t.startswith("clipkit.config.")))
+               for m, targets in graph.items() if m == "clipkit.config" or m.startswith("clipkit.config.")}
+    assert {m: t for m, t in outside.items() if t} == {}
+    assert "clipkit.config" in graph["clipkit.models.validate"]  # the walk sees the owners' imports of config

@@ -1,0 +1,289 @@
+"""The run configuration's schema: typed dataclasses whose field defaults are the defaults, and nowhere else
+(`clipkit config` prints them), with the name tables validation reads.
+
+This module imports nothing from the rest of clipkit: data, losses, models and export read their defaults and
+names from here, and each registry's own checks live in its package (see clipkit.config.validate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; the message names the dotted key."""
+
+
+# Keys that changed name, so an old config gets told the new one.
+RENAMED = {"train.batch_size": "train.global_batch_size (the global batch, split evenly over the ranks)",
+           "finetune.patience": "finetune.patience_steps (optimizer steps without a better validation)"}
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast with fp32 master weights; fp16 adds loss scaling
+# torch.optim.AdamW's implementations: one fused kernel over all tensors (CPU and CUDA), per-op multi-tensor, or
+# one tensor at a time (torch's default on CPU). The same update up to float rounding.
+OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
+# Pillow's own warning threshold; images above the limit are skipped before their pixels are decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# infonce_tiled's similarity tile edge.
+DEFAULT_TILE_SIZE = 1024
+# A webdataset sample's image member: the tar member extensions tried in order (the first present is read).
+DEFAULT_IMAGE_KEY = "jpg;png;webp;jpeg"
+
+
+@dataclass
+class SynthConfig:
+    """The built-in procedurally drawn dataset (see clipkit.data.synth)."""
+
+    out: str = "datasets/synth"
+    train_samples: int = 20000
+    eval_samples: int = 1500
+    samples_per_shard: int = 1000
+    image_size: int = 64
+    seed: int = 0
+    # The labelled downstream split (downstream/: train and test), for `clipkit finetune`.
+    downstream_train_samples: int = 2000
+    downstream_test_samples: int = 1000
+
+
+@dataclass
+class DataConfig:
+    # Shard spec: a path, a brace pattern ("shards/{00000..00099}.tar") or several joined by "::".
+    # None means the built-in synthetic set under data.synth.out (created on first use).
+    train: Optional[str] = None
+    # A CLIP_benchmark-style zero-shot set root (test/*.tar, classnames.txt, templates). None means the
+    # held-out split of the built-in set when training on it, and no zero-shot evaluation otherwise.
+    zeroshot: Optional[str] = None
+    # A CLIP_benchmark-style retrieval root (several captions per image) or caption shards; None means the
+    # held-out retrieval split of the built-in set when training on it, and no retrieval evaluation otherwise.
+    retrieval: Optional[str] = None
+    # OpenCLIP's upsampling factors, one per "::" source of data.train ("1::2"); None weighs sources by size.
+    train_weights: Optional[str] = None
+    # Draw shards with replacement, endlessly (OpenCLIP's --dataset-resampled); else epoch after epoch,
+    # each sample once per epoch, split over ranks and loader workers without overlap.
+    resampled: bool = False
+    # Images above this many pixels are skipped (and counted) as decompression bombs; null: no limit.
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS
+    workers: int = 1  # loader processes per rank (0: load in the training process)
+    prefetch: int = 2  # batches each loader worker prepares ahead
+    # Ship uint8 images from the loader and normalise them on the training device: a quarter of the
+    # bytes through shared memory and host-to-device copies (open_clip's standard train transform only).
+    normalize_on_device: bool = False
+    shuffle_buffer: int = 2000  # samples; 0 disables sample shuffling (shards are still shuffled)
+    # Caption-length bucketing: upper edges in tokens, e.g. [16, 32] groups captions of up to 16 tokens, of
+    # 17-32 and of more into batches of their own, so the text tower runs shorter (model.trim_text).
+    # [] disables it. Every sample is still seen once per epoch, and resume stays exact.
+    length_buckets: list[int] = field(default_factory=list)
+    image_key: str = DEFAULT_IMAGE_KEY
+    caption_key: str = "txt"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    # Any open_clip architecture, a clipkit config, or a JSON file in that schema. The default, clipkit-tiny-rn
+    # (model_configs/): a small ResNet image tower (open_clip's ModifiedResNet) with a 2-layer text tower; in the
+    # main job's time it learns the built-in set's shapes, which the ViT clipkit-tiny barely does.
+    name: str = "clipkit-tiny-rn"
+    # Start from these weights (continued pretraining, LiT with lock_image): a clipkit checkpoint, an open_clip
+    # or transformers CLIPModel/SiglipModel directory, an OpenCLIP epoch_N.pt or a state dict (docs/pretrained.md). A source
+    # that carries its architecture gives it (model.name stays at its default or names the same one); for an
+    # epoch_N.pt or a bare state dict model.name names it.
+    pretrained: Optional[str] = None
+    # One tower's weights (LiT, partial init; docs/pretrained.md): a timm model's weights file for a config whose
+    # image tower is a timm model, and a transformers text model directory (BertModel, RobertaModel, XLM-R ...)
+    # for a config with a Hugging Face text tower; the run then tokenises with the directory's tokenizer.
+    pretrained_image: Optional[str] = None
+    pretrained_text: Optional[str] = None
+    grad_checkpointing: bool = False
+    # Run the text tower only up to the batch's longest caption where that gives the same features and
+    # gradients (a causal text tower read at its end-of-text token, as in every CLIP config); else full length.
+    trim_text: bool = True
+    # FLIP-style: drop this fraction of image patches in training (0 disables)
+    patch_dropout: float = 0.0
+    # LiT: freeze the image tower, optionally leaving its last N layer groups trainable
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    # The global batch: split evenly over the ranks (each rank's share is its local batch).
+    global_batch_size: int = 128
+    steps: int = 600
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: Optional[float] = 1.0  # max global grad norm; None disables clipping
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
+    # "latest" continues the newest good checkpoint in run.dir, a path resumes that checkpoint
+    # directory, None starts fresh.
+    resume: Optional[str] = None
+    # one of clipkit.losses.LOSS_NAMES; left at infonce, a model.pretrained with a logit bias (SigLIP) makes it siglip
+    loss: str = "infonce"
+    local_loss: bool = False  # each rank computes B_local x B_global logits instead of the full matrix
+    tile_size: int = DEFAULT_TILE_SIZE  # infonce_tiled: similarity tile edge
+    # Contrastive gradient accumulation: the batch is processed in accum_steps chunks, and the update
+    # equals the one from the whole batch at once (features cached, loss over the full batch).
+    accum_steps: int = 1
+    precision: str = "fp32"  # one of PRECISIONS
+    optimizer_impl: str = "fused"  # one of OPTIMIZER_IMPLS (the torch engine; DeepSpeed uses its own)
+    # A step whose loss or gradients are not finite is skipped (no update) and counted; this many in a row
+    # stop the run with a message, with nothing non-finite saved.
+    max_nonfinite_steps: int = 5
+    # When no step completes for this long, every thread's stack is written to run.dir and the process exits
+    # non-zero (so a launcher can restart it); 0 disables the watchdog.
+    stall_timeout_s: float = 1800.0
+
+
+@dataclass
+class DistConfig:
+    # How long a collective (all-reduce, broadcast, barrier) may wait for the other ranks before failing,
+    # instead of the backend's default (30 min gloo, 10 min NCCL).
+    timeout_s: float = 600.0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    zeroshot_at_end: bool = True
+    retrieval_at_end: bool = True
+    # Evaluate on the held-out sets (data.zeroshot) every N steps during training, logged to metrics.jsonl
+    # and TensorBoard under "eval"; 0: only at the end.
+    every: int = 0
+
+
+@dataclass
+class ExportConfig:
+    format: str = "open_clip"  # one of clipkit.export.EXPORT_FORMATS
+    at_end: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+    zero_stage: int = 2  # 0 (DeepSpeed without ZeRO), 1, 2 or 3
+    # A DeepSpeed JSON of the user's: its keys override the ones clipkit derives from this config.
+    config: Optional[str] = None
+
+
+@dataclass
+class LinearProbeConfig:
+    """Logistic regression on frozen, cached image features (CLIP_benchmark's linear-probe protocol): the L2
+    strength is chosen on val from a log grid of scikit-learn's C (inverse strength), then refit on train+val."""
+
+    c_min: float = 1e-3
+    c_max: float = 1e3
+    c_steps: int = 13  # grid points, log-spaced from c_min to c_max
+    max_iter: int = 1000  # L-BFGS iterations per fit
+    refit_on_train_val: bool = True  # the final classifier is fitted on train+val with the chosen C
+
+
+@dataclass
+class WiseConfig:
+    """WiSE-FT: weight-space interpolation (1 - alpha) * zero-shot + alpha * fine-tuned."""
+
+    alphas: str = "0,0.25,0.5,0.75,1"  # comma-separated, each in [0, 1]
+    # The best checkpoint of an earlier full fine-tune of the same checkpoint (RUN_DIR/best); None: fine-tune first.
+    finetuned: Optional[str] = None
+    # The fine-tune interpolated towards (run first, or the kind of `finetuned`): full (the image tower and the head)
+    # or flyp (both towers; the head is rebuilt from the interpolated text tower).
+    method: str = "full"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the image tower's layers; merged into the weights at export."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module names (peft target_modules), comma-separated; empty: chosen from each tower's architecture (ViT:
+    # attn,c_fc,c_proj; ResNet: its convolutions and attention-pool projections; timm / Hugging Face towers: the
+    # names of the layers in their trunk / encoder).
+    targets: str = ""
+    # Refuse targets that cover less than this share of a tower's Linear/Conv weights (a list naming another
+    # architecture's modules matches next to nothing).
+    min_coverage: float = 0.5
+    # Also adapt the text tower: the head is then the zero-shot classifier recomputed through it every step.
+    text: bool = False
+
+
+@dataclass
+class LrSearchConfig:
+    """finetune.lr=auto: each LR of the grid trains a fresh copy of the model for `steps` optimizer steps; the one
+    with the best val acc1 (ties: the lower val loss, then the smaller LR) is the run's LR. Val only: test is
+    never seen."""
+
+    lrs: str = "1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2"  # comma-separated, each positive
+    steps: int = 60  # optimizer steps per LR (warm-up: a quarter of them, at most warmup_steps)
+
+
+@dataclass
+class FinetuneConfig:
+    """`clipkit finetune`: adapt a pretrained checkpoint to a labelled image classification task. Every length
+    below is in optimizer steps except `epochs`, so the schedule means the same on a set of 300 images or 3M."""
+
+    method: str = "full"  # one of FINETUNE_METHODS
+    checkpoint: Optional[str] = None  # the pretrained model (as for `clipkit zeroshot --checkpoint`)
+    # An image folder with train/, val/ (optional) and test/ sub-folders of class folders, or a CLIP_benchmark
+    # webdataset root with train/ and test/ (and optionally val/) splits.
+    data: Optional[str] = None
+    val_fraction: float = 0.1  # without a val split: this fraction of train (per class, seeded) becomes val
+    epochs: int = 10  # passes over train; a small set trains longer: see min_steps
+    global_batch_size: int = 64  # split evenly over the ranks
+    lr: Union[float, str] = "auto"  # the image tower's LR, or auto: chosen on val by finetune.lr_search
+    head_lr: Optional[float] = None  # the classification head's LR; None: lr * head_lr_ratio
+    head_lr_ratio: float = 10.0
+    warmup_steps: int = 20
+    # No early stop before warmup_steps + min_steps, and no run shorter than that (more epochs on a small set).
+    min_steps: int = 200
+    val_every: int = 25  # validate every this many steps (and after the last)
+    patience_steps: int = 100  # stop after this many steps without a better val acc1 (0: never stop early)
+    weight_decay: float = 0.1
+    layer_decay: float = 1.0  # layer-wise LR decay per transformer block, from the head down (1: off)
+    label_smoothing: float = 0.1
+    augment: bool = True  # open_clip's training augmentation (RandomResizedCrop); else the eval transform
+    trainable_blocks: int = -1  # train only the last N transformer blocks of the image tower (-1: all)
+    freeze_head: bool = False  # keep the zero-shot head fixed
+    grad_clip: Optional[float] = 1.0
+    precision: str = "fp32"  # one of PRECISIONS
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    lr_search: LrSearchConfig = field(default_factory=LrSearchConfig)
+    wise: WiseConfig = field(default_factory=WiseConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+FINETUNE_METHODS = ("linear_probe", "full", "wise", "lora", "flyp")
+WISE_METHODS = ("full", "flyp")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+    # Write run.dir/sample_keys/rank{R}.jsonl: the sample keys of every step's batch (a data audit trail).
+    record_sample_keys: bool = False
+    # Write run.dir/report.html at the end: loss, LR, throughput and MFU, evaluation over time (PNG plots).
+    report: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+

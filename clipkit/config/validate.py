@@ -1,0 +1,208 @@
+"""Value checks the types alone cannot express, across fields; each failure names its key.
+
+Checks against a registry (model names, export formats, loss names) belong to the package that owns the registry:
+each such package offers its check, and the top of clipkit registers it here (register_check), so that config
+imports none of them while every validated config has passed them all.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from .schema import (FINETUNE_METHODS, OPTIMIZER_IMPLS, PRECISIONS, WISE_METHODS, Config, ConfigError, DataConfig,
+                     FinetuneConfig, ModelConfig, RunConfig, TrainConfig)
+
+_REGISTERED: list[Callable[[Config], None]] = []
+
+
+def register_check(check: Callable[[Config], None]) -> None:
+    """Run `check(cfg)` in every validate(cfg), after config's own checks; it raises ConfigError naming its key."""
+    if check not in _REGISTERED:
+        _REGISTERED.append(check)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express, section by section, then the registered ones (a registry's
+    names, checked by its package); each failure names its key."""
+    _validate_train(cfg.train)
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
+    _validate_run(cfg.run)
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be positive")
+    _check(cfg.eval.every >= 0, "eval.every", "must be 0 (only at the end) or more")
+    ds = cfg.deepspeed
+    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    if ds.config is not None:
+        _check_json_file(ds.config, "deepspeed.config")
+    _validate_finetune(cfg.finetune)
+    for check in _REGISTERED:
+        check(cfg)
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _check(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
+    _check(t.steps > 0, "train.steps", "must be positive")
+    _check(t.lr > 0, "train.lr", f"must be positive (got {t.lr})")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "and train.beta2 must be in [0, 1)")
+    _check(t.eps > 0, "train.eps", "must be positive")
+    _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive, or null for no clipping")
+    _check(t.accum_steps > 0, "train.accum_steps", "must be positive")
+    _check(t.global_batch_size % t.accum_steps == 0, "train.accum_steps",
+           f"must divide train.global_batch_size={t.global_batch_size}")
+    _check(t.tile_size > 0, "train.tile_size", "must be positive")
+    _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
+    _check(t.optimizer_impl in OPTIMIZER_IMPLS, "train.optimizer_impl",
+           f"must be one of {', '.join(OPTIMIZER_IMPLS)} (got {t.optimizer_impl!r})")
+    _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 (keep all) or more")
+    _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be positive")
+    _check(t.stall_timeout_s >= 0, "train.stall_timeout_s", "must be 0 (no watchdog) or more")
+    _check(t.resume is None or t.resume == "latest" or Path(t.resume).is_dir(), "train.resume",
+           f"must be latest, null, or an existing checkpoint directory (got {t.resume!r})")
+
+
+def _validate_run(r: RunConfig) -> None:
+    _check(bool(r.dir.strip()), "run.dir", "must name a directory")
+    _check(r.seed >= 0, "run.seed", "must be 0 or more")
+    _check(r.log_every > 0, "run.log_every", "must be positive")
+
+
+def _validate_data(d: DataConfig) -> None:
+    for key in ("train", "zeroshot", "retrieval"):
+        value = getattr(d, key)
+        _check(value is None or bool(value.strip()), f"data.{key}", "must name a path or shards, or be null")
+    if d.train_weights is not None:
+        _check_weights(d.train_weights, d.train)
+    _check(bool(d.image_key.strip(";").strip()), "data.image_key", "must name at least one extension")
+    _check(bool(d.caption_key.strip()), "data.caption_key", "must name the caption's extension")
+    _check(d.workers >= 0, "data.workers", "must be 0 (load in the training process) or more")
+    _check(d.prefetch >= 1, "data.prefetch", "must be at least 1")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be 0 (no sample shuffling) or more")
+    edges = d.length_buckets
+    _check(all(e > 0 for e in edges) and all(a < b for a, b in zip(edges, edges[1:])), "data.length_buckets",
+           f"must list increasing positive token counts, or be [] (got {edges!r})")
+    _check(d.max_image_pixels is None or d.max_image_pixels > 0, "data.max_image_pixels",
+           "must be positive, or null for no limit")
+    s = d.synth
+    _check(bool(s.out.strip()), "data.synth.out", "must name a directory")
+    _check(s.seed >= 0, "data.synth.seed", "must be 0 or more")
+    for key in ("train_samples", "eval_samples", "samples_per_shard", "image_size", "downstream_train_samples",
+                "downstream_test_samples"):
+        _check(getattr(s, key) > 0, f"data.synth.{key}", "must be positive")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """The model section's values; model.name and whether tower weights fit its towers are checked by
+    clipkit.models, which owns the architectures."""
+    for key, path in (("model.pretrained", m.pretrained), ("model.pretrained_image", m.pretrained_image),
+                      ("model.pretrained_text", m.pretrained_text)):
+        _check(path is None or Path(path).exists(), key, f"names a path that does not exist: {path}")
+    _check(0.0 <= m.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
+    _check(m.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be 0 or more")
+    _check(m.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be 0 or more")
+
+
+def parse_alphas(text: str) -> list[float]:
+    """WiSE-FT's alphas from "0,0.25,1"; ConfigError naming finetune.wise.alphas when one is not in [0, 1]."""
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise ConfigError(f"config key 'finetune.wise.alphas' must be comma-separated numbers (got {text!r})") from None
+    _check(bool(alphas) and all(0.0 <= a <= 1.0 for a in alphas), "finetune.wise.alphas",
+           f"must list numbers in [0, 1] (got {text!r})")
+    return alphas
+
+
+def parse_lrs(text: str) -> list[float]:
+    """The LR search's grid from "1e-4,1e-3"; ConfigError naming finetune.lr_search.lrs unless all positive."""
+    try:
+        lrs = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise ConfigError(f"config key 'finetune.lr_search.lrs' must be comma-separated numbers (got {text!r})") from None
+    _check(bool(lrs) and all(lr > 0 for lr in lrs), "finetune.lr_search.lrs",
+           f"must list positive numbers (got {text!r})")
+    return lrs
+
+
+def lora_targets(text: str) -> list[str]:
+    """finetune.lora.targets as a list; empty: choose them from the model."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _validate_finetune(f: FinetuneConfig) -> None:
+    _check(f.method in FINETUNE_METHODS, "finetune.method",
+           f"must be one of {', '.join(FINETUNE_METHODS)} (got {f.method!r})")
+    for key, value in (("checkpoint", f.checkpoint), ("data", f.data), ("wise.finetuned", f.wise.finetuned)):
+        _check(value is None or Path(value).exists(), f"finetune.{key}", f"names a path that does not exist: {value}")
+    _check(0.0 < f.val_fraction < 1.0, "finetune.val_fraction", "must be in (0, 1)")
+    _check(f.epochs > 0, "finetune.epochs", "must be positive")
+    _check(f.global_batch_size > 0, "finetune.global_batch_size", "must be positive")
+    _check(f.lr == "auto" or (isinstance(f.lr, float) and f.lr > 0), "finetune.lr",
+           f"must be positive or auto (got {f.lr!r})")
+    _check(f.head_lr is None or f.head_lr > 0, "finetune.head_lr",
+           "must be positive, or null for finetune.lr * finetune.head_lr_ratio")
+    _check(f.head_lr_ratio > 0, "finetune.head_lr_ratio", "must be positive")
+    _check(f.warmup_steps >= 0, "finetune.warmup_steps", "must be 0 or more")
+    _check(f.min_steps >= 0, "finetune.min_steps", "must be 0 or more")
+    _check(f.val_every > 0, "finetune.val_every", "must be positive (steps between validations)")
+    _check(f.patience_steps >= 0, "finetune.patience_steps", "must be 0 (never stop early) or more")
+    parse_lrs(f.lr_search.lrs)
+    _check(f.lr_search.steps > 0, "finetune.lr_search.steps", "must be positive")
+    _check(f.weight_decay >= 0, "finetune.weight_decay", "must be 0 or more")
+    _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must be in (0, 1] (1: no layer-wise decay)")
+    _check(0.0 <= f.label_smoothing < 1.0, "finetune.label_smoothing", "must be in [0, 1)")
+    _check(f.trainable_blocks >= -1, "finetune.trainable_blocks", "must be -1 (all) or 0 or more")
+    _check(f.grad_clip is None or f.grad_clip > 0, "finetune.grad_clip", "must be positive, or null for no clipping")
+    _check(f.precision in PRECISIONS, "finetune.precision",
+           f"must be one of {', '.join(PRECISIONS)} (got {f.precision!r})")
+    lp = f.linear_probe
+    _check(0 < lp.c_min <= lp.c_max, "finetune.linear_probe.c_min", "must be positive and at most c_max")
+    _check(lp.c_steps > 0, "finetune.linear_probe.c_steps", "must be positive")
+    _check(lp.max_iter > 0, "finetune.linear_probe.max_iter", "must be positive")
+    parse_alphas(f.wise.alphas)
+    _check(f.wise.method in WISE_METHODS, "finetune.wise.method",
+           f"must be one of {', '.join(WISE_METHODS)} (got {f.wise.method!r})")
+    _check(f.trainable_blocks == -1 or not (f.method == "flyp" or (f.method == "wise" and f.wise.method == "flyp")),
+           "finetune.trainable_blocks", "must be -1 with flyp: FLYP trains both towers whole")
+    lo = f.lora
+    _check(lo.rank > 0, "finetune.lora.rank", "must be positive")
+    _check(lo.alpha > 0, "finetune.lora.alpha", "must be positive")
+    _check(0.0 <= lo.dropout < 1.0, "finetune.lora.dropout", "must be in [0, 1)")
+    _check(0.0 <= lo.min_coverage <= 1.0, "finetune.lora.min_coverage", "must be in [0, 1]")
+    _check("out_proj" not in [t.strip() for t in lo.targets.split(",")], "finetune.lora.targets",
+           "may not name out_proj: nn.MultiheadAttention never calls it, so its adapter would do nothing "
+           "(name attn to adapt the attention)")
+
+
+def _check_weights(weights: str, train: str | None) -> None:
+    parts = weights.split("::")
+    try:
+        ok = all(float(w) > 0 for w in parts)
+    except ValueError:
+        ok = False
+    _check(ok, "data.train_weights", f"must be positive numbers joined by '::', one per source (got {weights!r})")
+    if train is not None:
+        sources = len(train.split("::"))
+        _check(len(parts) == sources, "data.train_weights",
+               f"names {len(parts)} weights for the {sources} '::'-joined sources of data.train")
+
+
+
+def _check_json_file(path: str, key: str) -> None:
+    p = Path(path)
+    _check(p.is_file(), key, f"names a file that does not exist: {path}")
+    try:
+        ok = isinstance(json.loads(p.read_text()), dict)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}' names {path}, which is not valid JSON: {e}") from None
+    _check(ok, key, f"names {path}, which must hold a JSON object")
+
