@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipkit.config import load_config
 from clipkit.data import ShardStream
-from clipkit.data.pipeline import Tokenize
+from clipkit.data.sample import Tokenize
 from clipkit.run import run
 from data_shards import add, jpeg, tokenizer, transforms
 
