@@ -28,8 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-from ..atomic import atomic_file
-
 EXIT_STALLED = 3  # the exit status of a process the watchdog ended
 
 
@@ -98,12 +96,14 @@ class Watchdog:
         where = "before its first step" if beats == 0 else f"after {beats} steps in this process"
         try:
             self.dump_path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(self.dump_path) as f:  # flushed and fsynced before the process ends
+            with open(self.dump_path, "w") as f:
                 f.write(f"clipkit watchdog, rank {self.rank}, pid {os.getpid()}: no {self.what} completed in "
                         f"{idle:.0f} s, {where} (train.stall_timeout_s={self.timeout_s:g}). Every thread's "
-                        "stack:\n\n".encode())
-                f.flush()  # faulthandler writes to the file descriptor, after what is buffered
+                        "stack:\n\n")
+                f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
+                f.flush()
+                os.fsync(f.fileno())
             written = f"every thread's stack is in {self.dump_path}"
         except OSError as e:  # the run dir itself may be what hangs or fails: dump to stderr instead
             written = f"could not write {self.dump_path} ({e}); every thread's stack follows on stderr"
