@@ -97,7 +97,7 @@ def parts():
     decodes with in the bad-input tests."""
     from data_shards import tokenizer, transforms
 
-    from clipkit.data.pipeline import Tokenize
+    from clipkit.data.sample import Tokenize
 
     _, val_tf = transforms(16)
     return val_tf, Tokenize(tokenizer())

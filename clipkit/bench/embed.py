@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .harness import (CACHE, BenchError, bench_main, command_line, emit_result, machine_facts, orders, run_worker,
                       runs_and_median, worker_env)
 from .shards import photo_shards
@@ -53,9 +53,8 @@ def model_file(name: str, folder: Path) -> Path:
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_weights(create_model(name).state_dict(), tmp, name, get_model_config(name))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_weights(create_model(name).state_dict(), tmp, name, get_model_config(name))
     return path
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..atomic import atomic_file, atomic_write_text
 from .harness import CACHE, BenchError
 
 SHARD_FORMAT = "v1"  # bump when the photo recipe changes, so cached shards are rebuilt
@@ -96,10 +97,11 @@ def write_bench_shards(out: Path, images: int, per_shard: int = 100, seed: int =
     if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
         return spec
     out.mkdir(parents=True, exist_ok=True)
+    manifest.unlink(missing_ok=True)  # while shards are rewritten, no manifest vouches for them
     photos = _source_photos()
     rng = random.Random(seed)
     for s in range(shards):
-        with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
+        with atomic_file(out / f"{s:05d}.tar") as f, tarfile.open(fileobj=f, mode="w") as tar:
             for i in range(s * per_shard, min(images, (s + 1) * per_shard)):
                 name, photo = photos[i % len(photos)]
                 jpg, caption = _variant(name, photo, rng)
@@ -110,7 +112,7 @@ def write_bench_shards(out: Path, images: int, per_shard: int = 100, seed: int =
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    manifest.write_text(json.dumps(wanted))
+    atomic_write_text(manifest, json.dumps(wanted))  # last: the shards under it are complete
     return spec
 
 

@@ -26,6 +26,7 @@ import shutil
 import stat
 from pathlib import Path, PurePosixPath
 
+from ..atomic import atomic_write_text, fsync_path
 from .errors import CheckpointError
 from .key import key_path, signing_key
 
@@ -152,19 +153,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """A checkpoint's JSON file, whole or not at all, fsynced with its folder (errors raise)."""
+    atomic_write_text(path, json.dumps(obj), strict=True)
 
 
 def _regular_files(directory: Path) -> list[str]:
@@ -235,12 +226,7 @@ def _rename_into_place(tmp: Path, final: Path) -> None:
 
 
 def _write_latest(final: Path) -> None:
-    pointer = final.parent / LATEST
-    tmp = pointer.with_name(LATEST + TMP_SUFFIX)
-    tmp.write_text(final.name + "\n")
-    fsync_path(tmp)
-    os.replace(tmp, pointer)
-    fsync_path(final.parent)
+    atomic_write_text(final.parent / LATEST, final.name + "\n", strict=True)
 
 
 def is_disk_full(exc: BaseException) -> bool:

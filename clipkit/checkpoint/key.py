@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
+from ..atomic import create_exclusive
 from .errors import CheckpointError
 
 KEY_ENV = "CLIPKIT_CHECKPOINT_KEY"
@@ -62,20 +62,4 @@ def _read_key(path: Path) -> bytes | None:
 def _create_key(path: Path) -> None:
     """Put a new key at `path` unless another process got there first (then theirs is kept)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(NEW_KEY_BYTES).hex().encode())
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic, and never replaces: the first key linked is everyone's key
-        except FileExistsError:
-            pass
-    finally:
-        os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    create_exclusive(path, os.urandom(NEW_KEY_BYTES).hex().encode())

@@ -1,10 +1,13 @@
 """Data: shard specs, the streaming webdataset pipeline with exact resume, the built-in synthetic
 dataset."""
 from .decode import DEFAULT_MAX_IMAGE_PIXELS
-from .pipeline import (Batch, NoUsableSamples, ShardStream, SkipCounter, build_labelled_loader, build_train_loader,
-                       repartition_train_states)
+from .eval_loaders import build_labelled_loader
+from .loader import build_train_loader, repartition_train_states
+from .sample import Batch
 from .shards import ShardSpecError, expand_shards, expand_sources, open_shard
+from .skips import SkipCounter
 from .state import StreamPosition, StreamState, StreamStateError, repartition
+from .stream import NoUsableSamples, ShardStream
 from .synth import SynthDataset, downstream_class_names, ensure_synth_dataset, write_synth_dataset
 
 __all__ = [

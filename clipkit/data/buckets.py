@@ -10,7 +10,7 @@ nothing is random: the grouping is a function of the order the samples come in, 
 
 The samples still waiting when a batch leaves are what a checkpoint must hold to continue exactly:
 `waiting()` lists them in an order that, added back into empty buckets, rebuilds the same buckets (state.py
-records their ids, pipeline.py reads them again on resume). At most (buckets) x (batch size - 1) samples
+records their ids, stream.py reads them again on resume). At most (buckets) x (batch size - 1) samples
 wait, decoded.
 """
 from __future__ import annotations

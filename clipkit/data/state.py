@@ -19,7 +19,7 @@ Elastic resume: the states of all W ranks (each with K loader workers) of a chec
 become W' states for a run with W' ranks and K' workers:
 
     states = repartition([rank0_state, ..., rank{W-1}_state], world_size=W', workers=K', urls=urls,
-                         factors=factors)   # or pipeline.repartition_train_states(cfg.data, ...)
+                         factors=factors)   # or loader.repartition_train_states(cfg.data, ...)
     state = states[new_rank]                # then StreamState(state) and build_train_loader(resume_state=state)
 
 What the old workers had not delivered of the epochs they were in (samples waiting in their shuffle

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..atomic import atomic_write_text
+
 COLOURS = {
     "red": (215, 35, 35),
     "green": (40, 160, 60),
@@ -526,9 +528,7 @@ def _retrieval_size(requested: int | None, eval_samples: int) -> int:
 
 def _write_manifest(root: Path, manifest: dict) -> None:
     # The manifest is written last, and atomically: its presence marks a complete dataset.
-    tmp = root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(root / "manifest.json")
+    atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2))
 
 
 def _from_manifest(root: Path, manifest: dict) -> SynthDataset:

@@ -1,5 +1,5 @@
 """Evaluation: zero-shot classification and image-text retrieval (CLIP_benchmark layouts and schema)."""
-from .folder import build_folder_loader, find_classes, folder_samples
+from ..data.labelled import build_folder_loader, default_templates, find_classes, folder_samples
 from .retrieval import (
     RetrievalDataError,
     RetrievalEmbeddings,
@@ -16,7 +16,6 @@ from .zeroshot import (
     ZeroShotSet,
     build_classifier,
     classification_metrics,
-    default_templates,
     evaluate_zeroshot,
     load_zeroshot_set,
     predict_zeroshot,

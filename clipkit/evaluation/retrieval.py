@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data.pipeline import build_captioned_loader
+from ..data.eval_loaders import build_captioned_loader
 from ..errors import UserError
 from ..models import eval_mode
 from .zeroshot import write_result

@@ -3,7 +3,7 @@
 The data is any of:
   - a CLIP_benchmark webdataset root: SPLIT/nshards.txt, SPLIT/N.tar (KEY.jpg + KEY.cls),
     classnames.txt, optional zeroshot_classification_templates.txt;
-  - an image folder with one sub-folder per class (torchvision ImageFolder semantics, see folder.py);
+  - an image folder with one sub-folder per class (torchvision ImageFolder semantics, see data/labelled.py);
   - a shard spec of KEY.jpg + KEY.cls samples, with the class names given.
 Templates hold a "{c}" placeholder; without a templates file the OpenAI ImageNet set is used.
 """
@@ -20,15 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from ..data import build_labelled_loader
-from ..errors import UserError
+from ..data.labelled import (IMG_EXTENSIONS, PLACEHOLDER, LabelledDataError, build_folder_loader, find_classes,
+                             folder_samples, read_lines, read_templates)
 from ..models import eval_mode
-from .folder import IMG_EXTENSIONS, build_folder_loader, find_classes, folder_samples
 
 log = logging.getLogger("clipkit.evaluation")
-PLACEHOLDER = "{c}"
 
 
-class ZeroShotDataError(UserError):
+class ZeroShotDataError(LabelledDataError):
     pass
 
 
@@ -50,34 +49,6 @@ class ZeroShotPredictions:
     logit_scale: float | None = None  # the model's temperature, for probabilities
 
 
-def default_templates() -> list[str]:
-    """The 80 ImageNet templates of the CLIP paper's notebook, as open_clip ships them."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    # open_clip keeps them as callables (lambda c: f"a photo of a {c}."): called with the placeholder,
-    # each gives back its template text.
-    return [t(PLACEHOLDER) if callable(t) else str(t).replace("{}", PLACEHOLDER) for t in OPENAI_IMAGENET_TEMPLATES]
-
-
-def _read_lines(path: Path, what: str) -> list[str]:
-    if not path.is_file():
-        raise ZeroShotDataError(f"{what} file not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ZeroShotDataError(f"{what} file {path} is empty")
-    return lines
-
-
-def _templates(path: str | Path | None) -> list[str]:
-    if path is None:
-        return default_templates()
-    tmpl = _read_lines(Path(path), "templates")
-    bad = [t for t in tmpl if PLACEHOLDER not in t]
-    if bad:
-        raise ZeroShotDataError(f"template {bad[0]!r} in {path} has no {{c}} placeholder")
-    return tmpl
-
-
 def load_zeroshot_set(data: str | Path, classnames: str | Path | None = None,
                       templates: str | Path | None = None, split: str = "test") -> ZeroShotSet:
     """DATA is a CLIP_benchmark wds root, an image folder (one sub-folder per class) or a shard spec
@@ -95,7 +66,8 @@ def load_zeroshot_set(data: str | Path, classnames: str | Path | None = None,
         raise ZeroShotDataError("with a shard spec as data, --classnames is required (one class name per line, "
                                 "in label order)")
     name = Path(str(data).split("::")[0]).parent.name
-    return ZeroShotSet(str(data), _read_lines(Path(classnames), "classnames"), _templates(templates), name)
+    return ZeroShotSet(str(data), read_lines(Path(classnames), "classnames", ZeroShotDataError),
+                       read_templates(templates, ZeroShotDataError), name)
 
 
 def _wds_set(root: Path, classnames, templates, split: str) -> ZeroShotSet:
@@ -110,8 +82,8 @@ def _wds_set(root: Path, classnames, templates, split: str) -> ZeroShotSet:
     n = int(text)
     shards = str(root / split / (f"{{0..{n - 1}}}.tar" if n > 1 else "0.tar"))
     own = root / "zeroshot_classification_templates.txt"
-    tmpl = _templates(templates if templates is not None else (own if own.is_file() else None))
-    names = _read_lines(Path(classnames or root / "classnames.txt"), "classnames")
+    tmpl = read_templates(templates if templates is not None else (own if own.is_file() else None), ZeroShotDataError)
+    names = read_lines(Path(classnames or root / "classnames.txt"), "classnames", ZeroShotDataError)
     return ZeroShotSet(shards, names, tmpl, root.name)
 
 
@@ -126,11 +98,11 @@ def _folder_set(root: Path, classnames, templates, split: str) -> ZeroShotSet:
                                 f"{root}")
     names = classes
     if classnames is not None:
-        names = _read_lines(Path(classnames), "classnames")
+        names = read_lines(Path(classnames), "classnames", ZeroShotDataError)
         if len(names) != len(classes):
             raise ZeroShotDataError(f"{classnames} names {len(names)} classes but {root} has {len(classes)} class "
                                     "folders (names go one per line, in sorted folder-name order)")
-    return ZeroShotSet(None, names, _templates(templates), root.name, root, samples)
+    return ZeroShotSet(None, names, read_templates(templates, ZeroShotDataError), root.name, root, samples)
 
 
 @torch.no_grad()

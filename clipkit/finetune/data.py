@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DEFAULT_IMAGE_KEY
 from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS, image_pipeline
+from ..data.labelled import (IMG_EXTENSIONS, LabelledCollate, LabelledDataError, find_classes, folder_samples,
+                             read_lines, read_templates)
 from ..data.tario import split_name
 from ..errors import UserError
-from ..evaluation.folder import IMG_EXTENSIONS, _Collate, find_classes, folder_samples
-from ..evaluation.zeroshot import _read_lines, _templates
 
 log = logging.getLogger("clipkit.finetune")
 
@@ -47,7 +47,7 @@ TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 CLASSNAMES_FILE = "classnames.txt"
 
 
-class DownstreamDataError(UserError):
+class DownstreamDataError(LabelledDataError):
     """The labelled set is missing, malformed or inconsistent (the message names the file)."""
 
 
@@ -101,11 +101,13 @@ def load_downstream(root: str | Path, *, val_fraction: float = 0.1, seed: int = 
     if _is_wds(root):
         splits = _wds_splits(root, skipped)
         names_file = Path(classnames) if classnames is not None else root / CLASSNAMES_FILE
-        names = _read_lines(names_file, "classnames")
+        names = read_lines(names_file, "classnames", DownstreamDataError)
         own = root / CLASSNAMES_FILE
-        if classnames is not None and own.is_file() and len(names) != len(_read_lines(own, "classnames")):
-            raise DownstreamDataError(f"{names_file} names {len(names)} classes but {own} names "
-                                      f"{len(_read_lines(own, 'classnames'))} (one name per line, in label order)")
+        own_count = len(read_lines(own, "classnames", DownstreamDataError)) if classnames is not None and own.is_file() \
+            else None
+        if own_count is not None and len(names) != own_count:
+            raise DownstreamDataError(f"{names_file} names {len(names)} classes but {own} names {own_count} (one name "
+                                      "per line, in label order)")
         _check_wds_labels(splits, len(names), names_file)  # .cls labels index the class names
     elif (root / "train").is_dir():
         classes, splits = _folder_splits(root, skipped)
@@ -113,7 +115,7 @@ def load_downstream(root: str | Path, *, val_fraction: float = 0.1, seed: int = 
         own = root / CLASSNAMES_FILE
         names_file = Path(classnames) if classnames is not None else (own if own.is_file() else None)
         if names_file is not None:
-            names = _read_lines(names_file, "classnames")
+            names = read_lines(names_file, "classnames", DownstreamDataError)
             if len(names) != len(classes):
                 raise DownstreamDataError(f"{names_file} names {len(names)} classes but {root / 'train'} has "
                                           f"{len(classes)} class folders (one name per line, in sorted folder-name "
@@ -123,7 +125,8 @@ def load_downstream(root: str | Path, *, val_fraction: float = 0.1, seed: int = 
                                   "train/ and test/ (and optionally val/) holding class folders of images, or "
                                   "nshards.txt and N.tar shards")
     own_templates = root / TEMPLATES_FILE
-    tmpl = _templates(templates if templates is not None else (own_templates if own_templates.is_file() else None))
+    tmpl = read_templates(templates if templates is not None else (own_templates if own_templates.is_file() else None),
+                          DownstreamDataError)
 
     for split in ("train", "test") + (("val",) if splits.get("val") is not None else ()):
         if not splits[split]:
@@ -374,7 +377,7 @@ def train_loader(samples: list[Sample], transform: Callable, *, global_batch_siz
     dataset = LabelledImages(samples, transform, seed=seed, max_image_pixels=max_image_pixels)
     dataset.set_epoch(epoch)
     sampler = RankBatches(len(samples), global_batch_size, rank, world_size, seed, epoch)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_Collate(dataset.images))
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=LabelledCollate(dataset.images))
 
 
 def eval_loader(samples: list[Sample], transform: Callable, *, batch_size: int, workers: int = 1,
@@ -384,4 +387,4 @@ def eval_loader(samples: list[Sample], transform: Callable, *, batch_size: int, 
         raise UserError(f"the batch size must be positive, not {batch_size}")
     dataset = LabelledImages(samples, transform, max_image_pixels=max_image_pixels)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=_Collate(dataset.images))
+                      collate_fn=LabelledCollate(dataset.images))

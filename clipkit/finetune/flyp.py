@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..data.labelled import PLACEHOLDER
 from ..errors import UserError
 from ..evaluation import build_classifier
-from ..evaluation.zeroshot import PLACEHOLDER
 from ..losses import InfoNCELoss
 from ..models import eval_mode
 from ..training.trainer import MAX_LOGIT_SCALE

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path
 from ..config import LinearProbeConfig
 from ..errors import UserError
 from ..evaluation import classification_metrics
@@ -52,7 +51,7 @@ class Features:
 
 @torch.no_grad()
 def extract_features(model, batches: Iterable, device: torch.device | str) -> Features:
-    """The L2-normalised image embeddings of every sample of ``batches`` (clipkit.data.pipeline.Batch, with
+    """The L2-normalised image embeddings of every sample of ``batches`` (clipkit.data.Batch, with
     class indices as targets), in order, on the CPU. The model runs in eval mode and is then put back in its
     own mode."""
     feats, labels, keys, skipped = [], [], [], {}
@@ -105,14 +104,8 @@ def save_features(feats: Features, path: str | Path, meta: dict) -> None:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_features(path: str | Path, meta: dict) -> Features | None:

@@ -422,7 +422,7 @@ def embed_shards(checkpoint, spec: str | list[str], out: str | Path, *, batch_si
     process's. Finished parts of an earlier run into the same OUT are kept when the same weights made them
     (whatever path named them), and discarded and recomputed when other weights did."""
     from ..data import expand_shards
-    from ..data.pipeline import build_embed_loader
+    from ..data.embed_stream import build_embed_loader
 
     if batch_size < 1 or part_size < 1 or workers < 0 or draft_margin < 0:
         raise UserError("batch size and part size must be >= 1, workers and draft margin >= 0")

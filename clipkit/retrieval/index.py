@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import atomic_path, atomic_write_text
 from ..errors import UserError
 from ..extras import require
 
@@ -293,15 +293,13 @@ def _write_metadata(parts: list[Part], path: Path) -> list[str]:
         schema = pa.unify_schemas(schemas, promote_options="permissive")  # e.g. an all-null column in a part
     except pa.ArrowException as e:
         raise UserError(f"metadata parts disagree on column types: {e}") from None
-    tmp = path.with_name(path.name + ".tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:
             table = pq.read_table(part.files["metadata"])
             for name in schema.names:
                 if name not in table.column_names:
                     table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
             writer.write_table(table.select(schema.names).cast(schema), row_group_size=METADATA_ROW_GROUP)
-    os.replace(tmp, path)
     return schema.names
 
 
@@ -325,10 +323,10 @@ def build_index(embeddings: str | Path, out: str | Path, memory_budget: str | in
     for k in kinds:
         info["indexes"][k] = _write_index(parts, k, n, dim, choice, seed, out)
     if embed_info:  # carried along, so queries are encoded by the model that made the embeddings
-        (out / EMBED_INFO).write_text(json.dumps(embed_info, indent=2))
+        atomic_write_text(out / EMBED_INFO, json.dumps(embed_info, indent=2))
     else:  # (none in the export, so OUT is not the export itself: an earlier build's copy would mislead)
         (out / EMBED_INFO).unlink(missing_ok=True)
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2))  # written last: its presence marks a complete index
+    atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))  # last: its presence marks a complete index
     return info
 
 
@@ -348,8 +346,8 @@ def _write_index(parts: list[Part], kind: str, n: int, dim: int, choice: IndexCh
     started = time.perf_counter()
     index, trained_on = build_one(parts, kind, n, dim, choice, seed)
     name = KINDS[kind][1]
-    faiss.write_index(index, str(out / (name + ".tmp")))
-    os.replace(out / (name + ".tmp"), out / name)
+    with atomic_path(out / name) as tmp:
+        faiss.write_index(index, str(tmp))
     return {"file": name, **asdict(choice), "train_vectors": trained_on, "file_bytes": (out / name).stat().st_size,
             "build_seconds": round(time.perf_counter() - started, 3)}
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..atomic import atomic_write_text
 
 
 def finite_or_none(value):
@@ -42,9 +43,7 @@ def _drop_records_after(path: Path, step: int) -> None:
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:

@@ -30,7 +30,7 @@ Faults (docs/reliability.md):
   `torchrun --max-restarts=N`) continues from the newest good checkpoint in run.dir, as
   train.resume=latest does (when train.resume names a checkpoint, that one is used only while run.dir
   holds none of its own); it says so in the log. Nothing is resumed from when no checkpoint exists yet.
-- run.dir is checked before anything is built: created, a probe file written, fsynced and removed; a
+- run.dir is checked before anything is built: created, a probe file written atomically and removed; a
   read-only, full or forbidden directory is a ConfigError naming it.
 """
 from __future__ import annotations
@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_write_bytes, atomic_write_text
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, ModelConfig, TrainConfig, config_to_dict, save_config
 from ..data import StreamState, build_train_loader, expand_sources, repartition_train_states
@@ -400,10 +401,7 @@ class Trainer:
         error = None
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as f:
-                f.write(b"clipkit\n")
-                f.flush()
-                os.fsync(f.fileno())
+            atomic_write_bytes(probe, b"clipkit\n")  # as checkpoint pointers and metrics are written
             probe.unlink()
         except OSError as e:
             reason = e.strerror or str(e)
@@ -496,7 +494,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():  # a resumed run: steps logged after the checkpoint will be trained again
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         return open(path, "a", buffering=1)
 
     def fit(self, until: int | None = None, after_step: Callable[[int], dict | None] | None = None) -> Path:

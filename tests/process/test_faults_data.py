@@ -28,7 +28,7 @@ from clipkit.config import DataConfig
 from clipkit.data import (NoUsableSamples, ShardSpecError, ShardStream, StreamState, StreamStateError,
                           build_train_loader, expand_shards, repartition, repartition_train_states)
 from clipkit.data.order import ShardPlan
-from clipkit.data.pipeline import Tokenize
+from clipkit.data.sample import Tokenize
 from data_shards import add, jpeg, keys_of, tar_keys, tokenizer, transforms, write_shards
 
 SEED = 7

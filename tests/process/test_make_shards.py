@@ -14,7 +14,7 @@ from PIL import Image
 
 from clipkit.data import ShardStream, expand_shards
 from clipkit.data.make_shards import MakeShardsError, make_shards, resized_size
-from clipkit.data.pipeline import Tokenize
+from clipkit.data.sample import Tokenize
 from data_shards import tokenizer, transforms
 
 SIZES = [(800, 600), (300, 900), (120, 80), (640, 640), (1000, 250)]

@@ -117,7 +117,7 @@ class _CountingTransform:
 
 def test_fast_forward_decodes_nothing_before_the_resume_point(spec, parts):
     from clipkit.data import ShardStream, expand_sources
-    from clipkit.data.pipeline import Tokenize
+    from clipkit.data.sample import Tokenize
 
     urls, _ = expand_sources(spec)
 

@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accuracy_score
 
 from clipkit.config import LinearProbeConfig
-from clipkit.data.pipeline import Batch
+from clipkit.data.sample import Batch
 from clipkit.errors import UserError
 from clipkit.evaluation import classification_metrics
 from clipkit.finetune.linear_probe import (

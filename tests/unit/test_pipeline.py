@@ -9,7 +9,7 @@ from PIL import Image
 
 from clipkit.config import DataConfig
 from clipkit.data import ShardSpecError, ShardStream, build_labelled_loader, build_train_loader, expand_shards
-from clipkit.data.pipeline import Tokenize
+from clipkit.data.sample import Tokenize
 from clipkit.models import create_model, create_transforms, get_tokenizer
 
 

@@ -1,9 +1,10 @@
-"""Streaming (image, caption) pairs from webdataset tar shards into batches of (images, tokens).
+"""The training stream: (image, caption) samples from webdataset tar shards, as batches made in the loader
+workers (loader.py runs it for training; eval_loaders.py runs it as one ordered pass).
 
     shards (per epoch: weighted, shuffled with seed+epoch, dealt to ranks, then to loader workers;
             or drawn with replacement in resampled mode)
-      -> tar members grouped into samples -> shuffle buffer -> decode + augment + tokenize -> batches
-         (of consecutive samples, or of similar caption length with data.length_buckets: buckets.py)
+      -> tar members grouped into samples -> shuffle buffer -> decode + augment + tokenize (sample.py)
+      -> batches (of consecutive samples, or of similar caption length with data.length_buckets: buckets.py)
 
 Every batch records where its worker stands in its stream (Batch.position); see state.py for how a
 checkpoint turns those into an exact resume, and into an elastic one on another number of ranks or
@@ -13,7 +14,7 @@ next batch.
 
 Data with nothing usable in it does stop a training stream, instead of looping over its epochs for
 ever: a worker that reads a whole epoch of its shards without one usable sample reports it (an
-EmptyPass item, which the loader of make_loader takes out of the stream; a worker in a plain
+EmptyPass item, which the StreamLoader of loader.py takes out of the stream; a worker in a plain
 DataLoader stops, or raises when it is the only one), and when every worker of the rank has reported
 one with no batch in between, the loader raises NoUsableSamples: one line with the skip counts and
 the setting most likely at fault. One worker with only bad shards among good ones delays its rank by
@@ -21,43 +22,26 @@ its reads, never hangs it.
 """
 from __future__ import annotations
 
-import json
 import logging
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config.schema import DEFAULT_IMAGE_KEY
 from .buckets import Consecutive, LengthBuckets, caption_length
-from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, eval_pipeline, image_pipeline
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, image_pipeline
 from .order import Piece, Replay, ShardPlan, ShuffleBuffer, buffer_rng, replay
-from .shards import ShardSpecError, expand_sources
+from .sample import Batch, SampleDecoder
+from .shards import ShardSpecError
 from .skips import SkipCounter
-from .state import StreamPosition, StreamStateError, check_resume_state, fingerprint, repartition, state_token
+from .state import StreamPosition, StreamStateError, check_resume_state, fingerprint, state_token
 from .tario import read_shard
 
 log = logging.getLogger("clipkit.data")
 
-__all__ = ["Batch", "EmbedBatch", "EmbedStream", "EmptyPass", "NoUsableSamples", "ShardStream", "SkipCounter",
-           "StreamLoader", "Tokenize", "build_captioned_loader", "build_embed_loader", "build_labelled_loader",
-           "build_train_loader", "repartition_train_states"]
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor
-    # caption tokens [B, context] for training; class indices [B] for classification; for retrieval, a
-    # list of each image's captions (targets that are not tensors are kept as a list)
-    targets: torch.Tensor | list
-    keys: list[str]
-    skipped: dict[str, int] = field(default_factory=dict)  # skips counted since the previous batch
-    position: StreamPosition | None = None  # where the worker that made it stands (after its last sample)
-    # Where workers stand that, in loader order since the previous batch, passed a whole epoch without a
-    # usable sample (StreamState.observe records them with the batch)
-    empty_passes: list[StreamPosition] = field(default_factory=list)
+__all__ = ["EmptyPass", "NoUsableSamples", "ShardStream", "no_usable_samples"]
 
 
 @dataclass
@@ -141,10 +125,6 @@ class _Tracker:
         self.counts[shard] = index + 1
 
 
-def _first_key(sample: dict, keys: list[str]) -> str | None:
-    return next((k for k in keys if k in sample), None)
-
-
 class ShardStream(IterableDataset):
     """A deterministic stream of batches for one rank; each DataLoader worker reads its own share
     of the rank's shards. `epochs=None` streams forever (epoch after epoch)."""
@@ -160,16 +140,14 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.urls, self.factors = list(urls), factors
         self.max_image_pixels = max_image_pixels
-        self.images = image_pipeline(transform, max_image_pixels)
-        # uint8 batches, normalised by the consumer with self.normalize (see build_train_loader)
+        # decode + augment + target (tokens or a label) of each sample; uint8 batches when normalize_on_device,
+        # normalised by the consumer with self.normalize (see build_train_loader)
+        self.decoder = SampleDecoder(image_pipeline(transform, max_image_pixels), target, image_keys, text_key)
         self.normalize = self._defer_normalization() if normalize_on_device else None
-        self.target = target  # text of the sample's text_key member -> tensor (tokens or a label)
         self.batch_size = batch_size
         self.length_buckets = tuple(length_buckets)  # caption-length bucket edges (tokens); () batches in order
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
-        self.image_keys = image_keys.split(";")
-        self.text_key = text_key
         self.shuffle, self.resampled, self.epochs = shuffle, resampled, epochs
         self.num_workers = num_workers  # None: whatever the DataLoader runs (no resume then)
         # A whole epoch without a usable sample is an error (see the module doc); reported as EmptyPass items
@@ -182,6 +160,19 @@ class ShardStream(IterableDataset):
             if num_workers is None:
                 raise StreamStateError("resuming a stream needs its num_workers")
             check_resume_state(resume_state, self.fingerprint(max(1, num_workers)))
+
+    @property
+    def images(self):
+        """The image pipeline: decodes each sample, collates a batch (decode.image_pipeline)."""
+        return self.decoder.images
+
+    @property
+    def image_keys(self) -> list[str]:
+        return self.decoder.image_keys
+
+    @property
+    def text_key(self) -> str:
+        return self.decoder.text_key
 
     def _defer_normalization(self):
         if not hasattr(self.images, "defer_normalization"):
@@ -326,34 +317,9 @@ class ShardStream(IterableDataset):
             if isinstance(sample, _EpochEnd):
                 yield sample
             elif sample is not None:
-                item = self._decode_one(sample, counter)
+                item = self.decoder(sample, counter)
                 if item is not None:
                     yield item + (sample.get("__sid__"), sample.get("__n__"))
-
-    def _decode_one(self, sample: dict, counter: SkipCounter) -> tuple | None:
-        where = f"{sample['__url__']}:{sample['__key__']}"
-        img_key = _first_key(sample, self.image_keys)
-        if img_key is None:
-            return counter.skip("missing_image", where, f"no {'/'.join(self.image_keys)} member")
-        if self.text_key not in sample:
-            return counter.skip("missing_caption", where, f"no .{self.text_key} member")
-        try:
-            text = sample[self.text_key].decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            return counter.skip("caption_not_utf8", where, e)
-        if not text:
-            return counter.skip("empty_caption", where)
-        try:
-            image = self.images(sample[img_key], random.Random(sample["__aug__"]))
-        except ImageTooLarge as e:
-            return counter.skip("image_too_large", where, e)
-        except Exception as e:  # corrupt or truncated image data
-            return counter.skip("image_decode_error", where, repr(e))
-        try:
-            target = self.target(text)
-        except ValueError as e:
-            return counter.skip("bad_label", where, e)
-        return image, target, sample["__key__"]
 
     def _batches(self, items: Iterator[tuple | _EpochEnd], counter: SkipCounter, tracker: _Tracker, worker: int,
                  num_workers: int) -> Iterator[Batch | EmptyPass]:
@@ -417,265 +383,3 @@ class ShardStream(IterableDataset):
         counter, tracker = SkipCounter(), _Tracker()
         samples = self._samples(worker, num_workers, counter, tracker)
         yield from self._batches(self._decode(samples, counter), counter, tracker, worker, num_workers)
-
-
-class Tokenize:
-    """Caption -> token ids at the model's context length (picklable, for loader workers)."""
-
-    def __init__(self, tokenizer: Callable) -> None:
-        self.tokenizer = tokenizer
-
-    def __call__(self, text: str) -> torch.Tensor:
-        return self.tokenizer([text])[0]
-
-
-def parse_label(text: str) -> torch.Tensor:
-    """CLIP_benchmark's KEY.cls member: the class index as text."""
-    return torch.tensor(int(text))
-
-
-def _keep_batch(batch: Batch) -> Batch:
-    return batch
-
-
-class StreamLoader(DataLoader):
-    """The DataLoader of a ShardStream (batches made in the workers). It takes the workers' EmptyPass
-    reports out of the stream: their skip counts and positions go with the next batch (Batch.skipped,
-    Batch.empty_passes), and once every worker of the rank has reported a whole epoch without a usable
-    sample, with no batch in between (or the stream ends with no batch at all), iterating raises
-    NoUsableSamples in the process that iterates (the training process)."""
-
-    def __init__(self, stream: ShardStream, workers: int, prefetch: int = 2) -> None:
-        stream.report_empty_passes = True
-        super().__init__(stream, batch_size=None, num_workers=workers, collate_fn=_keep_batch,
-                         persistent_workers=workers > 0,
-                         prefetch_factor=prefetch if workers > 0 else None)
-
-    def __iter__(self):
-        return _Screened(super().__iter__(), self.dataset, max(1, self.num_workers))
-
-
-class _Screened:
-    def __init__(self, batches, stream: ShardStream, workers: int) -> None:
-        self.batches, self.stream, self.workers = batches, stream, workers
-        self.pending: list[EmptyPass] = []
-        self.delivered = False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        while True:
-            try:
-                item = next(self.batches)
-            except StopIteration:
-                if self.pending and not self.delivered:
-                    raise no_usable_samples(self.stream, self.pending) from None
-                raise
-            if isinstance(item, EmptyPass):
-                self.pending.append(item)
-                if len({p.worker for p in self.pending}) >= self.workers:
-                    raise no_usable_samples(self.stream, self.pending)
-                continue
-            if self.pending:
-                skipped = dict(item.skipped)
-                for p in self.pending:
-                    for reason, n in p.skipped.items():
-                        skipped[reason] = skipped.get(reason, 0) + n
-                item.skipped = skipped
-                item.empty_passes = [p.position for p in self.pending if p.position is not None]
-                self.pending = []
-            self.delivered = True
-            return item
-
-
-def make_loader(stream: ShardStream, workers: int, prefetch: int = 2) -> DataLoader:
-    return StreamLoader(stream, workers, prefetch)
-
-
-def build_train_loader(cfg, *, transform: Callable, tokenizer: Callable, local_batch_size: int,
-                       rank: int = 0, world_size: int = 1, seed: int = 0, resume_state: dict | None = None,
-                       epochs: int | None = None) -> DataLoader:
-    """A loader of this rank's (images, caption tokens) batches of local_batch_size, from cfg.train.
-
-    cfg is the run config's `data` section (a clipkit.config.DataConfig, passed in; data reads only the
-    schema's defaults from config): the spec, its upsampling factors (train_weights), resampled or epoch
-    mode, workers, shuffle buffer, caption-length buckets, member keys, image size limit and
-    normalize_on_device. The rest are runtime facts: where this rank stands, the seed, the stream state from
-    this rank's checkpoint (same spec, seed, ranks and workers), and epochs (None streams forever). With normalize_on_device, batches
-    hold uint8 images: apply `loader.dataset.normalize` to them where they arrive (on the GPU), which moves
-    a quarter of the bytes between processes and to the device.
-
-    A checkpoint of another number of ranks or workers: pass states[rank] of repartition_train_states.
-    Data with no usable sample raises NoUsableSamples from the loader's iterator (see StreamLoader)."""
-    if cfg.train is None:
-        raise ShardSpecError("data.train names no shards")
-    urls, factors = expand_sources(cfg.train, cfg.train_weights)
-    workers = cfg.workers
-    plan = ShardPlan(tuple(urls), tuple(factors) if factors else None, seed, cfg.resampled, True, rank, world_size,
-                     max(1, workers))
-    if not cfg.resampled and plan.epoch_length() < world_size * max(1, workers):
-        raise ShardSpecError(f"{plan.epoch_length()} shards per epoch cannot be dealt to {world_size} ranks x "
-                             f"{max(1, workers)} loader workers without leaving some idle: use more shards, "
-                             f"fewer data.workers, or data.resampled=true")
-    stream = ShardStream(urls, transform, Tokenize(tokenizer), local_batch_size, rank=rank, world_size=world_size,
-                         seed=seed, shuffle_buffer=cfg.shuffle_buffer, image_keys=cfg.image_key,
-                         text_key=cfg.caption_key, epochs=epochs, factors=factors, resampled=cfg.resampled,
-                         num_workers=workers, max_image_pixels=cfg.max_image_pixels, resume_state=resume_state,
-                         normalize_on_device=cfg.normalize_on_device, length_buckets=cfg.length_buckets)
-    return make_loader(stream, workers, cfg.prefetch)
-
-
-def repartition_train_states(cfg, states: list[dict], *, world_size: int) -> list[dict]:
-    """The data stream states for `world_size` ranks with cfg.workers loader workers each, from the saved
-    states of all ranks of a checkpoint (rank order), for build_train_loader(resume_state=states[rank]).
-    cfg is the run config's `data` section, as for build_train_loader. Unchanged when the checkpoint had
-    this layout (an exact resume); see state.repartition for another one."""
-    urls, factors = expand_sources(cfg.train, cfg.train_weights)
-    return repartition(states, world_size, cfg.workers, urls, factors)
-
-
-def build_labelled_loader(spec: str, transform: Callable, batch_size: int, *, workers: int = 1,
-                          image_keys: str = DEFAULT_IMAGE_KEY, label_key: str = "cls") -> DataLoader:
-    """One ordered pass over a classification set (CLIP_benchmark layout): (images, labels) batches."""
-    urls, _ = expand_sources(spec)
-    stream = ShardStream(urls, transform, parse_label, batch_size, shuffle=False, epochs=1,
-                         image_keys=image_keys, text_key=label_key, require_samples=False)
-    return make_loader(stream, workers)
-
-
-def caption_lines(text: str) -> list[str]:
-    """CLIP_benchmark's retrieval KEY.txt: one caption per line."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def one_caption(text: str) -> list[str]:
-    """A training shard's KEY.txt: the whole text is one caption, line breaks included."""
-    return [text]
-
-
-def build_captioned_loader(spec: str, transform: Callable, batch_size: int, *, workers: int = 1,
-                           image_keys: str = DEFAULT_IMAGE_KEY, text_key: str = "txt",
-                           several_per_sample: bool = True) -> DataLoader:
-    """One ordered pass over (image, captions) samples: batches whose targets list each image's captions.
-    `several_per_sample`: KEY.txt holds one caption per line (CLIP_benchmark's retrieval layout), else
-    the whole text is one caption (training shards)."""
-    urls, _ = expand_sources(spec)
-    stream = ShardStream(urls, transform, caption_lines if several_per_sample else one_caption, batch_size,
-                         shuffle=False, epochs=1, image_keys=image_keys, text_key=text_key, require_samples=False)
-    return make_loader(stream, workers)
-
-
-# -- one ordered pass for embedding ----------------------------------------------------------------
-
-
-@dataclass
-class EmbedBatch:
-    """Rows in shard order, each tagged with its (shard, chunk); `closed` chunks and shards are complete
-    once this batch's rows are in. A chunk is a fixed range of sample indices in its shard (`chunk_size`
-    samples, bad ones included), so where a sample belongs never depends on what else was skipped."""
-    images: torch.Tensor | None  # None when the batch only carries closing events
-    tokens: torch.Tensor | None
-    keys: list[str]
-    captions: list[str]
-    meta: list[dict]  # the sample's json member ({} when it has none)
-    chunks: list[tuple[int, int]]
-    closed_chunks: list[tuple[int, int, dict[str, int]]] = field(default_factory=list)  # (shard, chunk, skips)
-    closed_shards: list[tuple[int, dict[str, int]]] = field(default_factory=list)  # (shard, skips outside chunks)
-
-
-class _EmbedRows:
-    """A worker's rows and events not yet sent."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple] = []
-        self.chunks: list[tuple[int, int]] = []
-        self.closed_chunks: list = []
-        self.closed_shards: list = []
-
-    def take(self, stream: "EmbedStream") -> EmbedBatch:
-        images = tokens = None
-        if self.rows:
-            pixels, captions, keys, meta = zip(*self.rows)
-            images = stream.images.collate(list(pixels), get_worker_info() is not None)
-            tokens = stream.tokenizer(list(captions))  # one call per batch, not per caption
-        else:
-            captions = keys = meta = ()
-        batch = EmbedBatch(images, tokens, list(keys), list(captions), list(meta), self.chunks,
-                           self.closed_chunks, self.closed_shards)
-        self.__init__()
-        return batch
-
-
-class EmbedStream(ShardStream):
-    """One ordered pass over some shards of a spec with the evaluation transform (fast decode), for
-    embedding: each loader worker reads whole shards, in order, so every chunk comes from one worker and
-    its rows keep the tar order. Chunks listed in `finished` (shard -> chunk indices) are stepped over
-    without decoding. Skips are counted per chunk (and per shard, for what happens outside any chunk)."""
-
-    def __init__(self, urls: list[str], transform: Callable, tokenizer: Callable, batch_size: int,
-                 shards: list[int], chunk_size: int, finished: dict[int, set[int]] | None = None, *,
-                 image_keys: str = DEFAULT_IMAGE_KEY, text_key: str = "txt",
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, draft_margin: int = 2) -> None:
-        super().__init__(urls, transform, str, batch_size, shuffle=False, epochs=1, image_keys=image_keys,
-                         text_key=text_key, max_image_pixels=max_image_pixels, require_samples=False)
-        self.images = eval_pipeline(transform, max_image_pixels, draft_margin)
-        self.tokenizer = tokenizer
-        self.shards, self.chunk_size = list(shards), chunk_size
-        self.finished = {s: set(c) for s, c in (finished or {}).items()}
-
-    def __iter__(self) -> Iterator[EmbedBatch]:
-        info = get_worker_info()
-        worker, count = (info.id, info.num_workers) if info is not None else (0, 1)
-        counter, out = SkipCounter(), _EmbedRows()
-        for shard in self.shards[worker::count]:
-            yield from self._shard(shard, counter, out)
-        if out.rows or out.closed_chunks or out.closed_shards:
-            yield out.take(self)
-
-    def _shard(self, shard: int, counter: SkipCounter, out: _EmbedRows) -> Iterator[EmbedBatch]:
-        done, size = self.finished.get(shard, set()), self.chunk_size
-        want = (lambda i: i // size not in done) if done else None
-        current = None
-        for index, sample in read_shard(self.urls[shard], counter, want):
-            chunk = index // size
-            if chunk != current:
-                if current is not None:
-                    out.closed_chunks.append((shard, current, counter.take()))
-                current = chunk
-            row = self._row(sample, counter)
-            if row is not None:
-                out.rows.append(row)
-                out.chunks.append((shard, chunk))
-                if len(out.rows) == self.batch_size:
-                    yield out.take(self)
-        if current is not None:  # damage found at the end of the shard is counted with its last chunk
-            out.closed_chunks.append((shard, current, counter.take()))
-        out.closed_shards.append((shard, counter.take()))
-
-    def _row(self, sample: dict, counter: SkipCounter) -> tuple | None:
-        sample["__aug__"] = 0  # evaluation transforms draw nothing at random
-        item = self._decode_one(sample, counter)
-        if item is None:
-            return None
-        meta = {}
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except (UnicodeDecodeError, ValueError) as e:
-                return counter.skip("bad_json", f"{sample['__url__']}:{sample['__key__']}", e)
-            if not isinstance(meta, dict):
-                return counter.skip("bad_json", f"{sample['__url__']}:{sample['__key__']}", "not a JSON object")
-        image, caption, key = item
-        return image, caption, key, meta
-
-
-def build_embed_loader(urls: list[str], transform: Callable, tokenizer: Callable, batch_size: int, shards: list[int],
-                       chunk_size: int, finished: dict[int, set[int]] | None = None, *, workers: int = 1,
-                       draft_margin: int = 2, **keys) -> DataLoader:
-    """A loader of EmbedBatch for `shards` (indices into `urls`), read by `workers` processes."""
-    stream = EmbedStream(urls, transform, tokenizer, batch_size, shards, chunk_size, finished,
-                         draft_margin=draft_margin, **keys)
-    # One pass: the workers end (and are joined) with it, instead of living on with the loader.
-    return DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_keep_batch,
-                      prefetch_factor=2 if workers > 0 else None)

@@ -1,4 +1,5 @@
-"""An image folder as a classification set, with torchvision's ImageFolder semantics:
+"""Reading a labelled image set, as zero-shot evaluation and fine-tuning both do: its class-name and
+template files, and image folders with torchvision's ImageFolder semantics:
 
     ROOT/<class a>/x.jpg, ROOT/<class a>/more/y.png, ROOT/<class b>/z.webp, ...
 
@@ -6,7 +7,8 @@ classes are the sub-folders in sorted name order (label = position), samples are
 each, walked in sorted order, so labels and sample order equal `torchvision.datasets.ImageFolder(ROOT)`'s.
 Unlike ImageFolder, a class folder with no images is allowed: in zero-shot classification it is still a
 candidate class. Images decode through the same pipeline as shards, so a folder and a shard holding the
-same image files give the same tensors.
+same image files give the same tensors. (Labelled shards, KEY.jpg + KEY.cls, are read by
+eval_loaders.build_labelled_loader.)
 """
 from __future__ import annotations
 
@@ -19,13 +21,60 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS, image_pipeline
-from ..data.pipeline import Batch
+from ..errors import UserError
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, image_pipeline
+from .sample import Batch
 
-log = logging.getLogger("clipkit.evaluation")
+log = logging.getLogger("clipkit.data")
+
+__all__ = ["IMG_EXTENSIONS", "PLACEHOLDER", "FolderImages", "LabelledCollate", "LabelledDataError",
+           "build_folder_loader", "default_templates", "find_classes", "folder_samples", "read_lines",
+           "read_templates"]
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as ImageFolder does
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+PLACEHOLDER = "{c}"  # where a template takes the class name
+
+
+class LabelledDataError(UserError):
+    """A labelled set's file is missing, empty or malformed (the message names the file)."""
+
+
+# -- class names and templates ---------------------------------------------------------------------------
+
+
+def default_templates() -> list[str]:
+    """The 80 ImageNet templates of the CLIP paper's notebook, as open_clip ships them."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    # open_clip keeps them as callables (lambda c: f"a photo of a {c}."): called with the placeholder,
+    # each gives back its template text.
+    return [t(PLACEHOLDER) if callable(t) else str(t).replace("{}", PLACEHOLDER) for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def read_lines(path: Path, what: str, error: type[Exception] = LabelledDataError) -> list[str]:
+    """The non-blank lines of a names or templates file, stripped; `error` (the caller's kind of
+    LabelledDataError) when the file is missing or holds none."""
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise error(f"{what} file {path} is empty")
+    return lines
+
+
+def read_templates(path: str | Path | None, error: type[Exception] = LabelledDataError) -> list[str]:
+    """The templates of a file (each with the {c} placeholder); the OpenAI ImageNet set for None."""
+    if path is None:
+        return default_templates()
+    tmpl = read_lines(Path(path), "templates", error)
+    bad = [t for t in tmpl if PLACEHOLDER not in t]
+    if bad:
+        raise error(f"template {bad[0]!r} in {path} has no {{c}} placeholder")
+    return tmpl
+
+
+# -- image folders ---------------------------------------------------------------------------------------
 
 
 def find_classes(root: str | Path) -> list[str]:
@@ -64,7 +113,10 @@ class FolderImages(Dataset):
             return None
 
 
-class _Collate:
+class LabelledCollate:
+    """(image, label, key) items, None for an image that did not decode, -> one Batch whose `skipped`
+    counts the undecodable ones (a batch of nothing but those is empty, not an error)."""
+
     def __init__(self, images) -> None:
         self.images = images
 
@@ -83,4 +135,4 @@ def build_folder_loader(root: str | Path, samples: list[tuple[str, int]], transf
     """One ordered pass: Batch(images, labels, relative paths, skipped counts)."""
     dataset = FolderImages(root, samples, transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=_Collate(dataset.images))
+                      collate_fn=LabelledCollate(dataset.images))
