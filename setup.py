@@ -46,8 +46,9 @@ EXTRAS = {
     "all": ALL,
     "bench": BENCH,
     # clip-benchmark: the independent reference for zero-shot and retrieval evaluation
-    "test": [*ALL, *BENCH, "pytest>=8", "s3fs>=2024.1", "moto[server]>=5.0", "httpx>=0.27", "clip-benchmark==1.6.2",
-             "scikit-learn>=1.3"],  # the reference the linear probe is tested against
+    # pytest-xdist: the suite runs on two workers (launch/test.sh); scikit-learn: the linear probe's reference
+    "test": [*ALL, *BENCH, "pytest>=8", "pytest-xdist>=3.5", "s3fs>=2024.1", "moto[server]>=5.0", "httpx>=0.27",
+             "clip-benchmark==1.6.2", "scikit-learn>=1.3"],
 }
 
 setup(

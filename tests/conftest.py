@@ -1,4 +1,5 @@
 import os
+import re
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Checkpoints are signed with the user's key: the tests (and the runs they start) use their own.
@@ -14,7 +15,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Alone, a test process uses both cores; as one of launch/test.sh's two pytest-xdist workers, one each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # The two tiers, by directory: tests/unit runs in this process (seconds; `launch/test.sh --quick`), tests/process
 # starts real processes (torchrun jobs, the CLI, services). Every test carries its tier's marker (-m unit / process).
@@ -27,12 +29,20 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{tier}: {what}")
 
 
+# DeepSpeed jobs on one machine share its shared-memory communication segments and its extension build folder:
+# two at once (two pytest-xdist workers) can abort each other. Every test that starts one says so in its name
+# (deepspeed, or a ZeRO stage: zero0-zero3) and they all run on one worker, one after another (--dist loadgroup).
+DEEPSPEED_JOB = re.compile(r"deepspeed|zero[0-3]", re.IGNORECASE)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = item.path.parent.name
         if tier not in TIERS:
             raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit or tests/process")
         item.add_marker(tier)
+        if DEEPSPEED_JOB.search(item.name):
+            item.add_marker(pytest.mark.xdist_group("deepspeed"))
 
 
 @pytest.fixture(scope="session")
