@@ -234,8 +234,9 @@ def test_finetune_from_a_transformers_directory_keeps_its_preprocessing(tmp_path
     assert exported["preprocess_cfg"]["std"] == STD
 
 
-@pytest.mark.parametrize("method", ["linear_probe", "lora"])
-def test_linear_probe_and_lora_run_from_a_transformers_directory(tmp_path, tokenizer_files, synth_small, method):
+@pytest.mark.parametrize("method", ["linear_probe", "lora", "wise", "flyp"])
+def test_every_other_finetune_method_runs_from_a_transformers_directory(tmp_path, tokenizer_files, synth_small,
+                                                                         method):
     from clipkit.finetune.run import main as finetune_main
 
     # three image blocks: LoRA's default targets cover most of the tower (one tiny block would leave the patch
