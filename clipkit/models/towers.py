@@ -38,6 +38,16 @@ class TowerError(CheckpointError):
 
 # ------------------------------------------------------------------------------------------- image tower
 
+def with_tower_files(model_cfg: dict, image: str | None, text: str | None) -> dict:
+    """model_cfg with model.pretrained_text's text tower in place; TowerError when model.pretrained_image or
+    pretrained_text does not fit the kind of tower the config has (checked before anything is built)."""
+    if image is not None:
+        check_image_tower(model_cfg, image)
+    if text is not None:
+        model_cfg = text_tower_config(model_cfg, text)
+    return model_cfg
+
+
 def check_image_tower(model_cfg: dict, path: str | Path) -> None:
     vision = model_cfg.get("vision_cfg", {})
     if not vision.get("timm_model_name"):

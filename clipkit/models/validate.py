@@ -2,7 +2,7 @@
 composes it into config validation, so config imports no model code)."""
 from ..config import ConfigError, ModelConfig
 from .factory import ModelNotFoundError, get_model_config
-from .towers import TowerError, check_image_tower, text_tower_config
+from .towers import TowerError, with_tower_files
 
 
 def validate_model(model: ModelConfig) -> None:
@@ -16,9 +16,6 @@ def validate_model(model: ModelConfig) -> None:
     if model.pretrained is not None or (model.pretrained_image is None and model.pretrained_text is None):
         return
     try:
-        if model.pretrained_image is not None:
-            check_image_tower(model_cfg, model.pretrained_image)
-        if model.pretrained_text is not None:
-            text_tower_config(model_cfg, model.pretrained_text)
+        with_tower_files(model_cfg, model.pretrained_image, model.pretrained_text)
     except TowerError as e:
         raise ConfigError(str(e)) from None

@@ -126,19 +126,17 @@ def architecture(cfg: Config, pretrained: LoadedModel | None) -> tuple[str, str,
     """(the name the model builds under in this process, the name its checkpoints record, its model_cfg): the
     pretrained source's or model.name's, with model.pretrained_text's text tower when there is one. A tower
     file whose tower is of another kind is refused here, before anything is built."""
-    from ..models.towers import TowerError, check_image_tower, text_tower_config
+    from ..models.towers import TowerError, with_tower_files
 
     build_name = pretrained.name if pretrained else cfg.model.name
     model_name = pretrained.model_name if pretrained else cfg.model.name
     model_cfg = pretrained.model_cfg if pretrained else get_model_config(cfg.model.name)
     try:
-        if cfg.model.pretrained_image is not None:
-            check_image_tower(model_cfg, cfg.model.pretrained_image)
-        if cfg.model.pretrained_text is not None:
-            model_cfg = text_tower_config(model_cfg, cfg.model.pretrained_text)
-            build_name = register_model_config(model_name, model_cfg)
+        model_cfg = with_tower_files(model_cfg, cfg.model.pretrained_image, cfg.model.pretrained_text)
     except TowerError as e:
         raise ConfigError(str(e)) from None
+    if cfg.model.pretrained_text is not None:
+        build_name = register_model_config(model_name, model_cfg)
     return build_name, model_name, model_cfg
 
 
