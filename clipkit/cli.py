@@ -198,8 +198,7 @@ def _add_delegated(subparsers_by_group: dict, path: tuple[str, ...]) -> None:
 
     module, help_text = DELEGATED[path]
     sp = subparsers_by_group[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
-    importlib.import_module(module).add_arguments(sp)
-    sp.set_defaults(func=None, module=module)
+    importlib.import_module(module).add_arguments(sp)  # main() hands such a command to the module's main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:

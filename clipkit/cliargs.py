@@ -21,7 +21,7 @@ def _action_class(container, action):
 
 def renamed(container, new: str, old: str, **kwargs) -> argparse.Action:
     """`container.add_argument(new, **kwargs)` that also accepts `old` for one release, with a notice. Help,
-    usage and error messages show `new` only; `action.deprecated` lists the old spellings."""
+    usage and error messages show `new` only; `action.old_spellings` lists the old spellings."""
     base = _action_class(container, kwargs.pop("action", "store"))
 
     class Renamed(base):
@@ -32,7 +32,7 @@ def renamed(container, new: str, old: str, **kwargs) -> argparse.Action:
 
     action = container.add_argument(new, old, action=Renamed, **kwargs)
     action.option_strings = [new]  # the parser still maps `old` to this action; help shows the new name only
-    action.deprecated = (old,)
+    action.old_spellings = (old,)
     return action
 
 

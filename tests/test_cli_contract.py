@@ -50,7 +50,7 @@ def _row_of(sp: argparse.ArgumentParser) -> tuple[list[str], list[str], list[str
 
 
 def test_every_command_and_flag_of_the_table_is_the_parsers(parsers):
-    table = {cmd[0].removeprefix("clipkit "): (inputs, out, options) for cmd, inputs, out, options in _table("Commands")}
+    table = {cmd[0].removeprefix("clipkit "): (ins, out, opts) for cmd, ins, out, opts in _table("Commands")}
     assert sorted(table) == sorted(parsers)
     for name, sp in parsers.items():
         inputs, out, options = _row_of(sp)
@@ -87,7 +87,7 @@ def test_every_old_spelling_is_in_the_table_and_the_reverse(parsers):
     found = []
     for name, sp in parsers.items():
         for a in sp._actions:
-            found += [(name, old, a.option_strings[0]) for old in getattr(a, "deprecated", ())]
+            found += [(name, old, a.option_strings[0]) for old in getattr(a, "old_spellings", ())]
             if hasattr(a, "replaced_by"):
                 found.append((name, a.option_strings[0], a.replaced_by.removeprefix("a positional ")))
     assert sorted(found) == flags
@@ -180,3 +180,16 @@ def test_the_synopses_of_readme_and_docs_name_only_current_flags(parsers, page):
         flags = {f for a in _visible(parsers[name]) for f in a.option_strings}
         used = set(re.findall(r"(?<![\w-])--?[a-z][a-z-]*", " ".join(words[1 + len(name.split()):])))
         assert used <= flags, f"{page}: {line}: {sorted(used - flags)} not options of clipkit {name}"
+
+
+def test_old_spellings_reach_the_real_commands_through_main(capsys, tmp_path):
+    """Through `clipkit.cli.main`, as a user types them: the notice once, then the command's own answer."""
+    assert cli.main(["retrieval", "--checkpoint", str(tmp_path / "ck"), "--data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("use clipkit retrieval-eval") and len(err) == 2
+    assert "clipkit: error:" in err[1] and "missing" in err[1]  # retrieval-eval's own one-line error
+    assert cli.main(["data", "make-shards", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "deprecated" in line] == [
+        "clipkit: --input is deprecated and goes away in the next release; use --data"]
+    assert err[-1].endswith(f"input not found: {tmp_path / 'missing'}")

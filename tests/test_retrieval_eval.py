@@ -187,7 +187,7 @@ def test_bad_inputs_give_one_line(synth_small, tmp_path, capsys):
     for data, message in cases:
         with pytest.raises(RetrievalDataError, match=message):
             load_retrieval_set(data)
-        assert cli.main(["retrieval", "--checkpoint", str(tmp_path / "no-checkpoint"), "--data", str(data)]) == 2
+        assert cli.main(["retrieval-eval", "--checkpoint", str(tmp_path / "no-checkpoint"), "--data", str(data)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err and "Traceback" not in err, err
     with pytest.raises(RetrievalDataError, match="k >= 1"):

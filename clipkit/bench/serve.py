@@ -351,7 +351,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="RSS growth allowed from one pass of mixed runs to the next, and peak beyond what the "
                         "oversize bodies in flight may hold (default 64)")
     renamed(p, "--cache", "--folder", default=None, metavar="DIR",
-            help="folder for the generated benchmark data (default: a folder under ~/.cache/clipkit)")
+            help="where the dataset, weights and index are kept (default: a folder under ~/.cache/clipkit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="FILE.json", default="bench_serve.json")
 

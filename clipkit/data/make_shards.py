@@ -226,7 +226,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cliargs import renamed
 
     renamed(p, "--data", "--input", required=True, metavar="DATA",
-                   help="an image folder (captions in IMAGE.txt), or a .csv/.parquet")
+            help="an image folder (captions in IMAGE.txt), or a .csv/.parquet")
     p.add_argument("--out", metavar="DIR", required=True, help="output folder for 00000.tar, 00001.tar, ...")
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--max-side", type=int, default=512, help="longest side after resizing (aspect kept); "

@@ -121,7 +121,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("dirs", nargs="+", metavar="RUN_DIR", help="fine-tune run directories, or directories holding them")
     renamed(p, "--out", "--json", default=None, metavar="FILE.json",
-                   help="also write the rows (with each run's LR search) to this JSON file")
+            help="also write the rows (with each run's LR search) to this JSON file")
     p.add_argument("--plot", default=None,
                    help="write the plot of val acc1 over steps here (default: report.png in the first DIR)")
 
