@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     for path in [path for path in DELEGATED if path[0] != "bench"]:
         _add_delegated(groups, path)
     b = sub.add_parser("bench", help="benchmarks (results written as JSON)")
-    groups["bench",] = b.add_subparsers(dest="bench_command", required=True)
+    groups[("bench",)] = b.add_subparsers(dest="bench_command", required=True)
     for path in [path for path in DELEGATED if path[0] == "bench"]:
         _add_delegated(groups, path)
 

@@ -52,10 +52,10 @@ def deprecated(container, old: str, new: str, **kwargs) -> argparse.Action:
 
 
 def default_threads(processes: int = 1) -> int:
-    """`--threads` left out: the cores this process may use, shared evenly among the processes that compute at
-    once (ranks, or a model process and its loader workers), at least 1."""
+    """`--threads` left out: the cores this process may use, divided among the ranks that run the measured code
+    at once (only bench loss runs several), at least 1."""
     return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
 
 
-THREADS_HELP = ("torch threads of each measured process (default: the cores this process may use, shared evenly "
-                "among the processes that compute at once)")
+THREADS_HELP = ("torch threads of each measured process (default: the cores this process may use, divided among "
+                "the ranks that run at once)")

@@ -3,6 +3,7 @@
 one with exactly one notice, and cli.py's docstring and the usage lines of README and docs/ agree with the
 parser."""
 import argparse
+import os
 import re
 import shlex
 from pathlib import Path
@@ -193,3 +194,18 @@ def test_old_spellings_reach_the_real_commands_through_main(capsys, tmp_path):
     assert [line for line in err if "deprecated" in line] == [
         "clipkit: --input is deprecated and goes away in the next release; use --data"]
     assert err[-1].endswith(f"input not found: {tmp_path / 'missing'}")
+
+
+def test_every_benchmark_defaults_threads_to_the_same_rule():
+    from clipkit.bench import embed, loss, onnx, text, train
+    from clipkit.bench.loss_jobs import threads_per_rank
+    from clipkit.cliargs import default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_threads() == cores and default_threads(2) == max(1, cores // 2)  # the rule, by hand
+    for module in (embed, text, train):
+        assert module.parse_args([]).threads == default_threads(), module.__name__
+    assert onnx.parse_args(["--checkpoint", "c", "--data", "d"]).threads == default_threads()
+    args = loss.parse_args(["--world", "2"])
+    assert threads_per_rank(args) == default_threads(2)
+    assert [module.parse_args(["--threads", "3"]).threads for module in (embed, text, train)] == [3, 3, 3]
