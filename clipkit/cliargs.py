@@ -51,11 +51,12 @@ def deprecated(container, old: str, new: str, **kwargs) -> argparse.Action:
     return action
 
 
-def default_threads(processes: int = 1) -> int:
+def default_threads(ranks: int = 1, workers: int = 0) -> int:
     """`--threads` left out: the cores this process may use, divided among the ranks that run the measured code
-    at once (only bench loss runs several), at least 1."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
+    at once (only bench loss runs several), less the loader workers that run beside each (bench embed, bench
+    train), at least 1: the measured processes never ask for more cores than there are."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks) - workers)
 
 
 THREADS_HELP = ("torch threads of each measured process (default: the cores this process may use, divided among "
-                "the ranks that run at once)")
+                "the ranks that run at once, less the loader workers beside each)")

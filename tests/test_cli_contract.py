@@ -203,8 +203,10 @@ def test_every_benchmark_defaults_threads_to_the_same_rule():
 
     cores = len(os.sched_getaffinity(0))
     assert default_threads() == cores and default_threads(2) == max(1, cores // 2)  # the rule, by hand
-    for module in (embed, text, train):
-        assert module.parse_args([]).threads == default_threads(), module.__name__
+    assert default_threads(workers=1) == max(1, cores - 1) and default_threads(workers=cores) == 1
+    assert text.parse_args([]).threads == default_threads()
+    for module in (embed, train):  # their loader workers run beside the measured process
+        assert module.parse_args(["--workers", "1"]).threads == default_threads(workers=1), module.__name__
     assert onnx.parse_args(["--checkpoint", "c", "--data", "d"]).threads == default_threads()
     args = loss.parse_args(["--world", "2"])
     assert threads_per_rank(args) == default_threads(2)

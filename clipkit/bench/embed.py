@@ -186,7 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipkit bench embed", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    args.threads = args.threads or default_threads()
+    args.threads = args.threads or default_threads(workers=args.workers)
     for name in ("images", "per_shard", "batch_size", "threads", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -358,7 +358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for item in args.overrides:
         if "=" not in item:
             p.error(f"overrides take key=value (got {item!r})")
-    args.threads = args.threads or default_threads()
+    args.threads = args.threads or default_threads(workers=args.workers)
     for name in ("batch_size", "threads", "steps", "repeats", "images", "per_shard"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -3,7 +3,7 @@
 Each DIR is a fine-tune's run directory (holding result.json) or a directory of them. Prints one row per
 run: the zero-shot baseline and the adapted model on the same val and test splits, and the trainable share
 of the parameters; then each run's LR search (finetune.lr=auto): every LR tried with its val acc1 and loss,
-the chosen one and whether it lies at the grid's edge. `--json FILE` also writes the rows; `--plot FILE`
+the chosen one and whether it lies at the grid's edge. `--out FILE.json` also writes the rows; `--plot FILE`
 (default: report.png in the first DIR) draws validation accuracy over optimizer steps, one line per run."""
 from __future__ import annotations
 
