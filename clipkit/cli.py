@@ -1,13 +1,31 @@
-"""`clipkit` command line: a thin layer over the library.
+"""`clipkit` command line: a thin layer over the library. docs/cli.md is the contract: what --checkpoint,
+--data and --out mean, every command's options, and the old spellings still accepted.
 
-    clipkit train [CONFIG.yaml] [dotted.key=value ...]
-    clipkit data synth --out DIR [--train-samples N] [--eval-samples N] [--seed S] [--image-size PX]
-    clipkit zeroshot --checkpoint CKPT --data ROOT_OR_SHARDS [--classnames F --templates F] [--out JSON]
-    clipkit export --checkpoint CKPT --format open_clip --out DIR
-    clipkit inspect PATH [--model NAME] [--json]              (format, architecture, tokenizer, preprocessing)
-    clipkit config [CONFIG.yaml] [dotted.key=value ...]       (the resolved config, as YAML)
-    clipkit data make-shards ...  /  clipkit bench loss|data|embed|onnx|train|text|serve ...   (see --help of each)
+    clipkit train [key=value ...]
+    clipkit data synth --out DIR
+    clipkit data make-shards --data DATA --out DIR
+    clipkit zeroshot --checkpoint CKPT --data DATA [--out FILE.json]
+    clipkit export --checkpoint CKPT --out DIR
+    clipkit retrieval-eval --checkpoint CKPT --data DATA [--out FILE.json]
+    clipkit embed --checkpoint CKPT --data DATA --out DIR
+    clipkit index --embeddings DIR --out DIR
+    clipkit search --index DIR
+    clipkit serve --index DIR
+    clipkit finetune [key=value ...] [--out DIR]
+    clipkit finetune-report RUN_DIR ... [--out FILE.json]
+    clipkit report RUN_DIR
+    clipkit inspect PATH
+    clipkit bench loss [--out FILE.json]
+    clipkit bench data [--out FILE.json]
+    clipkit bench embed [--out FILE.json]
+    clipkit bench train [key=value ...] [--out FILE.json]
+    clipkit bench onnx --checkpoint CKPT --data DATA [--out FILE.json]
+    clipkit bench text [--out FILE.json]
+    clipkit bench serve [--out FILE.json]
+    clipkit config [key=value ...]
     clipkit models
+
+The lines above are generated: python -c "from clipkit.cli import usage_block; print(usage_block())".
 """
 from __future__ import annotations
 
@@ -135,18 +153,6 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str):
-    """Sub-commands whose options live with their implementation (benchmarks, shard tools)."""
-
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).main(args.rest)
-
-    run.delegated = True
-    return run
-
-
 def _models(args: argparse.Namespace) -> int:
     from .models import list_models
 
@@ -158,20 +164,60 @@ MODEL_HELP = ("the architecture of a checkpoint that does not carry one (an Open
               "dict): an open_clip or clipkit name, or a JSON config")
 
 
+# Commands whose options live with their implementation: each module has add_arguments(parser) and main(argv).
+DELEGATED = {
+    ("data", "make-shards"): ("clipkit.data.make_shards",
+                              "turn an image folder or a CSV/parquet of (path, caption) into shards"),
+    ("retrieval-eval",): ("clipkit.evaluation.retrieval", "image-text retrieval recall@k of a checkpoint"),
+    ("embed",): ("clipkit.retrieval.embed", "image and text embeddings of shards, in clip-retrieval's layout"),
+    ("index",): ("clipkit.retrieval.index", "a faiss index over exported embeddings"),
+    ("search",): ("clipkit.retrieval.search", "nearest neighbours of a text or image query in an index"),
+    ("serve",): ("clipkit.retrieval.serve", "an HTTP retrieval service over an index"),
+    ("finetune",): ("clipkit.finetune.run", "adapt a checkpoint to a labelled task: linear probe, full/partial "
+                                            "fine-tuning, WiSE-FT, LoRA, FLYP"),
+    ("finetune-report",): ("clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
+    ("report",): ("clipkit.report", "a run's report.html: loss, LR, throughput, MFU, evaluation over time"),
+    ("inspect",): ("clipkit.inspect", "what a checkpoint or pretrained model path holds, and which commands can "
+                                      "use it"),
+    ("bench", "loss"): ("clipkit.bench.loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP"),
+    ("bench", "data"): ("clipkit.bench.data", "data loading samples/s per core, clipkit vs OpenCLIP"),
+    ("bench", "embed"): ("clipkit.bench.embed", "embedding images/s per core, clipkit embed vs a plain open_clip loop"),
+    ("bench", "train"): ("clipkit.bench.train", "training samples/s and MFU, clipkit train vs OpenCLIP's trainer"),
+    ("bench", "onnx"): ("clipkit.bench.onnx", "ONNX Runtime fp32 and int8 exports: zero-shot accuracy and speed vs "
+                                              "torch"),
+    ("bench", "text"): ("clipkit.bench.text", "training step time: text tower cut at the longest caption, length "
+                                              "buckets"),
+    ("bench", "serve"): ("clipkit.bench.serve", "the retrieval service under load on loopback, with hostile requests "
+                                                "mixed in"),
+}
+# Old command names, accepted for one release with a notice (`retrieval` collided with the clipkit.retrieval
+# package, which embeds, indexes, searches and serves; the command evaluates recall@k).
+DEPRECATED_COMMANDS = {"retrieval": "retrieval-eval"}
+
+
+def _add_delegated(subparsers_by_group: dict, path: tuple[str, ...]) -> None:
+    import importlib
+
+    module, help_text = DELEGATED[path]
+    sp = subparsers_by_group[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
+    importlib.import_module(module).add_arguments(sp)  # main() hands such a command to the module's main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every command with every option: what `clipkit --help` shows and docs/cli.md is checked against."""
     from .export import EXPORT_FORMATS
 
     p = argparse.ArgumentParser(prog="clipkit", description="CLIP-style contrastive image-text pretraining")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (default config: tiny model on the built-in dataset)")
-    t.add_argument("overrides", nargs="*", help="[CONFIG.yaml] then dotted.key=value overrides")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="[CONFIG.yaml] then dotted.key=value overrides")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="write the built-in synthetic dataset as webdataset shards")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--train-samples", type=int, default=20000)
     s.add_argument("--eval-samples", type=int, default=1500)
     s.add_argument("--samples-per-shard", type=int, default=1000)
@@ -181,16 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--downstream-train-samples", type=int, default=2000)
     s.add_argument("--downstream-test-samples", type=int, default=1000)
     s.set_defaults(func=_synth)
-    ms = dsub.add_parser("make-shards", add_help=False,
-                         help="turn an image folder or a CSV/parquet of (path, caption) into shards")
-    ms.set_defaults(func=_delegate("clipkit.data.make_shards"))
 
     z = sub.add_parser("zeroshot", help="zero-shot classification of a checkpoint")
-    z.add_argument("--checkpoint", required=True,
+    z.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
                         "CLIPModel directory, an OpenCLIP epoch_N.pt or a state dict (see docs/pretrained.md)")
     z.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
-    z.add_argument("--data", required=True,
+    z.add_argument("--data", required=True, metavar="DATA",
                    help="CLIP_benchmark wds root, an image folder with one sub-folder per class, or a shard spec of "
                         "KEY.jpg + KEY.cls samples (with --classnames)")
     z.add_argument("--classnames", default=None,
@@ -199,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--templates", default=None,
                    help="prompt templates with {c}, one per line; default: the root's templates file, else the "
                         "80 OpenAI ImageNet templates")
-    z.add_argument("--out", default=None, help="result JSON (CLIP_benchmark schema)")
+    z.add_argument("--out", default=None, metavar="FILE.json",
+                   help="result JSON (CLIP_benchmark schema; default: next to the checkpoint)")
     z.add_argument("--dump-predictions", default=None, metavar="FILE.csv",
                    help="per-image predictions: key or path, true and predicted label, score, top-5")
     z.add_argument("--batch-size", type=int, default=256)
@@ -208,42 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=_zeroshot)
 
     e = sub.add_parser("export", help="export a checkpoint")
-    e.add_argument("--checkpoint", required=True, help="as for zeroshot")
+    e.add_argument("--checkpoint", required=True, metavar="CKPT", help="as for zeroshot")
     e.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     e.add_argument("--format", default="open_clip", choices=sorted(EXPORT_FORMATS))
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, metavar="DIR")
     e.set_defaults(func=_export)
 
-    # Commands whose options live with their implementation (each module has main(argv)).
-    for name, module, help_text in [
-        ("retrieval", "clipkit.evaluation.retrieval", "image-text retrieval recall@k of a checkpoint"),
-        ("embed", "clipkit.retrieval.embed", "image and text embeddings of shards, in clip-retrieval's layout"),
-        ("index", "clipkit.retrieval.index", "a faiss index over exported embeddings"),
-        ("search", "clipkit.retrieval.search", "nearest neighbours of a text or image query in an index"),
-        ("serve", "clipkit.retrieval.serve", "an HTTP retrieval service over an index"),
-        ("finetune", "clipkit.finetune.run",
-         "adapt a checkpoint to a labelled task: linear probe, full/partial fine-tuning, WiSE-FT, LoRA, FLYP"),
-        ("finetune-report", "clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
-        ("report", "clipkit.report", "a run's report.html: loss, LR, throughput, MFU, evaluation over time"),
-        ("inspect", "clipkit.inspect", "what a checkpoint or pretrained model path holds, and which commands "
-                                       "can use it"),
-    ]:
-        sub.add_parser(name, add_help=False, help=help_text).set_defaults(func=_delegate(module))
-
+    groups = {(): sub, ("data",): dsub}
+    for path in [path for path in DELEGATED if path[0] != "bench"]:
+        _add_delegated(groups, path)
     b = sub.add_parser("bench", help="benchmarks (results written as JSON)")
-    bsub = b.add_subparsers(dest="bench_command", required=True)
-    for name, help_text in [("loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP"),
-                            ("data", "data loading samples/s per core, clipkit vs OpenCLIP"),
-                            ("embed", "embedding images/s per core, clipkit embed vs a plain open_clip loop"),
-                            ("train", "training samples/s and MFU, clipkit train vs OpenCLIP's trainer"),
-                            ("onnx", "ONNX Runtime fp32 and int8 exports: zero-shot accuracy and speed vs torch"),
-                            ("text", "training step time: text tower cut at the longest caption, length buckets"),
-                            ("serve", "the retrieval service under load on loopback, with hostile requests mixed in")]:
-        bp = bsub.add_parser(name, add_help=False, help=help_text)
-        bp.set_defaults(func=_delegate(f"clipkit.bench.{name}"))
+    groups[("bench",)] = b.add_subparsers(dest="bench_command", required=True)
+    for path in [path for path in DELEGATED if path[0] == "bench"]:
+        _add_delegated(groups, path)
 
     c = sub.add_parser("config", help="print the resolved config (the defaults, or a file with overrides)")
-    c.add_argument("overrides", nargs="*", help="[CONFIG.yaml] then dotted.key=value overrides")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="[CONFIG.yaml] then dotted.key=value overrides")
     c.set_defaults(func=_config)
 
     m = sub.add_parser("models", help="list the architectures that can be built by name")
@@ -251,13 +275,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """(path, sub-parser) of every command that runs something, in the order the parser lists them."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for name, sp in action.choices.items():
+            if sp._subparsers is None:
+                yield prefix + (name,), sp
+            else:
+                yield from commands(sp, prefix + (name,))
+
+
+def usage_line(path: tuple[str, ...], sp: argparse.ArgumentParser) -> str:
+    """`clipkit PATH` with its positionals, required options and --out: the docstring's line of a command."""
+    words = ["clipkit", *path]
+    for a in sp._actions:
+        if not a.option_strings:
+            words.append(f"[{a.metavar} ...]" if a.nargs == "*" else f"{a.metavar} ..." if a.nargs == "+"
+                         else a.metavar)
+        elif a.required:
+            words.append(f"{a.option_strings[0]} {a.metavar}")
+    out = next((a for a in sp._actions if "--out" in a.option_strings and not a.required), None)
+    if out is not None:
+        words.append(f"[--out {out.metavar}]")
+    return " ".join(words)
+
+
+def usage_block() -> str:
+    """The usage lines of cli.py's docstring, generated from the parser (tests/test_cli_contract.py checks them)."""
+    return "\n".join("    " + usage_line(path, sp) for path, sp in commands(build_parser()))
+
+
+def _current_spelling(argv: list[str]) -> list[str]:
+    """argv with a deprecated command name replaced by the current one (and a one-line notice)."""
+    if argv and argv[0] in DEPRECATED_COMMANDS:
+        from .cliargs import deprecation_notice
+
+        deprecation_notice(f"clipkit {argv[0]}", f"clipkit {DEPRECATED_COMMANDS[argv[0]]}")
+        return [DEPRECATED_COMMANDS[argv[0]], *argv[1:]]
+    return argv
+
+
+def _dispatch(argv: list[str]) -> int:
+    import importlib
+
+    # A delegated command parses its own options (one parse: each deprecation notice is printed once).
+    for depth in (2, 1):
+        if tuple(argv[:depth]) in DELEGATED:
+            return importlib.import_module(DELEGATED[tuple(argv[:depth])][0]).main(argv[depth:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    # Delegated sub-commands parse their own options (including --help); the others take no extras.
-    args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args.func, "delegated", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
+    argv = _current_spelling(list(sys.argv[1:] if argv is None else argv))
     from .config import ConfigError
     from .data import ShardSpecError
     from .evaluation import ZeroShotDataError
@@ -266,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
 
     try:
-        return args.func(args)
+        return _dispatch(argv)
     except (ConfigError, ShardSpecError, ZeroShotDataError, ModelNotFoundError, CheckpointError, UserError) as e:
         print(f"clipkit: error: {e}", file=sys.stderr)
         return 2

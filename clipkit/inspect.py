@@ -110,13 +110,18 @@ def report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="clipkit inspect", description=__doc__.split("\n")[0])
-    p.add_argument("path", help="a checkpoint, run directory, weights file, open_clip or transformers directory, "
-                                "OpenCLIP epoch_N.pt or state dict")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH",
+                   help="a checkpoint, run directory, weights file, open_clip or transformers directory, "
+                        "OpenCLIP epoch_N.pt or state dict")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="the architecture of a file that does not carry one (epoch_N.pt, a bare state dict)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="clipkit inspect", description=__doc__.split("\n")[0])
+    add_arguments(p)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     # what libraries print while loading (deepspeed's accelerator notice, ...) goes to stderr: stdout holds
     # only the report, so --json output parses

@@ -26,4 +26,4 @@ for method in linear_probe full wise lora; do
 done
 echo
 echo "Built-in downstream task (how the shapes are filled; no pretraining caption names it):"
-clipkit finetune-report "$finetune_dir" --json "$finetune_dir/report.json"
+clipkit finetune-report "$finetune_dir" --out "$finetune_dir/report.json"

@@ -1,12 +1,12 @@
 """Data loading speed: tar shards -> batched, augmented 224-pixel tensors, clipkit against OpenCLIP.
 
     clipkit bench data [--images 1200] [--batch-size 64] [--batches 12] [--workers 1] [--repeats 3]
-                       [--shards DIR] [--out bench_data.json]
+                       [--cache DIR] [--out bench_data.json]
     clipkit bench data --data SPEC [--image-key jpg;png;webp;jpeg] [--caption-key txt] [...]
 
 By default the shards are realistic: JPEG photographs of 640x480 to 1280x960 pixels, each a random crop,
 scale, flip and colour shift of one of the sample photographs scikit-image ships (written once, into
-~/.cache/clipkit/bench_data/ unless --shards names a folder), with captions, in img2dataset's layout.
+~/.cache/clipkit/bench_data/ unless --cache names a folder), with captions, in img2dataset's layout.
 
 `--data SPEC` measures your own shards instead: any spec data.train takes (a path, a brace pattern, an
 fsspec URL such as s3://bucket/{00000..00099}.tar or file:///data/{0..9}.tar, pipe:CMD, several joined
@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cliargs import renamed
 from .harness import (BenchError, bench_main, command_line, emit_result, home_as_tilde, machine_facts,
                       orders, run_worker, runs_and_median, worker_env)
 from .shards import photo_shards
@@ -165,13 +166,12 @@ def _run_one(method: str, args: argparse.Namespace, spec: str, epoch_samples: in
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from clipkit.config import DataConfig
 
-    p = argparse.ArgumentParser(prog="clipkit bench data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="measure these shards: any data.train spec (paths, brace "
-                   "patterns, s3:// or other fsspec URLs, '::'-joined sources) or a folder of .tar files "
-                   "(default: generated photo shards)")
+    p.add_argument("--data", metavar="DATA", default=None,
+                   help="measure these shards: any data.train spec (paths, brace patterns, s3:// or other fsspec "
+                        "URLs, '::'-joined sources) or a folder of .tar files (default: generated photo shards)")
     p.add_argument("--image-key", default=DataConfig.image_key, help="data.image_key: image extensions, in order")
     p.add_argument("--caption-key", default=DataConfig.caption_key, help="data.caption_key")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
@@ -181,12 +181,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=12, help="batches timed per measurement")
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (= cores used)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per method, alternating; medians reported")
-    p.add_argument("--shards", default=None, help="folder for the generated shards (default: a cache)")
+    renamed(p, "--cache", "--shards", default=None, metavar="DIR",
+            help="folder for the generated benchmark data (default: a folder under ~/.cache/clipkit)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per measurement")
-    p.add_argument("--out", default="bench_data.json")
+    p.add_argument("--out", metavar="FILE.json", default="bench_data.json")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--epoch-samples", type=int, help=argparse.SUPPRESS)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from clipkit.config import DataConfig
+
+    p = argparse.ArgumentParser(prog="clipkit bench data", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     for name in ("images", "per_shard", "batch_size", "batches", "workers", "repeats"):
         if getattr(args, name) < 1:
@@ -196,8 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--methods takes one or both of {', '.join(METHODS)}, comma-separated")
     if args.worker:
         return args
-    if args.data is not None and args.shards is not None:
-        p.error("--data measures existing shards and --shards names where generated ones go: give one")
+    if args.data is not None and args.cache is not None:
+        p.error("--data measures existing shards and --cache names where generated ones go: give one")
     if args.data is None:
         needed = (args.batches + 1) * args.batch_size
         if needed > args.images:
@@ -212,7 +220,7 @@ def _shards(args: argparse.Namespace) -> tuple[str, int, int]:
     """(spec, shard files, OpenCLIP's nominal epoch in samples) of the shards to measure."""
     if args.data is None:
         t0 = time.perf_counter()
-        spec = photo_shards(args.shards, args.images, args.per_shard)
+        spec = photo_shards(args.cache, args.images, args.per_shard)
         print(f"shards: {spec} ({time.perf_counter() - t0:.1f} s)", flush=True)
         return spec, -(-args.images // args.per_shard), args.images
     count = len(shard_urls(args.data))

@@ -1,7 +1,7 @@
 """Embedding speed: photo shards -> L2-normalised embeddings, `clipkit embed` against a plain open_clip loop.
 
     clipkit bench embed [--model clipkit-tiny] [--images 1200] [--per-shard 100] [--batch-size 64] [--workers 1]
-                        [--threads 1] [--repeats 3] [--shards DIR] [--out bench_embed.json]
+                        [--threads N] [--repeats 3] [--cache DIR] [--out bench_embed.json]
 
 The shards are the realistic ones of `clipkit bench data` (JPEG photographs of 640x480 to 1280x960 pixels with
 captions and json, in img2dataset's layout; cached). The model is `--model` built from its config with
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
+from ..cliargs import THREADS_HELP, default_threads, renamed
 from .harness import (CACHE, BenchError, bench_main, command_line, emit_result, machine_facts, orders, run_worker,
                       runs_and_median, worker_env)
 from .shards import photo_shards
@@ -163,8 +164,7 @@ def compare_outputs(result_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipkit bench embed", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="clipkit-tiny",
                    help="architecture (random weights, built from its config); on CPUs a ViT-B-32 leaves the time to "
                         "the model, and the loaders barely matter")
@@ -172,14 +172,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="loader processes (one core each)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the process that runs the model")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--shards", default=None, help="folder for the benchmark shards (default: a cache)")
+    renamed(p, "--cache", "--shards", default=None, metavar="DIR",
+            help="folder for the generated benchmark data (default: a folder under ~/.cache/clipkit)")
     p.add_argument("--timeout", type=float, default=3600)
-    p.add_argument("--out", default="bench_embed.json")
+    p.add_argument("--out", metavar="FILE.json", default="bench_embed.json")
     for hidden in ("--worker", "--spec", "--weights", "--result-dir"):
         p.add_argument(hidden, help=argparse.SUPPRESS, **({"choices": METHODS} if hidden == "--worker" else {}))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench embed", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
+    args.threads = args.threads or default_threads(workers=args.workers)
     for name in ("images", "per_shard", "batch_size", "threads", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -199,7 +206,7 @@ def _summary(runs: dict[str, list[dict]]) -> dict:
 
 
 def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
-    spec = photo_shards(args.shards, args.images, args.per_shard)  # shared with bench data
+    spec = photo_shards(args.cache, args.images, args.per_shard)  # shared with bench data
     weights = model_file(args.model, CACHE / "bench_embed")
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     agreement = []

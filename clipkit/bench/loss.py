@@ -36,6 +36,7 @@ import argparse
 import sys
 import tempfile
 
+from ..cliargs import THREADS_HELP
 from .harness import BenchError, bench_main, command_line, machine_facts, meminfo_bytes, orders
 from .loss_curve import drive_curve, format_curve
 from .loss_jobs import GIB, METHODS, rank_main, run_job, summarize_method, threads_per_rank
@@ -47,18 +48,18 @@ CURVE_BATCHES = (4096, 8192, 16384, 32768, 65536)  # global batches of --curve
 
 # ----------------------------------------------------------------------------------------------- arguments
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipkit bench loss", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-per-rank", type=int, default=16384)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--world", type=int, default=2, help="ranks (processes) per job")
     p.add_argument("--repeats", type=int, default=3, help="jobs per method, alternating")
     p.add_argument("--tile-size", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / world)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
-    p.add_argument("--out", default=None, help="result JSON (default: bench_loss.json, with --curve "
-                   "bench_loss_curve.json and its plot beside it)")
+    p.add_argument("--out", metavar="FILE.json",
+                   default=None, help="result JSON (default: bench_loss.json, with --curve "
+                                      "bench_loss_curve.json and its plot beside it)")
     curve = p.add_argument_group("curve", "--curve: both methods over a range of global batches")
     curve.add_argument("--curve", action="store_true", help="measure every global batch of --global-batches")
     curve.add_argument("--global-batches", default=None,
@@ -75,6 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--result-dir", help=argparse.SUPPRESS)
     p.add_argument("--rank-memory-limit", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench loss", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     for name in ("batch_per_rank", "dim", "world", "repeats", "tile_size"):
         if getattr(args, name) < 1:

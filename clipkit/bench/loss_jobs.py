@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from statistics import fmean
 from pathlib import Path
 
+from ..cliargs import default_threads
 from .harness import BenchError, median, meminfo_bytes, proc_status_bytes, worker_env
 
 METHODS = ("openclip", "tiled")
@@ -177,7 +178,7 @@ def rank_main(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ driver
 
 def threads_per_rank(args: argparse.Namespace) -> int:
-    return args.threads or max(1, (os.cpu_count() or 1) // args.world)
+    return args.threads or default_threads(args.world)
 
 
 

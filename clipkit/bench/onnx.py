@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -30,24 +29,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cliargs import THREADS_HELP, default_threads
 from .harness import BenchError, bench_main, command_line, machine_facts, median, orders
 
 BACKENDS = ("torch_fp32", "onnx_fp32", "onnx_int8")
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipkit bench onnx", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="CKPT", required=True,
                    help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
                         "CLIPModel directory, or an OpenCLIP epoch_N.pt / state dict with --model")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
-    p.add_argument("--data", required=True, help="a CLIP_benchmark zero-shot root (or a shard spec)")
+    p.add_argument("--data", metavar="DATA", required=True, help="a CLIP_benchmark zero-shot root (or a shard spec)")
     p.add_argument("--classnames", default=None)
     p.add_argument("--templates", default=None)
-    p.add_argument("--out", default="bench_onnx.json")
+    p.add_argument("--out", metavar="FILE.json", default="bench_onnx.json")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="intra-op threads for torch and ONNX Runtime (default: the cores this process may use)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--speed-samples", type=int, default=512, help="images per timed pass")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per backend (median reported)")
@@ -55,7 +53,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--export-dir", default=None, help="write the ONNX export here (default: a temporary folder)")
     where.add_argument("--onnx-dir", default=None, help="measure this existing ONNX export of the checkpoint")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench onnx", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
+    args.threads = args.threads or default_threads()  # torch and ONNX Runtime intra-op threads alike
     for name in ("batch_size", "threads", "speed_samples", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

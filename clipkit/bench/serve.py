@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from .bad_inputs import eps, png_bomb
+from ..cliargs import renamed
 from .harness import CACHE, BenchError, bench_main, command_line, machine_facts, proc_status_bytes
 
 BAD_KINDS = {"chunked": 413, "bomb": 413, "eps": 400, "garbage": 400}  # kind -> the status it must get
@@ -339,8 +340,7 @@ def run_one(server: Server, clients: int, jobs: list, payloads: Payloads) -> dic
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipkit bench serve", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="clipkit-tiny", help="architecture (seed-0 random weights)")
     p.add_argument("--samples", type=int, default=1000, help="rows in the index (synthetic dataset)")
     p.add_argument("--clients", default="1,8,32", help="concurrent clients, one run each (default 1,8,32)")
@@ -350,9 +350,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rss-tolerance-mb", type=float, default=64,
                    help="RSS growth allowed from one pass of mixed runs to the next, and peak beyond what the "
                         "oversize bodies in flight may hold (default 64)")
-    p.add_argument("--folder", default=None, help="where the dataset, weights and index are kept (default: a cache)")
+    renamed(p, "--cache", "--folder", default=None, metavar="DIR",
+            help="where the dataset, weights and index are kept (default: a folder under ~/.cache/clipkit)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_serve.json")
+    p.add_argument("--out", metavar="FILE.json", default="bench_serve.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench serve", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     try:
         args.clients = [int(c) for c in args.clients.split(",")]
@@ -366,7 +372,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def drive(args: argparse.Namespace, argv: list[str]) -> dict:
-    folder = Path(args.folder) if args.folder else CACHE / "bench_serve"
+    folder = Path(args.cache) if args.cache else CACHE / "bench_serve"
     folder.mkdir(parents=True, exist_ok=True)
     index_dir, shards = setup(args.model, args.samples, folder)
     captions, jpgs = query_material(index_dir, shards[0])

@@ -1,7 +1,7 @@
 """Training step time with the text tower cut at the batch's longest caption (model.trim_text), and with
 caption-length bucketing (data.length_buckets), against the full-length tower.
 
-    clipkit bench text [--model ViT-S-32] [--batch 32] [--batches 6] [--repeats 3] [--threads 2]
+    clipkit bench text [--model ViT-S-32] [--batch-size 32] [--batches 6] [--repeats 3] [--threads N]
                        [--buckets 12,16,24,32,48] [--captions 1536] [--profile-steps 3] [--out bench_text.json]
     python -m clipkit.bench.text ...            (the same)
 
@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 
+from ..cliargs import THREADS_HELP, default_threads, renamed
 from .harness import bench_main, command_line, machine_facts
 
 WORDS = ("a the of and with in on at near under over by two three small large old new young little big red blue "
@@ -47,23 +48,28 @@ WORDS = ("a the of and with in on at near under over by two three small large ol
          "design logo poster print sale free shipping size cotton shirt dress shoes bag").split()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipkit bench text", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="ViT-S-32")
-    p.add_argument("--batch", type=int, default=32)
+    renamed(p, "--batch-size", "--batch", type=int, default=32)
     p.add_argument("--batches", type=int, default=6, help="batches timed per stream, evenly spaced")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per batch and method")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--buckets", default="12,16,24,32,48", help="data.length_buckets edges, comma-separated")
     p.add_argument("--captions", type=int, default=1536, help="captions streamed (an epoch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-steps", type=int, default=3,
                    help="steps of the default (trimmed) step profiled with torch.profiler afterwards; 0: none")
-    p.add_argument("--out", default="bench_text.json")
+    p.add_argument("--out", metavar="FILE.json", default="bench_text.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench text", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("batch", "batches", "repeats", "threads", "captions"):
+    args.threads = args.threads or default_threads()
+    for name in ("batch_size", "batches", "repeats", "threads", "captions"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         args.edges = [int(e) for e in args.buckets.split(",") if e.strip()]
     except ValueError:
@@ -165,14 +171,14 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     tokens = get_tokenizer(args.model)(web_captions(args.captions, args.seed))
     lengths = (tokens.argmax(dim=-1) + 1).tolist()
-    groups = streams(tokens, args.batch, args.edges)
+    groups = streams(tokens, args.batch_size, args.edges)
     size = image_size(args.model)
     plan = {"full": ("plain", False), "trim": ("plain", True), "trim+buckets": ("bucketed", True)}
-    steps = {trim: build_step(args.model, args.batch, trim) for trim in (False, True)}
+    steps = {trim: build_step(args.model, args.batch_size, trim) for trim in (False, True)}
     picked = {name: [b[round(i * (len(b) - 1) / max(1, args.batches - 1))] for i in range(args.batches)]
               for name, b in groups.items()}
     gen = torch.Generator().manual_seed(args.seed)
-    images = [torch.randn(args.batch, 3, size, size, generator=gen) for _ in range(args.batches)]
+    images = [torch.randn(args.batch_size, 3, size, size, generator=gen) for _ in range(args.batches)]
     first = {m: steps[trim][0].compute_gradients(images[0], tokens[picked[s][0]]) for m, (s, trim) in plan.items()
              if s == "plain"}
     for step, _ in steps.values():
@@ -198,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     fastest = {m: statistics.mean(min(r) for r in per) for m, per in times.items()}
     longest = {s: statistics.mean(max(lengths[j] for j in b) for b in groups[s]) for s in groups}
     return {
-        "model": args.model, "batch": args.batch, "threads": args.threads, "precision": "fp32",
+        "model": args.model, "batch": args.batch_size, "threads": args.threads, "precision": "fp32",
         "captions": {"count": args.captions, "words_median": statistics.median(len(c.split()) for c in
                                                                                web_captions(args.captions, args.seed)),
                      "tokens_median": statistics.median(lengths),

@@ -1,8 +1,8 @@
 """Training speed: `clipkit train` against OpenCLIP's trainer (`open_clip_train.main`), same work.
 
     clipkit bench train [--model ViT-S-32] [--batch-size 32] [--precision fp32] [--workers 1] [--threads N]
-                        [--steps 18] [--skip-steps 4] [--repeats 3] [--data SPEC | --images 600 --shards DIR]
-                        [--buckets 12,16,24,32,48] [--set KEY=VALUE ...] [--out bench_train.json]
+                        [--steps 18] [--skip-steps 4] [--repeats 3] [--data SPEC | --images 600 --cache DIR]
+                        [--buckets 12,16,24,32,48] [--out bench_train.json] [key=value ...]
 
 Both trainers train `--model` from scratch (random weights, seed 0) on the same shards with the same global
 batch, precision, loader workers, torch threads (OMP_NUM_THREADS and torch.set_num_threads), optimiser
@@ -13,7 +13,7 @@ alternate over the repeats.
 - clipkit:  what `clipkit train` runs (clipkit.run.run, on the config of dotted overrides), in-process, with no
   evaluation or export at the end (its final checkpoint, which it always writes, comes after the timed steps),
   with its defaults otherwise: the exact speed-ups only (model.trim_text: the text tower runs up to the batch's
-  longest caption, the same numbers as at full length). `--set KEY=VALUE` adds overrides (e.g.
+  longest caption, the same numbers as at full length). Positional `key=value` words add overrides (e.g.
   model.trim_text=false to measure without).
 - clipkit_buckets: the same plus caption-length bucketing, data.length_buckets=[--buckets] (batches of similar
   caption length: a different sampling of the same epoch, not the same numbers). `--buckets ''` leaves it out.
@@ -57,6 +57,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..cliargs import THREADS_HELP, default_threads, deprecated, renamed
 from .harness import (BenchError, bench_main, command_line, emit_result, home_as_tilde, machine_facts, orders,
                       peer_site, read_result, runs_and_median, worker_command, worker_env)
 from .shards import caption_shards
@@ -105,7 +106,7 @@ def caption_token_stats(spec: str, model: str, batch_size: int, limit: int) -> d
 
 def clipkit_command(args: argparse.Namespace, spec: str, run_dir: Path, buckets: bool = False) -> list[str]:
     """The dotted overrides of `clipkit train` for the run's settings (no evaluation, export or progress bar),
-    then --set's; with `buckets`, data.length_buckets from --buckets."""
+    then the positional key=value overrides; with `buckets`, data.length_buckets from --buckets."""
     extra = [f"data.length_buckets=[{args.buckets}]"] if buckets else []
     return [f"run.dir={run_dir}", f"data.train={spec}", f"model.name={args.model}",
             f"train.global_batch_size={args.batch_size}", f"train.steps={args.steps}",
@@ -114,7 +115,7 @@ def clipkit_command(args: argparse.Namespace, spec: str, run_dir: Path, buckets:
             "train.weight_decay=0.1", "train.beta1=0.9", "train.beta2=0.98", "train.eps=1e-6", "train.grad_clip=1.0",
             f"train.checkpoint_every={args.steps}", "run.seed=0", "run.log_every=1", "run.progress=false",
             "eval.zeroshot_at_end=false", "eval.retrieval_at_end=false", "export.at_end=false", *extra,
-            *args.set]
+            *args.overrides]
 
 
 def openclip_command(args: argparse.Namespace, spec: str) -> list[str]:
@@ -314,29 +315,37 @@ def fp32_matmul_peak(threads: int, tries: int = 3) -> float:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipkit bench train", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="ViT-S-32", help="an architecture both open_clip and clipkit build by name")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", default="fp32", choices=sorted(OPENCLIP_PRECISION))
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes of each trainer")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of each trainer (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--steps", type=int, default=18, help="optimiser steps per run")
     p.add_argument("--skip-steps", type=int, default=4, help="first steps left out of the timing (start-up)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up: --skip-steps steps)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--data", default=None, help="the user's own shards (spec); default: the benchmark's photos")
+    p.add_argument("--data", metavar="DATA",
+                   default=None, help="the user's own shards (spec); default: the benchmark's photos")
     p.add_argument("--images", type=int, default=600, help="photos in the benchmark shards")
     p.add_argument("--per-shard", type=int, default=100)
-    p.add_argument("--shards", default=None, help="folder for the benchmark shards (default: a cache)")
+    renamed(p, "--cache", "--shards", default=None, metavar="DIR",
+            help="folder for the generated benchmark data (default: a folder under ~/.cache/clipkit)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one trainer run may take")
     p.add_argument("--buckets", default=DEFAULT_BUCKETS,
                    help="data.length_buckets edges of the clipkit_buckets run ('' leaves that run out)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a dotted override for clipkit's runs (repeatable), e.g. model.trim_text=false")
-    p.add_argument("--out", default="bench_train.json")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides for clipkit's runs, e.g. model.trim_text=false")
+    deprecated(p, "--set", "a positional key=value", action="append", default=[], dest="set_overrides",
+               metavar="KEY=VALUE")
+    p.add_argument("--out", metavar="FILE.json", default="bench_train.json")
     for hidden in ("--worker", "--model-configs", "--trainer-args"):
         p.add_argument(hidden, help=argparse.SUPPRESS, **({"choices": METHODS} if hidden == "--worker" else {}))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit bench train", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     try:
         edges = [int(e) for e in args.buckets.split(",") if e.strip()]
@@ -344,13 +353,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--buckets must be comma-separated integers (got {args.buckets!r})")
     args.buckets = ",".join(map(str, edges))
     args.methods = tuple(m for m in METHODS if edges or m != "clipkit_buckets")
-    for item in args.set:
+    args.overrides = args.set_overrides + args.overrides  # --set (deprecated) first: the order it always had
+    del args.set_overrides
+    for item in args.overrides:
         if "=" not in item:
-            p.error(f"--set takes KEY=VALUE (got {item!r})")
-    if args.threads is None:
-        import torch
-
-        args.threads = torch.get_num_threads()
+            p.error(f"overrides take key=value (got {item!r})")
+    args.threads = args.threads or default_threads(workers=args.workers)
     for name in ("batch_size", "threads", "steps", "repeats", "images", "per_shard"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -371,7 +379,7 @@ def _shards(args: argparse.Namespace) -> str:
     if args.data:
         return args.data
     t0 = time.perf_counter()
-    spec = caption_shards(args.shards, args.images, args.per_shard)
+    spec = caption_shards(args.cache, args.images, args.per_shard)
     print(f"shards: {spec} ({time.perf_counter() - t0:.1f} s)", flush=True)
     return spec
 
@@ -437,7 +445,7 @@ def _report(args, argv, spec: str, flops: dict, peaks: list[float], runs: dict[s
                    "workers": args.workers, "threads": args.threads, "steps": args.steps,
                    "skip_steps": args.skip_steps, "lr": args.lr, "repeats": args.repeats, "data": home_as_tilde(spec),
                    "openclip_precision": OPENCLIP_PRECISION[args.precision],
-                   "clipkit_overrides": list(args.set),
+                   "clipkit_overrides": list(args.overrides),
                    "clipkit_buckets_length_buckets": [int(e) for e in args.buckets.split(",")] if args.buckets else None},
         "machine": machine_facts(fp32_matmul_peak_gflop_per_s=peak / 1e9,
                                  fp32_matmul_peak_measurements_gflop_per_s=[x / 1e9 for x in peaks]),

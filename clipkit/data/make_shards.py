@@ -1,7 +1,7 @@
 """Turn an image folder, or a CSV/parquet table of (image path, caption), into img2dataset-style shards.
 
-    clipkit data make-shards --input photos/ --out shards/ [--max-side 512] [--samples-per-shard 10000]
-    clipkit data make-shards --input pairs.csv --out shards/ [--path-col path --caption-col caption]
+    clipkit data make-shards --data photos/ --out shards/ [--max-side 512] [--samples-per-shard 10000]
+    clipkit data make-shards --data pairs.csv --out shards/ [--path-col path --caption-col caption]
 
 Output, as img2dataset writes it (so every tool that reads LAION/DataComp shards reads these):
 
@@ -222,10 +222,12 @@ def make_shards(source: str | Path, out: str | Path, *, samples_per_shard: int =
             "spec": str(out / (f"{{00000..{last:05d}}}.tar" if last else "00000.tar"))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="clipkit data make-shards", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="an image folder (captions in IMAGE.txt), or a .csv/.parquet")
-    p.add_argument("--out", required=True, help="output folder for 00000.tar, 00001.tar, ...")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cliargs import renamed
+
+    renamed(p, "--data", "--input", required=True, metavar="DATA",
+            help="an image folder (captions in IMAGE.txt), or a .csv/.parquet")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder for 00000.tar, 00001.tar, ...")
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--max-side", type=int, default=512, help="longest side after resizing (aspect kept); "
                    "0 keeps the original size")
@@ -235,9 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path-col", default="path")
     p.add_argument("--caption-col", default="caption")
     p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="clipkit data make-shards", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     try:
-        summary = make_shards(args.input, args.out, samples_per_shard=args.samples_per_shard,
+        summary = make_shards(args.data, args.out, samples_per_shard=args.samples_per_shard,
                               max_side=args.max_side or None, quality=args.quality,
                               keep_original=args.keep_original, path_col=args.path_col,
                               caption_col=args.caption_col, workers=args.workers)

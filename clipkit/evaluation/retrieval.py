@@ -1,6 +1,6 @@
 """Image-text retrieval recall@k, with CLIP_benchmark's data layout, definitions and result schema.
 
-    clipkit retrieval --checkpoint CKPT --data ROOT_OR_SHARDS [--out JSON] [--batch-size N]
+    clipkit retrieval-eval --checkpoint CKPT --data ROOT_OR_SHARDS [--out JSON] [--batch-size N]
 
 The data is a CLIP_benchmark retrieval root (SPLIT/nshards.txt, SPLIT/N.tar with KEY.jpg|png|webp +
 KEY.txt holding one caption per line, dataset_type.txt = "retrieval"), a folder of training shards or a
@@ -158,22 +158,26 @@ def evaluate_retrieval(model, tokenizer: Callable, transform: Callable, data: Re
     return retrieval_metrics(emb.images, emb.texts, emb.text_image, k, device=device)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipkit retrieval", description="image-text retrieval recall@k of a "
-                                "checkpoint, in CLIP_benchmark's result schema")
-    p.add_argument("--checkpoint", required=True,
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="a checkpoint or run directory, a .safetensors weights file, an open_clip or transformers "
                         "CLIPModel directory, or an OpenCLIP epoch_N.pt / state dict with --model")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", required=True, metavar="DATA",
                    help="CLIP_benchmark retrieval root, a folder of .tar shards, or a shard spec")
-    p.add_argument("--out", default=None, help="result JSON (default: next to the checkpoint)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="result JSON (default: next to the checkpoint)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--split", default="test", help="split folder of a CLIP_benchmark root")
     p.add_argument("--recall-k", type=int, nargs="+", default=list(DEFAULT_K))
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipkit retrieval-eval", description="image-text retrieval recall@k of a "
+                                "checkpoint, in CLIP_benchmark's result schema")
+    add_arguments(p)
     return p
 
 

@@ -74,7 +74,7 @@ def _wds_set(root: Path, classnames, templates, split: str) -> ZeroShotSet:
     kind_file = root / "dataset_type.txt"
     kind = kind_file.read_text().strip().lower() if kind_file.is_file() else ""
     if kind not in ("", "classification"):
-        hint = ": use `clipkit retrieval`" if kind == "retrieval" else ""
+        hint = ": use `clipkit retrieval-eval`" if kind == "retrieval" else ""
         raise ZeroShotDataError(f"{root} is a {kind} set (dataset_type.txt), not a classification set{hint}")
     text = (root / split / "nshards.txt").read_text().strip()
     if not text.isdigit() or int(text) < 1:

@@ -3,7 +3,7 @@
 Each DIR is a fine-tune's run directory (holding result.json) or a directory of them. Prints one row per
 run: the zero-shot baseline and the adapted model on the same val and test splits, and the trainable share
 of the parameters; then each run's LR search (finetune.lr=auto): every LR tried with its val acc1 and loss,
-the chosen one and whether it lies at the grid's edge. `--json FILE` also writes the rows; `--plot FILE`
+the chosen one and whether it lies at the grid's edge. `--out FILE.json` also writes the rows; `--plot FILE`
 (default: report.png in the first DIR) draws validation accuracy over optimizer steps, one line per run."""
 from __future__ import annotations
 
@@ -116,12 +116,19 @@ def plot_val_curves(results: list[dict], path: str | Path):
     return fig
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="clipkit finetune-report", description=__doc__.split("\n\n")[0])
-    p.add_argument("dirs", nargs="+", help="fine-tune run directories, or directories holding them")
-    p.add_argument("--json", default=None, help="also write the rows (with each run's LR search) to this JSON file")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cliargs import renamed
+
+    p.add_argument("dirs", nargs="+", metavar="RUN_DIR", help="fine-tune run directories, or directories holding them")
+    renamed(p, "--out", "--json", default=None, metavar="FILE.json",
+            help="also write the rows (with each run's LR search) to this JSON file")
     p.add_argument("--plot", default=None,
                    help="write the plot of val acc1 over steps here (default: report.png in the first DIR)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="clipkit finetune-report", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     results = find_results(args.dirs)
     models = {(r["model"], r["checkpoint"], r["data"]) for r in results}
@@ -136,6 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     plot = Path(args.plot) if args.plot else Path(args.dirs[0]) / "report.png"
     if plot_val_curves(results, plot) is not None:
         print(f"\nval acc1 over steps: {plot}")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(table, indent=2))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(table, indent=2))
     return 0

@@ -355,17 +355,23 @@ def finetune(cfg: Config) -> dict:
         cleanup()
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="the pretrained model: a checkpoint directory, .safetensors weights file, "
+                        "open_clip or transformers CLIPModel directory, or an OpenCLIP epoch_N.pt "
+                        "/ state dict read as model.name (finetune.checkpoint)")
+    p.add_argument("--data", metavar="DATA",
+                   help="an image folder with train/, val/ (optional), test/ of class folders, or a "
+                        "CLIP_benchmark webdataset root (finetune.data)")
+    p.add_argument("--method", help="linear_probe, full, wise, lora or flyp (finetune.method; default full)")
+    p.add_argument("--out", metavar="DIR", help="the run directory (run.dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="[CONFIG.yaml] then dotted.key=value overrides")
+
+
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     p = argparse.ArgumentParser(prog="clipkit finetune", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="the pretrained model: a checkpoint directory, .safetensors weights file, "
-                                        "open_clip or transformers CLIPModel directory, or an OpenCLIP epoch_N.pt "
-                                        "/ state dict read as model.name (finetune.checkpoint)")
-    p.add_argument("--data", help="an image folder with train/, val/ (optional), test/ of class folders, or a "
-                                  "CLIP_benchmark webdataset root (finetune.data)")
-    p.add_argument("--method", help="linear_probe, full, wise, lora or flyp (finetune.method; default full)")
-    p.add_argument("--out", help="the run directory (run.dir)")
-    p.add_argument("overrides", nargs="*", help="[CONFIG.yaml] then dotted.key=value overrides")
+    add_arguments(p)
     args = p.parse_args(argv)
     overrides = list(args.overrides)
     path = overrides.pop(0) if overrides and "=" not in overrides[0] else None

@@ -166,6 +166,10 @@ img{{max-width:40em}}</style></head>
     return out
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="clipkit report", description="write RUN_DIR/report.html from a run's "
                                 "metrics.jsonl and summary.json")
-    p.add_argument("run_dir")
+    add_arguments(p)
     args = p.parse_args(argv)
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():
         raise UserError(f"{args.run_dir} holds no metrics.jsonl: not a clipkit run directory")

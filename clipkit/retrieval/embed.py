@@ -480,17 +480,19 @@ def _run(model, loader, writer: PartWriter, device: torch.device, bar, total_sha
 
 # ---------------------------------------------------------------------------------------- command line
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipkit embed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint or run directory, a .safetensors weights file, "
-                                                       "an open_clip or transformers CLIPModel directory, or an "
-                                                       "OpenCLIP epoch_N.pt / state dict with --model")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   required=True, help="a checkpoint or run directory, a .safetensors weights file, "
+                                       "an open_clip or transformers CLIPModel directory, or an "
+                                       "OpenCLIP epoch_N.pt / state dict with --model")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="the architecture of a checkpoint that does not carry one (epoch_N.pt, a bare state dict)")
-    p.add_argument("--data", required=True, help="shard spec: local paths, fsspec URLs (s3://...) or pipe:CMD, "
-                                                 "with {000..999} braces, several joined by '::'")
-    p.add_argument("--out", required=True, help="output folder (re-running into it skips the parts finished with "
-                                                "the same weights, and recomputes those made with other weights)")
+    p.add_argument("--data", metavar="DATA",
+                   required=True, help="shard spec: local paths, fsspec URLs (s3://...) or pipe:CMD, "
+                                       "with {000..999} braces, several joined by '::'")
+    p.add_argument("--out", metavar="DIR",
+                   required=True, help="output folder (re-running into it skips the parts finished with "
+                                       "the same weights, and recomputes those made with other weights)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--part-size", type=int, default=10_000, help="most rows per part (a part never spans shards)")
     p.add_argument("--workers", type=int, default=1, help="loader processes per rank (decoding, tokenising)")
@@ -501,6 +503,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--caption-key", default="txt")
     p.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
     p.add_argument("--no-progress", action="store_true")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipkit embed", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     for name in ("batch_size", "part_size"):
         if getattr(args, name) < 1:

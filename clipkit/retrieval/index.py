@@ -368,11 +368,9 @@ def _embed_info(embeddings: Path, allow_incomplete: bool) -> dict | None:
     return {**info, "checkpoint": checkpoint}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="clipkit index", description="faiss indexes over a clip-retrieval-style "
-                                "embeddings export (image.index, text.index, metadata.parquet, index_info.json)")
-    p.add_argument("--embeddings", required=True, help="the export: img_emb/, text_emb/, metadata/")
-    p.add_argument("--out", required=True, help="index directory to write")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", required=True, metavar="DIR", help="the export: img_emb/, text_emb/, metadata/")
+    p.add_argument("--out", metavar="DIR", required=True, help="index directory to write")
     p.add_argument("--memory-budget", default="4GB", help="memory each index may use when searched (default 4GB)")
     p.add_argument("--kind", default="both", choices=["image", "text", "both"])
     p.add_argument("--exact-below", type=int, default=EXACT_BELOW,
@@ -380,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="index an export whose clipkit_embed.json says some shards are not embedded yet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="clipkit index", description="faiss indexes over a clip-retrieval-style "
+                                "embeddings export (image.index, text.index, metadata.parquet, index_info.json)")
+    add_arguments(p)
     args = p.parse_args(argv)
     info = build_index(args.embeddings, args.out, args.memory_budget, args.kind, args.exact_below, args.seed,
                        args.allow_incomplete)

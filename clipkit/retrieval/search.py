@@ -289,22 +289,27 @@ def decode_image(image):
         raise UserError(f"the image could not be decoded: {type(e).__name__}: {e}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="clipkit search", description="nearest neighbours of a query, as JSON")
-    p.add_argument("--index", required=True, help="index directory written by `clipkit index`")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory written by `clipkit index`")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a text query")
     query.add_argument("--image", help="an image file as query")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--modality", default="image", choices=sorted(KINDS),
                    help="which index to search: image (default) finds images, text finds captions")
-    p.add_argument("--checkpoint", default=None, help="encode the query with this checkpoint instead of the "
-                   "one recorded in the index (its weights must be the ones the embeddings were made with)")
+    p.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="encode the query with this checkpoint instead of the one recorded in the index (its "
+                        "weights must be the ones the embeddings were made with)")
     p.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     p.add_argument("--allow-other-weights", action="store_true", help="encode the query even with weights "
                    "whose sha256 differs from the one recorded with the embeddings (results may be meaningless)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (overrides index_info.json)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (overrides index_info.json)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="clipkit search", description="nearest neighbours of a query, as JSON")
+    add_arguments(p)
     args = p.parse_args(argv)
     params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
     searcher = Searcher(args.index, args.checkpoint, params, allow_other_weights=args.allow_other_weights,

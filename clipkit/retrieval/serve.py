@@ -1,13 +1,14 @@
 """`clipkit serve`: an HTTP retrieval service over an index, shaped like clip-retrieval's back end.
 
-    clipkit serve --index IDX [--checkpoint CK [--model NAME]] [--host 127.0.0.1] [--port 8000] [--shards 'data/{00000..00009}.tar']
-                  [--allowed-hosts NAMES] [--max-body-bytes N] [--max-image-pixels N] [--max-decodes N]
+    clipkit serve --index IDX [--checkpoint CK [--model NAME]] [--host 127.0.0.1] [--port 8000]
+                  [--data 'data/{00000..00009}.tar'] [--allowed-hosts NAMES] [--max-body-bytes N]
+                  [--max-image-pixels N] [--max-decodes N]
 
     GET  /indices-list   ["NAME"]  (the index directory's name, or --name)
     POST /knn-service    {"text" | "image" (base64) | "embedding_input", "modality": "image"|"text",
                           "num_images": k, "indice_name": NAME}  ->  [{"id", "similarity", "key", "caption", ...}]
     POST /metadata       {"ids": [...], "indice_name": NAME}  ->  [{"id", "metadata": {...}}]
-    GET  /thumbnail/ID   the row's image, read from the shards given with --shards
+    GET  /thumbnail/ID   the row's image, read from the shards given with --data
     GET  /               a search page
 
 clip-retrieval's other request fields (deduplicate, use_safety_model, use_violence_detector, use_mclip,
@@ -65,7 +66,7 @@ class ShardImages:
         self.places: dict[str, tuple[str, int, int, str]] = {}
         for url in expand_shards(spec):
             if is_remote(url):
-                raise UserError(f"--shards must name local tar files; {url} is remote")
+                raise UserError(f"--data must name local tar files; {url} is remote")
             self._scan(url)
 
     def _scan(self, path: str) -> None:
@@ -78,7 +79,7 @@ class ShardImages:
                     if base is not None and member.isfile() and ext in MEDIA_TYPES:
                         self.places.setdefault(base.rsplit("/", 1)[-1], (path, member.offset_data, member.size, ext))
         except (tarfile.TarError, OSError) as e:
-            raise UserError(f"--shards: {path} is not a readable uncompressed tar file: {e}") from None
+            raise UserError(f"--data: {path} is not a readable uncompressed tar file: {e}") from None
 
     def read(self, key: str) -> tuple[bytes, str] | None:
         place = self.places.get(key)
@@ -342,7 +343,7 @@ def create_app(searcher: Searcher, name: str | None = None, shards: str | None =
         key = searcher.rows([row_id])[0].get("key")
         found = images.read(str(key)) if images and key is not None else None
         if found is None:
-            why = "the service was started without --shards" if images is None else f"key {key!r} is in no shard"
+            why = "the service was started without --data" if images is None else f"key {key!r} is in no shard"
             raise HTTPException(404, f"no image for row {row_id}: {why}")
         return Response(found[0], media_type=found[1])
 
@@ -405,18 +406,20 @@ $("f").onsubmit = async (ev) => {
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="clipkit serve", description="an HTTP retrieval service over an index "
-                                "(clip-retrieval back end's /knn-service, /indices-list, /metadata)")
-    p.add_argument("--index", required=True, help="index directory written by `clipkit index`")
-    p.add_argument("--checkpoint", default=None, help="encode queries with this checkpoint instead of the one "
-                   "recorded in the index (its weights must be the ones the embeddings were made with)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cliargs import renamed
+
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory written by `clipkit index`")
+    p.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="encode queries with this checkpoint instead of the one recorded in the index (its "
+                        "weights must be the ones the embeddings were made with)")
     p.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     p.add_argument("--allow-other-weights", action="store_true", help="serve even with weights whose sha256 "
                    "differs from the one recorded with the embeddings (results may be meaningless)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--shards", default=None, help="local shard spec the embeddings came from, for thumbnails")
+    renamed(p, "--data", "--shards", default=None, metavar="DATA",
+            help="local shard spec the embeddings came from, for thumbnails")
     p.add_argument("--name", default=None, help="indice name (default: the index directory's name)")
     p.add_argument("--max-k", type=int, default=1000, help="most results a query may ask for (default 1000)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (overrides index_info.json)")
@@ -434,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"query images decoded at once (default {MAX_DECODES})")
     p.add_argument("--decode-wait", type=float, default=DECODE_WAIT_S,
                    help=f"seconds an image query waits for a decode slot before a 503 (default {DECODE_WAIT_S:g})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="clipkit serve", description="an HTTP retrieval service over an index "
+                                "(clip-retrieval back end's /knn-service, /indices-list, /metadata)")
+    add_arguments(p)
     args = p.parse_args(argv)
     for flag in ("max_body_bytes", "max_image_pixels", "max_decodes"):
         if getattr(args, flag) < 1:
@@ -451,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("clipkit serve: no checkpoint recorded in the index and none given: only embedding_input queries "
               "will be answered")
-    app = create_app(searcher, args.name, args.shards, args.max_k, max_body=args.max_body_bytes,
+    app = create_app(searcher, args.name, args.data, args.max_k, max_body=args.max_body_bytes,
                      max_image_pixels=args.max_image_pixels, max_decodes=args.max_decodes,
                      decode_wait=args.decode_wait, hosts=hosts)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

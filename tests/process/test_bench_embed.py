@@ -15,7 +15,7 @@ def test_bench_embed_reports_both_methods_on_the_same_images(tmp_path):
     env = dict(os.environ, CLIPKIT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "clipkit", "bench", "embed", "--model", "clipkit-nano", "--images",
                            "24", "--per-shard", "12", "--batch-size", "8", "--workers", "1", "--repeats", "1",
-                           "--shards", str(tmp_path / "shards"), "--out", str(out)],
+                           "--cache", str(tmp_path / "shards"), "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -45,7 +45,7 @@ def test_bench_train_runs_every_trainer_on_the_same_samples(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "clipkit", "bench", "train", "--model", "clipkit-nano",
                            "--images", "32", "--per-shard", "8", "--batch-size", str(batch), "--steps", str(steps),
                            "--skip-steps", "1", "--workers", "1", "--threads", "1", "--repeats", "1",
-                           "--shards", str(tmp_path / "shards"), "--out", str(out)],
+                           "--cache", str(tmp_path / "shards"), "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -82,7 +82,7 @@ def test_bench_train_runs_every_trainer_on_the_same_samples(tmp_path):
 def test_bench_train_options_reach_clipkits_command(tmp_path):
     from clipkit.bench.train import clipkit_command, parse_args
 
-    args = parse_args(["--set", "model.trim_text=false", "--buckets", "10, 20"])
+    args = parse_args(["model.trim_text=false", "--buckets", "10, 20"])
     assert args.methods == ("clipkit", "clipkit_buckets", "openclip")
     plain = clipkit_command(args, "s.tar", tmp_path)
     bucketed = clipkit_command(args, "s.tar", tmp_path, buckets=True)

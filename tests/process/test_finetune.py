@@ -274,7 +274,7 @@ def test_wise_from_an_earlier_finetune_and_another_architecture(trained_nano, do
     # the side-by-side report reads both runs
     from clipkit.finetune.report import main as report_main
 
-    assert report_main([str(tmp_path / "full"), str(tmp_path / "wise"), "--json", str(tmp_path / "r.json")]) == 0
+    assert report_main([str(tmp_path / "full"), str(tmp_path / "wise"), "--out", str(tmp_path / "r.json")]) == 0
     table = {row["method"]: row for row in json.loads((tmp_path / "r.json").read_text())}
     assert table["zero-shot"]["test_acc1"] == full["zeroshot"]["test"]["acc1"]
     assert table["full"]["test_acc1"] == full["test"]["acc1"] and table["wise"]["val_acc1"] == wise["val"]["acc1"]

@@ -107,7 +107,7 @@ def test_csv_and_parquet_tables_and_the_loader_reads_the_result(tmp_path):
 
 def test_cli_and_clear_errors(tmp_path):
     src = _photos(tmp_path / "photos")
-    proc = subprocess.run([sys.executable, "-m", "clipkit", "data", "make-shards", "--input", str(src), "--out",
+    proc = subprocess.run([sys.executable, "-m", "clipkit", "data", "make-shards", "--data", str(src), "--out",
                            str(tmp_path / "out"), "--max-side", "0"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "wrote 5 samples in 1 shards" in proc.stdout
@@ -119,7 +119,7 @@ def test_cli_and_clear_errors(tmp_path):
     (tmp_path / "t.csv").write_text("a,b\n1,2\n")
     with pytest.raises(MakeShardsError, match="no column 'path'"):
         make_shards(tmp_path / "t.csv", tmp_path / "o")
-    proc = subprocess.run([sys.executable, "-m", "clipkit", "data", "make-shards", "--input",
+    proc = subprocess.run([sys.executable, "-m", "clipkit", "data", "make-shards", "--data",
                            str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "input not found" in proc.stderr
 

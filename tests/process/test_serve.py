@@ -138,7 +138,7 @@ def test_clipkit_serve_command(export):
                                                      "indice_name": "shapes"}, timeout=60)
         assert res.status_code == 200, res.text
         assert_matches_brute_force(as_search_results(res.json()), ref, ref.txt, ref.encode_texts([QUERIES[2]])[0], 6)
-        assert "thumbnail" not in res.json()[0]  # no --shards: no image to show, and none claimed
+        assert "thumbnail" not in res.json()[0]  # no --data: no image to show, and none claimed
     finally:
         proc.terminate()
         proc.wait(30)

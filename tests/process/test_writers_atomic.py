@@ -58,7 +58,7 @@ def test_make_shards_interrupted_leaves_no_truncated_tar(tmp_path, mode):
     out = tmp_path / "out"
     # Shard 0 (5 small photos) fits under the limit; shard 1 (5 large ones) is cut off while its tar is written.
     proc = run_limited(mode, "clipkit.data.make_shards", "main",
-                       ["--input", str(src), "--out", str(out), "--samples-per-shard", "5", "--keep-original"])
+                       ["--data", str(src), "--out", str(out), "--samples-per-shard", "5", "--keep-original"])
     if mode == "error":
         assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
     else:

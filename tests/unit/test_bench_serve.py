@@ -9,7 +9,7 @@ from clipkit.cli import main as cli
 def test_bench_serve_tiny(tmp_path, capsys):
     out = tmp_path / "bench_serve.json"
     assert cli(["bench", "serve", "--model", "clipkit-nano", "--samples", "40", "--clients", "1,3", "--queries", "12",
-                "--bad-body-mb", "40", "--folder", str(tmp_path / "work"), "--out", str(out)]) == 0
+                "--bad-body-mb", "40", "--cache", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["command"].startswith("clipkit bench serve")
     assert set(result) >= {"config", "machine", "server", "runs", "checks"}

@@ -15,7 +15,7 @@ def test_web_captions_have_a_long_tail():
 
 def test_bench_text_reports_the_three_methods(tmp_path, one_thread):
     out = tmp_path / "bench.json"
-    assert text.main(["--model", "clipkit-tiny", "--batch", "8", "--batches", "2", "--repeats", "1", "--threads",
+    assert text.main(["--model", "clipkit-tiny", "--batch-size", "8", "--batches", "2", "--repeats", "1", "--threads",
                       "1", "--captions", "64", "--buckets", "8,12", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     methods = {"full", "trim", "trim+buckets"}

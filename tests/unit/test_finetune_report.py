@@ -57,7 +57,7 @@ def runs(tmp_path):
 
 def test_report_shows_each_lr_search_and_plots_val_over_steps(runs, capsys):
     tmp_path, results = runs
-    assert main([str(tmp_path / "ft"), "--json", str(tmp_path / "r.json")]) == 0
+    assert main([str(tmp_path / "ft"), "--out", str(tmp_path / "r.json")]) == 0
     table = {row["method"]: row for row in json.loads((tmp_path / "r.json").read_text())}
     # the search as each run recorded it, every figure
     assert table["full"]["lr_search"] == results["full"]["lr_search"]

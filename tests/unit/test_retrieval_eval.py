@@ -1,5 +1,5 @@
 """Retrieval recall@k: by hand, against a numpy brute force over the full score matrix (with the scores
-computed a chunk at a time, down to one query per chunk), and the `clipkit retrieval` command against
+computed a chunk at a time, down to one query per chunk), and the `clipkit retrieval-eval` command against
 CLIP_benchmark's command on the open_clip export of the same checkpoint and against a brute force over
 open_clip's own embeddings."""
 import json
@@ -120,7 +120,7 @@ def test_command_matches_clip_benchmark_and_brute_force(trained, synth_small, tm
     checkpoint, export = trained
     root = synth_small.retrieval_root
     out = tmp_path / "ours.json"
-    assert cli.main(["retrieval", "--checkpoint", str(checkpoint), "--data", str(root), "--out", str(out),
+    assert cli.main(["retrieval-eval", "--checkpoint", str(checkpoint), "--data", str(root), "--out", str(out),
                      "--batch-size", "64", "--workers", "0"]) == 0
     ours = json.loads(out.read_text())
     assert ours["task"] == "zeroshot_retrieval" and ours["dataset"] == "retrieval"
@@ -187,7 +187,7 @@ def test_bad_inputs_give_one_line(synth_small, tmp_path, capsys):
     for data, message in cases:
         with pytest.raises(RetrievalDataError, match=message):
             load_retrieval_set(data)
-        assert cli.main(["retrieval", "--checkpoint", str(tmp_path / "no-checkpoint"), "--data", str(data)]) == 2
+        assert cli.main(["retrieval-eval", "--checkpoint", str(tmp_path / "no-checkpoint"), "--data", str(data)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err and "Traceback" not in err, err
     with pytest.raises(RetrievalDataError, match="k >= 1"):

@@ -89,8 +89,8 @@ def _commands(weights: Path, out: Path, synth, index: Path) -> dict:
                      "--workers", "0", "--batch-size", "64"],
         "embed": ["embed", "--checkpoint", weights, "--data", synth.train_spec.replace("{0..3}", "0"), "--out", out,
                   "--workers", "0", "--no-progress"],
-        "retrieval": ["retrieval", "--checkpoint", weights, "--data", synth.retrieval_root, "--out", out / "r.json",
-                      "--workers", "0", "--batch-size", "64", "--device", "cpu"],
+        "retrieval": ["retrieval-eval", "--checkpoint", weights, "--data", synth.retrieval_root, "--out",
+                      out / "r.json", "--workers", "0", "--batch-size", "64", "--device", "cpu"],
         "search": ["search", "--index", index, "--checkpoint", weights, "--text", "a red square"],
         # `clipkit serve` loads its model this way before it binds a port
         "serve": lambda: Searcher(index, checkpoint=weights).load_model(),
