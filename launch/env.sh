@@ -18,7 +18,9 @@ if [ ! -f "$CLIPKIT_VENV/.complete" ]; then
 fi
 # shellcheck disable=SC1091
 . "$CLIPKIT_VENV/bin/activate"
-if [ "$(python -c 'import clipkit, os; print(os.path.dirname(os.path.dirname(os.path.realpath(clipkit.__file__))))' 2>/dev/null)" != "$(realpath "$_clipkit_root")" ]; then
+# Asked from / so that a checkout in the current folder does not answer for the install (an environment made
+# by a checkout that has since moved or gone must be re-linked to this one).
+if [ "$(cd / && python -c 'import clipkit, os; print(os.path.dirname(os.path.dirname(os.path.realpath(clipkit.__file__))))' 2>/dev/null)" != "$(realpath "$_clipkit_root")" ]; then
     pip install -q --no-deps -e "$_clipkit_root" >/dev/null || return 1
 fi
 export HF_HUB_OFFLINE=1
