@@ -2,7 +2,6 @@
 and the overrides of a tiny training run. Imported as `helpers` (tests/ is on the import path of every test)."""
 import os
 import socket
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -32,13 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    """The command line that runs `python ARGS...` on nproc local ranks (plain python for one)."""
-    if nproc == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
 def tiny_run(run_dir, synth, *extra: str, steps: int = 2, batch: int = 8, zeroshot: bool = False) -> list[str]:

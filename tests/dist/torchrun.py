@@ -1,10 +1,11 @@
 """Launch a script under torchrun as real processes, the way users launch training."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import process_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -15,8 +16,8 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 12
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *args]
     # Every warning shown once per place, so a deprecated collective cannot hide behind a filter.
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=process_env(PYTHONWARNINGS="default"))
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
