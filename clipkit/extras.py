@@ -24,6 +24,9 @@ EXTRA_OF_MODULE = {
     "starlette": "retrieval",
     "pydantic": "retrieval",
     "uvicorn": "retrieval",
+    "imagehash": "curate",
+    "ahocorasick": "curate",
+    "lingua": "curate",
 }
 
 
