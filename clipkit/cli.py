@@ -328,12 +328,15 @@ def _dispatch(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _current_spelling(list(sys.argv[1:] if argv is None else argv))
-    from .config import ConfigError
-    from .data import ShardSpecError
-    from .evaluation import ZeroShotDataError
-    from .models import ModelNotFoundError
-    from .checkpoint import CheckpointError
-    from .errors import UserError
+    from .startup import paused_collection
+
+    with paused_collection():  # these pull in torch and open_clip: see clipkit/startup.py
+        from .config import ConfigError
+        from .data import ShardSpecError
+        from .evaluation import ZeroShotDataError
+        from .models import ModelNotFoundError
+        from .checkpoint import CheckpointError
+        from .errors import UserError
 
     try:
         return _dispatch(argv)

@@ -51,6 +51,7 @@ from ..checkpoint import CheckpointError
 from ..config import Config
 from ..distributed import DistEnv, gather_objects
 from ..extras import require
+from ..startup import paused_collection
 from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
@@ -190,7 +191,8 @@ class DeepSpeedEngine:
         return {"nonscalar_logit_scale": True}
 
     def __init__(self, module: nn.Module, cfg: Config, env: DistEnv, model_name: str, model_cfg: dict) -> None:
-        deepspeed = require("deepspeed", "deepspeed.enabled=true")
+        with paused_collection():  # DeepSpeed's import is as large as torch's (clipkit/startup.py)
+            deepspeed = require("deepspeed", "deepspeed.enabled=true")
 
         self.module, self.env, self.cfg = module, env, cfg
         self.name = f"deepspeed-zero{cfg.deepspeed.zero_stage}"

@@ -10,16 +10,19 @@ resumed at, the learning rate, and the global loss of each of STEPS steps. The b
 batches whatever the number of ranks (random images and captions from a fixed seed; rank r trains on its
 r-th share of each), so two layouts that resumed the same state must give the same losses.
 """
-import json
-import sys
-from pathlib import Path
+from clipkit.startup import paused_collection
 
-import torch
-from deepspeed.utils import safe_get_full_optimizer_state
-from safetensors.torch import save_file
+with paused_collection():  # start-up imports, as the CLI makes them (clipkit/startup.py)
+    import json
+    import sys
+    from pathlib import Path
 
-from clipkit.config import load_config
-from clipkit.training import Trainer
+    import torch
+    from deepspeed.utils import safe_get_full_optimizer_state
+    from safetensors.torch import save_file
+
+    from clipkit.config import load_config
+    from clipkit.training import Trainer
 
 
 def main(out: str, steps: int, overrides: list[str]) -> None:

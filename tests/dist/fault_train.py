@@ -21,16 +21,19 @@ The wrappers call the real methods; they only add the fault at the chosen step.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import signal
-import sys
-import time
-from pathlib import Path
+from clipkit.startup import paused_collection
 
-from clipkit import cli
-from clipkit.training import Trainer
+with paused_collection():  # start-up imports, as the CLI makes them (clipkit/startup.py)
+    import hashlib
+    import json
+    import os
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    from clipkit import cli
+    from clipkit.training import Trainer
 
 
 def _faults() -> dict[str, list[tuple[float, int | None]]]:

@@ -9,13 +9,16 @@ single-process loss on the whole batch.
 """
 from __future__ import annotations
 
-import argparse
+from clipkit.startup import paused_collection
 
-import torch
-import torch.distributed as dist
+with paused_collection():  # start-up imports, as the CLI makes them (clipkit/startup.py)
+    import argparse
 
-from clipkit.distributed.gather import world_info
-from clipkit.losses import create_loss
+    import torch
+    import torch.distributed as dist
+
+    from clipkit.distributed.gather import world_info
+    from clipkit.losses import create_loss
 
 
 def global_batch(world: int, batch_per_rank: int, dim: int, seed: int):

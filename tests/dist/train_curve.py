@@ -11,15 +11,18 @@ global loss of each step it trained, read back from metrics.jsonl.
 seed and the rank's place in the stream, not on the process that reads them), concatenates their
 step-k batches into the global batch, and trains on it: the curve a W-rank run must reproduce.
 """
-import json
-import sys
-from pathlib import Path
+from clipkit.startup import paused_collection
 
-import torch
+with paused_collection():  # start-up imports, as the CLI makes them (clipkit/startup.py)
+    import json
+    import sys
+    from pathlib import Path
 
-from clipkit.config import load_config
-from clipkit.data import build_train_loader
-from clipkit.training import Trainer
+    import torch
+
+    from clipkit.config import load_config
+    from clipkit.data import build_train_loader
+    from clipkit.training import Trainer
 
 
 def fit(out: str, steps: int, overrides: list[str]) -> None:

@@ -7,20 +7,23 @@ OUT (written by rank 0): the loss of every step, and per rank the lengths its te
 tests/test_text_trim.py runs it under DDP and DeepSpeed with model.trim_text=true and as one process with
 the untouched open_clip text tower (model.trim_text=false).
 """
-import json
-import random
-import sys
+from clipkit.startup import paused_collection
 
-import open_clip
-import torch
+with paused_collection():  # start-up imports, as the CLI makes them (clipkit/startup.py)
+    import json
+    import random
+    import sys
 
-from clipkit.config import load_config
-from clipkit.distributed import gather_objects, init_distributed
-from clipkit.losses import create_loss
-from clipkit.models import get_model_config
-from clipkit.training.engine import build_engine, engine_class
-from clipkit.training.step import ContrastiveStep
-from clipkit.training.trainer import build_model
+    import open_clip
+    import torch
+
+    from clipkit.config import load_config
+    from clipkit.distributed import gather_objects, init_distributed
+    from clipkit.losses import create_loss
+    from clipkit.models import get_model_config
+    from clipkit.training.engine import build_engine, engine_class
+    from clipkit.training.step import ContrastiveStep
+    from clipkit.training.trainer import build_model
 
 WORDS = "a the dog cat red blue small old wooden house by the river under a bright sky at night".split()
 
