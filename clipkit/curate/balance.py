@@ -163,20 +163,24 @@ def uniform_draws(keys: list[str], seed: int) -> np.ndarray:
 
 
 def balance(captions: list[str], alive: np.ndarray, keys: list[str], entries: list[str], *, t: int, seed: int,
-            counts: np.ndarray | None = None) -> StageResult:
+            counts: np.ndarray | None = None, matches: list[list[int]] | None = None) -> StageResult:
     """The balancing stage over N samples (only alive ones are counted and decided).
 
     Reasons: "no_entry" (the caption matches no entry) and "head_entry_sampled_out" (every matched entry is a head
     entry and the draw lost). detail: the matched entries joined with '|' (every alive sample that matched);
     score: the keep probability (0 for no_entry, NaN where not alive). counts: the pool's entry counts when the
     pool is larger than this call's samples (a run over ranks); default: counted over this call's alive samples.
+    matches: match_entries(captions, entries) when already computed (to count them for `counts`), else matched here.
     """
     alive = np.asarray(alive, dtype=bool)
     n = len(alive)
     if not (len(captions) == len(keys) == n):
         raise ValueError(f"balance: {len(captions)} captions, {len(keys)} keys for {n} samples")
     res = StageResult.empty(STAGE, n)
-    matches = match_entries(captions, entries)
+    if matches is None:
+        matches = match_entries(captions, entries)
+    elif len(matches) != n:
+        raise ValueError(f"balance: {len(matches)} match lists for {n} samples")
     local = entry_counts(matches, alive, len(entries))
     pool = local if counts is None else np.asarray(counts, dtype=np.int64)
     if pool.shape != (len(entries),):

@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from clipkit.curate.balance import (balance, builtin_entries, match_entries, plot_entry_counts, read_entries,
-                                    uniform_draws)
+from clipkit.curate.balance import (balance, builtin_entries, entry_counts, match_entries, plot_entry_counts,
+                                    read_entries, uniform_draws)
 from clipkit.errors import UserError
 
 
@@ -106,6 +106,14 @@ def test_draws_depend_only_on_seed_and_key():
                   counts=np.array([400, 200]))
     assert np.array_equal(sub.drop, a.drop[perm])
     np.testing.assert_allclose(sub.score, a.score[perm])
+    # two "ranks": each counts its own samples, the counts are summed, each decides with the pool's counts
+    halves = [np.arange(0, 600, 2), np.arange(1, 600, 2)]
+    found = [match_entries([captions[i] for i in h], entries) for h in halves]
+    pool = sum(entry_counts(m, alive[h], len(entries)) for m, h in zip(found, halves))
+    for m, h in zip(found, halves):
+        part = balance([captions[i] for i in h], alive[h], [keys[i] for i in h], entries, t=50, seed=1,
+                       counts=pool, matches=m)
+        assert np.array_equal(part.drop, a.drop[h])
     u = uniform_draws(keys, 1)
     assert np.all((u >= 0) & (u < 1)) and abs(u.mean() - 0.5) < 0.05
 
@@ -132,3 +140,10 @@ def test_plot_is_a_png(tmp_path):
     plot_entry_counts({"a": 5000, "b": 30, "c": 2}, {"a": 210, "b": 30, "c": 2}, out, t=200)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cjk_and_punctuation_ended_entries_get_no_space_on_that_end():
+    # get_spaced_metadata: no space beside a CJK-like or punctuation character
+    entries = ["猫", "C++", "dog"]
+    captions = ["一只猫在睡觉", "learning C++11 fast", "C++ code", "a dog猫"]
+    assert match_entries(captions, entries) == [[0], [1], [1], [0]]
