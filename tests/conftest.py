@@ -13,7 +13,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_root, os.environ.get("PY
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+from clipkit.startup import paused_collection  # noqa: E402
+
+with paused_collection():  # the test processes start as clipkit's commands do (clipkit/startup.py)
+    import open_clip  # noqa: E402,F401
+    import torch  # noqa: E402
 
 # Alone, a test process uses both cores; as one of launch/test.sh's two pytest-xdist workers, one each.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -33,6 +38,13 @@ def pytest_configure(config):
 # two at once (two pytest-xdist workers) can abort each other. Every test that starts one says so in its name
 # (deepspeed, or a ZeRO stage: zero0-zero3) and they all run on one worker, one after another (--dist loadgroup).
 DEEPSPEED_JOB = re.compile(r"deepspeed|zero[0-3]", re.IGNORECASE)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """Collecting imports every test module's libraries: with the collector paused, as at start-up."""
+    with paused_collection():
+        return (yield)
 
 
 def pytest_collection_modifyitems(config, items):
