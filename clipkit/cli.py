@@ -11,6 +11,7 @@
     clipkit index --embeddings DIR --out DIR
     clipkit search --index DIR
     clipkit serve --index DIR
+    clipkit curate --data DATA --out DIR [key=value ...]
     clipkit finetune [key=value ...] [--out DIR]
     clipkit finetune-report RUN_DIR ... [--out FILE.json]
     clipkit report RUN_DIR
@@ -173,6 +174,8 @@ DELEGATED = {
     ("index",): ("clipkit.retrieval.index", "a faiss index over exported embeddings"),
     ("search",): ("clipkit.retrieval.search", "nearest neighbours of a text or image query in an index"),
     ("serve",): ("clipkit.retrieval.serve", "an HTTP retrieval service over an index"),
+    ("curate",): ("clipkit.curate.run", "filter, deduplicate, decontaminate, score and balance image-text shards "
+                                        "into new shards (docs/curation.md)"),
     ("finetune",): ("clipkit.finetune.run", "adapt a checkpoint to a labelled task: linear probe, full/partial "
                                             "fine-tuning, WiSE-FT, LoRA, FLYP"),
     ("finetune-report",): ("clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),

@@ -66,6 +66,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)
         raise ConfigError(f"config key '{key}' expects a list of integers such as [16, 32], got {value!r}")
+    elif tp == list[str]:
+        if isinstance(value, str):  # an override such as curate.filters.languages=en,de
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"config key '{key}' expects a list of strings such as [en, de], got {value!r}")
     else:  # pragma: no cover - only the types above are used in Config
         raise TypeError(f"unsupported config type {tp} at '{key}'")
     raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {type(value).__name__} {value!r}")

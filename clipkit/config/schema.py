@@ -263,6 +263,98 @@ FINETUNE_METHODS = ("linear_probe", "full", "wise", "lora", "flyp")
 WISE_METHODS = ("full", "flyp")
 
 
+# Caption patterns dropped as boilerplate (case-insensitive regular expressions, matched with re.search): captions
+# that are camera file names, placeholder text or stock-photo labels rather than descriptions.
+DEFAULT_BOILERPLATE = [
+    r"^\s*(img|dsc|dscn|dscf|pict|p|photo|image|screenshot)[ _-]?\d+(\.\w{2,4})?\s*$",
+    r"^\s*[\w-]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic)\s*$",
+    r"image may contain",
+    r"stock (photo|image|picture)",
+    r"^\s*(untitled|no title|no description|image|photo|picture)\s*$",
+    r"click (here )?to (enlarge|view)",
+]
+DEFAULT_DETECTOR_LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "nl"]
+
+
+@dataclass
+class CurateFiltersConfig:
+    """Stage 1, basic filters: each drops a sample for the first rule it breaks, in this order."""
+
+    enabled: bool = True
+    min_image_side: int = 32  # pixels, the shorter side
+    max_aspect: float = 3.0  # longer side / shorter side
+    min_words: int = 2
+    max_words: int = 256
+    max_tokens: Optional[int] = None  # the tokenizer's tokens (without start/end tokens); null: no limit
+    languages: list[str] = field(default_factory=lambda: ["en"])  # ISO 639-1 codes kept; []: no language filter
+    detector_languages: list[str] = field(default_factory=lambda: list(DEFAULT_DETECTOR_LANGUAGES))
+    min_language_confidence: float = 0.5  # below it the language counts as unknown (and is dropped)
+    boilerplate: list[str] = field(default_factory=lambda: list(DEFAULT_BOILERPLATE))
+
+
+@dataclass
+class CurateDedupConfig:
+    exact: bool = True  # identical image bytes
+    phash: bool = True  # perceptual-hash near duplicates (a mirrored copy included)
+    phash_max_distance: int = 4  # bits of 64
+    semantic: bool = False  # SemDeDup on image embeddings (needs curate.model)
+    semantic_threshold: float = 0.95  # cosine similarity at or above which two images are duplicates
+    clusters: int = 0  # k-means clusters for SemDeDup; 0: about sqrt(N)
+
+
+@dataclass
+class CurateDecontamConfig:
+    eval_sets: list[str] = field(default_factory=list)  # evaluation set roots; []: no decontamination
+    phash_max_distance: int = 4
+    cosine: Optional[float] = None  # image-embedding cosine at or above which a sample matches (needs curate.model)
+
+
+@dataclass
+class CurateScoreConfig:
+    enabled: bool = False  # needs curate.model
+    threshold: Optional[float] = 0.28  # drop pairs whose image-text cosine is below it; null: none
+    top_fraction: Optional[float] = None  # keep only this fraction of the best-scored alive pairs; null: all
+
+
+@dataclass
+class CurateBalanceConfig:
+    enabled: bool = False
+    entries: str = "builtin"  # a file of metadata entries, one per line, or builtin
+    t: int = 20000  # MetaCLIP's per-entry count above which entries are sampled down
+
+
+@dataclass
+class CurateWriteConfig:
+    mode: str = "shards"  # one of CURATE_WRITE_MODES
+
+
+CURATE_WRITE_MODES = ("shards",)
+
+
+@dataclass
+class CurateConfig:
+    """`clipkit curate`: raw image-text pairs in, a filtered, deduplicated training set out (docs/curation.md)."""
+
+    data: Optional[str] = None  # the input shard spec (--data)
+    out: Optional[str] = None  # the output folder (--out)
+    # The scoring model (any source load_model reads); null: stages that need embeddings are refused if enabled.
+    model: Optional[str] = None
+    model_name: Optional[str] = None  # its architecture when the source does not carry one
+    batch_size: int = 64
+    seed: int = 0
+    samples_per_shard: int = 1000  # of the output shards
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS
+    image_key: str = DEFAULT_IMAGE_KEY
+    caption_key: str = "txt"
+    progress: bool = True
+    filters: CurateFiltersConfig = field(default_factory=CurateFiltersConfig)
+    dedup: CurateDedupConfig = field(default_factory=CurateDedupConfig)
+    decontam: CurateDecontamConfig = field(default_factory=CurateDecontamConfig)
+    score: CurateScoreConfig = field(default_factory=CurateScoreConfig)
+    balance: CurateBalanceConfig = field(default_factory=CurateBalanceConfig)
+    write: CurateWriteConfig = field(default_factory=CurateWriteConfig)
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
@@ -286,4 +378,5 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
 

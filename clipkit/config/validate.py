@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .schema import (FINETUNE_METHODS, OPTIMIZER_IMPLS, PRECISIONS, WISE_METHODS, Config, ConfigError, DataConfig,
+from .schema import (CURATE_WRITE_MODES, FINETUNE_METHODS, CurateConfig, OPTIMIZER_IMPLS, PRECISIONS, WISE_METHODS, Config, ConfigError, DataConfig,
                      FinetuneConfig, ModelConfig, RunConfig, TrainConfig)
 
 _REGISTERED: list[Callable[[Config], None]] = []
@@ -42,6 +42,7 @@ def validate(cfg: Config) -> None:
     if ds.config is not None:
         _check_json_file(ds.config, "deepspeed.config")
     _validate_finetune(cfg.finetune)
+    _validate_curate(cfg.curate)
     for check in _REGISTERED:
         check(cfg)
 
@@ -206,3 +207,68 @@ def _check_json_file(path: str, key: str) -> None:
         raise ConfigError(f"config key '{key}' names {path}, which is not valid JSON: {e}") from None
     _check(ok, key, f"names {path}, which must hold a JSON object")
 
+
+
+def _validate_curate(c: CurateConfig) -> None:
+    """`clipkit curate`'s values (whether the optional packages a stage needs are installed is checked when the
+    run starts, by clipkit.curate.run)."""
+    import re
+
+    for key in ("data", "out", "model", "model_name"):
+        value = getattr(c, key)
+        _check(value is None or bool(value.strip()), f"curate.{key}", "must name a path or be null")
+    _check(c.model is None or Path(c.model).exists(), "curate.model", f"names a path that does not exist: {c.model}")
+    _check(c.batch_size > 0, "curate.batch_size", "must be positive")
+    _check(c.seed >= 0, "curate.seed", "must be 0 or more")
+    _check(c.samples_per_shard > 0, "curate.samples_per_shard", "must be positive")
+    _check(c.max_image_pixels is None or c.max_image_pixels > 0, "curate.max_image_pixels",
+           "must be positive, or null for no limit")
+    _check(bool(c.image_key.strip(";").strip()), "curate.image_key", "must name at least one extension")
+    _check(bool(c.caption_key.strip()), "curate.caption_key", "must name the caption's extension")
+    f = c.filters
+    _check(f.min_image_side >= 0, "curate.filters.min_image_side", "must be 0 or more")
+    _check(f.max_aspect >= 1.0, "curate.filters.max_aspect", "must be at least 1")
+    _check(f.min_words >= 0, "curate.filters.min_words", "must be 0 or more")
+    _check(f.max_words >= max(f.min_words, 1), "curate.filters.max_words", "must be positive and at least min_words")
+    _check(f.max_tokens is None or f.max_tokens > 0, "curate.filters.max_tokens", "must be positive, or null")
+    for key in ("languages", "detector_languages"):
+        codes = getattr(f, key)
+        _check(all(len(x) == 2 and x.isalpha() and x.islower() for x in codes), f"curate.filters.{key}",
+               f"must list two-letter lower-case ISO 639-1 codes (got {codes!r})")
+    _check(not f.languages or len(f.detector_languages) >= 1, "curate.filters.detector_languages",
+           "must list at least one language when curate.filters.languages is set")
+    missing = [x for x in f.languages if x not in f.detector_languages]
+    _check(not missing, "curate.filters.languages",
+           f"names {', '.join(missing)}, which curate.filters.detector_languages does not list")
+    _check(0.0 <= f.min_language_confidence <= 1.0, "curate.filters.min_language_confidence", "must be in [0, 1]")
+    for pattern in f.boilerplate:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config key 'curate.filters.boilerplate' holds {pattern!r}, not a regular "
+                              f"expression: {e}") from None
+    d = c.dedup
+    _check(0 <= d.phash_max_distance <= 32, "curate.dedup.phash_max_distance", "must be in [0, 32] bits")
+    _check(0.0 < d.semantic_threshold <= 1.0, "curate.dedup.semantic_threshold", "must be in (0, 1]")
+    _check(d.clusters >= 0, "curate.dedup.clusters", "must be 0 (about sqrt(N)) or more")
+    x = c.decontam
+    for root in x.eval_sets:
+        _check(Path(root).is_dir(), "curate.decontam.eval_sets", f"names a folder that does not exist: {root}")
+    _check(0 <= x.phash_max_distance <= 32, "curate.decontam.phash_max_distance", "must be in [0, 32] bits")
+    _check(x.cosine is None or -1.0 <= x.cosine <= 1.0, "curate.decontam.cosine", "must be in [-1, 1], or null")
+    s = c.score
+    _check(s.threshold is None or -1.0 <= s.threshold <= 1.0, "curate.score.threshold", "must be in [-1, 1], or null")
+    _check(s.top_fraction is None or 0.0 < s.top_fraction <= 1.0, "curate.score.top_fraction",
+           "must be in (0, 1], or null")
+    _check(not s.enabled or s.threshold is not None or s.top_fraction is not None, "curate.score.enabled",
+           "needs curate.score.threshold or curate.score.top_fraction")
+    b = c.balance
+    _check(b.entries == "builtin" or Path(b.entries).is_file(), "curate.balance.entries",
+           f"must be builtin or an existing file (got {b.entries!r})")
+    _check(b.t > 0, "curate.balance.t", "must be positive")
+    _check(c.write.mode in CURATE_WRITE_MODES, "curate.write.mode",
+           f"must be one of {', '.join(CURATE_WRITE_MODES)} (got {c.write.mode!r})")
+    needs_model = [key for key, on in (("curate.dedup.semantic", d.semantic), ("curate.score.enabled", s.enabled),
+                                       ("curate.decontam.cosine", x.cosine is not None)) if on]
+    _check(c.model is not None or not needs_model, needs_model[0] if needs_model else "curate.model",
+           "needs image and text embeddings: set curate.model to a checkpoint or pretrained model")

@@ -15,7 +15,7 @@ from clipkit.cliargs import THREADS_HELP
 from helpers import ROOT
 
 INPUT_FLAGS = ("--checkpoint", "--data", "--embeddings", "--index")
-OVERRIDE_COMMANDS = {"train", "config", "finetune", "bench train"}
+OVERRIDE_COMMANDS = {"train", "config", "finetune", "curate", "bench train"}
 
 
 @pytest.fixture(scope="module")

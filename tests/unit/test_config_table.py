@@ -45,6 +45,19 @@ BAD = {
     "finetune.wise.alphas": "0,1.5", "finetune.wise.finetuned": "/no/such/run", "finetune.wise.method": "lora",
     "finetune.lora.rank": "0", "finetune.lora.alpha": "0", "finetune.lora.dropout": "1.0",
     "finetune.lora.targets": "out_proj", "finetune.lora.text": "maybe",
+    "curate.data": "' '", "curate.out": "' '", "curate.model": "/no/such/model", "curate.model_name": "' '",
+    "curate.batch_size": "0", "curate.seed": "-1", "curate.samples_per_shard": "0", "curate.max_image_pixels": "0",
+    "curate.image_key": "';'", "curate.caption_key": "' '", "curate.progress": "often",
+    "curate.filters.enabled": "maybe", "curate.filters.min_image_side": "-1", "curate.filters.max_aspect": "0.5",
+    "curate.filters.min_words": "-1", "curate.filters.max_words": "0", "curate.filters.max_tokens": "0",
+    "curate.filters.languages": "english", "curate.filters.detector_languages": "EN",
+    "curate.filters.min_language_confidence": "1.5", "curate.filters.boilerplate": "'[unclosed'",
+    "curate.dedup.exact": "2", "curate.dedup.phash": "x", "curate.dedup.phash_max_distance": "33",
+    "curate.dedup.semantic": "maybe", "curate.dedup.semantic_threshold": "0", "curate.dedup.clusters": "-1",
+    "curate.decontam.eval_sets": "/no/such/eval", "curate.decontam.phash_max_distance": "-1",
+    "curate.decontam.cosine": "2", "curate.score.enabled": "sometimes", "curate.score.threshold": "1.5",
+    "curate.score.top_fraction": "0", "curate.balance.enabled": "x", "curate.balance.entries": "/no/such/entries",
+    "curate.balance.t": "0", "curate.write.mode": "keep_list",
 }
 # the range checks whose message names a related key instead of (only) this one
 NAMED_AS = {"train.beta2": "train.beta1", "finetune.linear_probe.c_max": "finetune.linear_probe.c_min"}
