@@ -143,3 +143,13 @@ def test_captions_and_images_of_the_other_kinds(noisy):
     total = sum(clean_classes.values())
     for c in manifest["head_classes"]:
         assert clean_classes[c] / total > 3 / 30
+
+
+def test_cli_writes_the_same_set(noisy, tmp_path, capsys):
+    from clipkit import cli
+
+    out, _, _, _, _ = noisy
+    assert cli.main(["data", "synth", "--noisy", "--out", str(tmp_path / "n"), "--train-samples", "400",
+                     "--eval-samples", "40", "--samples-per-shard", "150", "--image-size", "32", "--seed", "7"]) == 0
+    assert "planted" in capsys.readouterr().out
+    assert (tmp_path / "n" / "planted.jsonl").read_text() == (out / "planted.jsonl").read_text()
