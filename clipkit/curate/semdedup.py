@@ -112,11 +112,11 @@ def semantic_dedup(emb: np.ndarray, alive: np.ndarray, keys, *, threshold: float
         raise ValueError(f"semantic_dup: {len(emb)} embeddings and {len(keys)} keys for {n} samples")
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"semantic_dup: threshold is a cosine, in [-1, 1], got {threshold}")
+    if clusters is not None and clusters < 1:
+        raise ValueError(f"semantic_dup: clusters must be positive, got {clusters}")
     result = StageResult.empty(STAGE, n)
     idx = np.flatnonzero(alive)
     k = min(default_clusters(len(idx)) if clusters is None else int(clusters), max(1, len(idx)))
-    if clusters is not None and clusters < 1:
-        raise ValueError(f"semantic_dup: clusters must be positive, got {clusters}")
     result.summary = {"threshold": float(threshold), "clusters": int(k), "alive": int(len(idx)),
                       "dropped": {REASON: 0}, "seed": int(seed)}
     if len(idx) == 0:

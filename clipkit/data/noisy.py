@@ -16,7 +16,8 @@ shuffle:
 - mismatched 0.06: the image of one scene, the caption of a scene of another colour and another shape;
 - exact_dup 0.05: the same jpg bytes and caption as a clean sample;
 - near_dup 0.08: a clean sample's image re-encoded at JPEG quality 60 ("jpeg_quality"), cropped by 2-5% on
-  each side (at least a pixel) and resized back ("crop_resize", the box in the record's "crop"), or mirrored left-right ("flip"), in turn; same caption;
+  each side (at least a pixel) and resized back ("crop_resize", the box in the record's "crop"), or
+  mirrored left-right ("flip"), in turn; same caption;
 - eval_leak 0.04: an evaluation image decoded and re-encoded at quality 85, with a caption of its scene;
 - filename_caption 0.05: a caption that is a camera file name ("IMG_0423.JPG", "DSC01234.jpg",
   "photo_2019_05_12.png");
