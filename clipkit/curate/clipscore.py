@@ -56,7 +56,7 @@ def clip_score_filter(image_emb: np.ndarray, text_emb: np.ndarray, alive: np.nda
         # stable sort on -score: equal scores keep the set's order, so the earlier sample ranks first
         order = idx[np.argsort(-scores[idx], kind="stable")]
         drop_idx = np.sort(order[keep_n:])
-        cut = float(scores[order[keep_n - 1]]) if keep_n > 0 else math.inf
+        cut = float(scores[order[keep_n - 1]]) if keep_n > 0 else None
         summary = {"top_fraction": float(top_fraction), "kept": int(keep_n), "score_at_cut": cut}
     result.drop[drop_idx] = True
     result.reason[drop_idx] = REASON

@@ -53,3 +53,11 @@ def test_exactly_one_of_threshold_and_fraction():
         clip_score_filter(z, z, alive, threshold=0.2, top_fraction=0.3)
     with pytest.raises(ValueError):
         clip_score_filter(z, z, alive, threshold=None, top_fraction=1.5)
+
+
+def test_nothing_alive():
+    z = np.ones((3, 2), np.float32) / np.sqrt(2)
+    dead = np.zeros(3, bool)
+    for kw in ({"threshold": 0.5, "top_fraction": None}, {"threshold": None, "top_fraction": 0.3}):
+        res = clip_score_filter(z, z, dead, **kw).check(dead)
+        assert not res.drop.any() and res.score == pytest.approx([1.0] * 3)

@@ -153,3 +153,23 @@ def test_embedding_matching_against_brute_force():
     assert res.summary["matches"]["a"] == sum(v.startswith("a:") for v in ref.values())
     with pytest.raises(ValueError):
         decontaminate(ph, ph, None, alive, sets, max_distance=2, cosine=0.9)
+
+
+def test_no_eval_images_and_nothing_alive():
+    ph = np.arange(5, dtype=np.uint64)
+    empty = EvalFeatures("e", [], np.zeros(0, np.uint64), np.zeros(0, np.uint64), None)
+    alive = np.ones(5, bool)
+    res = decontaminate(ph, ph, None, alive, [empty], max_distance=4, cosine=None).check(alive)
+    assert not res.drop.any() and res.summary["matches"] == {"e": 0}
+    full = EvalFeatures("f", ["k"], ph[:1], ph[:1], None)
+    dead = np.zeros(5, bool)
+    res = decontaminate(ph, ph, None, dead, [full], max_distance=4, cosine=None).check(dead)
+    assert not res.drop.any()
+
+
+def test_a_root_without_images_is_one_line(tmp_path):
+    from clipkit.errors import UserError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no test/\\*.tar"):
+        eval_set_features([str(tmp_path / "empty")], None, batch_size=4, max_image_pixels=None)

@@ -101,3 +101,31 @@ def test_planted_pairs_split_by_kmeans_rate():
     print(f"split {split:.4f} found {found:.4f}")
     assert split <= 0.05
     assert found >= 1 - split - 1e-9
+
+
+def test_nothing_alive_and_singletons():
+    x = np.eye(4, dtype=np.float32)
+    keys = list("abcd")
+    dead = np.zeros(4, bool)
+    res = semantic_dedup(x, dead, keys, threshold=0.5, clusters=None, seed=0).check(dead)
+    assert not res.drop.any() and np.isnan(res.score).all()
+    alive = np.ones(4, bool)
+    res = semantic_dedup(x, alive, keys, threshold=0.5, clusters=10, seed=0).check(alive)  # more clusters than samples
+    assert not res.drop.any() and res.summary["clusters"] == 4
+    with pytest.raises(ValueError):
+        semantic_dedup(x, alive, keys, threshold=0.5, clusters=0, seed=0)
+
+
+def test_same_clusters_with_one_thread_or_two():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(6)
+    x, _ = _planted(rng, 600, 60)
+    before = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)
+        _, one = spherical_kmeans(x, 20, seed=1)
+        faiss.omp_set_num_threads(2)
+        _, two = spherical_kmeans(x, 20, seed=1)
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert (one == two).all()
