@@ -93,6 +93,18 @@ def _print_summary(summary: dict) -> None:
 def _synth(args: argparse.Namespace) -> int:
     from .data import write_synth_dataset
 
+    if args.noisy:
+        from .data.noisy import write_noisy_dataset
+
+        manifest = write_noisy_dataset(args.out, samples=args.train_samples, seed=args.seed,
+                                       samples_per_shard=args.samples_per_shard, image_size=args.image_size,
+                                       eval_samples=args.eval_samples)
+        print(f"train shards : {Path(args.out) / manifest['train']} ({manifest['params']['samples']} samples)")
+        print(f"zero-shot set: {Path(args.out) / manifest['eval']} ({manifest['params']['eval_samples']} samples)")
+        print(f"planted      : {Path(args.out) / manifest['planted']} "
+              + " ".join(f"{k}={v}" for k, v in manifest["counts"].items()))
+        return 0
+
     ds = write_synth_dataset(args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
                              samples_per_shard=args.samples_per_shard, image_size=args.image_size,
                              seed=args.seed, workers=args.workers,
@@ -229,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--downstream-train-samples", type=int, default=2000)
     s.add_argument("--downstream-test-samples", type=int, default=1000)
+    s.add_argument("--noisy", action="store_true",
+                   help="write the noisy set with planted truth for curation instead (clipkit.data.noisy: "
+                        "train/, eval/, planted.jsonl; no retrieval or downstream split)")
     s.set_defaults(func=_synth)
 
     z = sub.add_parser("zeroshot", help="zero-shot classification of a checkpoint")
