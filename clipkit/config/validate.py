@@ -262,6 +262,8 @@ def _validate_curate(c: CurateConfig) -> None:
            "must be in (0, 1], or null")
     _check(not s.enabled or s.threshold is not None or s.top_fraction is not None, "curate.score.enabled",
            "needs curate.score.threshold or curate.score.top_fraction")
+    _check(s.threshold is None or s.top_fraction is None, "curate.score.top_fraction",
+           "keeps a fraction whatever the scores: set curate.score.threshold=null with it")
     b = c.balance
     _check(b.entries == "builtin" or Path(b.entries).is_file(), "curate.balance.entries",
            f"must be builtin or an existing file (got {b.entries!r})")

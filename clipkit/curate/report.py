@@ -92,6 +92,12 @@ def write_report(path: Path, summary: dict, cols: dict, results: list[StageResul
         scores = r.score[np.isfinite(r.score)]
         if len(scores):
             parts.append(f'<img src="data:image/png;base64,{_png_histogram(scores, r.stage + " score")}">')
+        if r.stage == "balance" and "counts_before" in r.summary:  # MetaCLIP's entry counts, before and after
+            from .balance import plot_entry_counts
+
+            plot = Path(path).with_name("balance_entry_counts.png")
+            plot_entry_counts(r.summary["counts_before"], r.summary["counts_after"], plot, t=r.summary.get("t"))
+            parts.append(f'<img src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">')
         dropped = np.flatnonzero(r.drop)
         kept = np.flatnonzero(alive & ~r.drop)
         pick = lambda idx: sorted(rng.choice(idx, min(EXAMPLES, len(idx)), replace=False).tolist()) if len(idx) else []

@@ -81,31 +81,31 @@ def run_stages(c: CurateConfig, cols: dict[str, np.ndarray], emb: dict[str, np.n
         plan.append(("near_dedup", lambda a: near_dedup(cols["phash"], cols["phash_flip"], a, keys,
                                                         c.dedup.phash_max_distance)))
     if c.dedup.semantic:
-        m = _stage_module("semdedup", "curate.dedup.semantic")
-        plan.append(("semantic_dedup", lambda a: m.semantic_dedup(emb["image_emb"], a, keys,
+        semdedup = _stage_module("semdedup", "curate.dedup.semantic")
+        plan.append(("semantic_dedup", lambda a: semdedup.semantic_dedup(emb["image_emb"], a, keys,
                                                                    threshold=c.dedup.semantic_threshold,
-                                                                   clusters=c.dedup.clusters, seed=c.seed)))
+                                                                   clusters=c.dedup.clusters or None, seed=c.seed)))
     if c.decontam.eval_sets:
-        m = _stage_module("decontam", "curate.decontam.eval_sets")
+        decontam_mod = _stage_module("decontam", "curate.decontam.eval_sets")
 
         def decontam(a):
-            sets = m.eval_set_features(list(c.decontam.eval_sets), loaded if c.decontam.cosine is not None else None,
+            sets = decontam_mod.eval_set_features(list(c.decontam.eval_sets), loaded if c.decontam.cosine is not None else None,
                                        batch_size=c.batch_size, max_image_pixels=c.max_image_pixels)
-            return m.decontaminate(cols["phash"], cols["phash_flip"], emb.get("image_emb"), a, sets,
+            return decontam_mod.decontaminate(cols["phash"], cols["phash_flip"], emb.get("image_emb"), a, sets,
                                    max_distance=c.decontam.phash_max_distance, cosine=c.decontam.cosine)
         plan.append(("decontam", decontam))
     if c.score.enabled:
-        m = _stage_module("clipscore", "curate.score.enabled")
-        plan.append(("clip_score", lambda a: m.clip_score_filter(emb["image_emb"], emb["text_emb"], a,
+        clipscore = _stage_module("clipscore", "curate.score.enabled")
+        plan.append(("clip_score", lambda a: clipscore.clip_score_filter(emb["image_emb"], emb["text_emb"], a,
                                                                  threshold=c.score.threshold,
                                                                  top_fraction=c.score.top_fraction)))
     if c.balance.enabled:
-        m = _stage_module("balance", "curate.balance.enabled")
+        balance_mod = _stage_module("balance", "curate.balance.enabled")
 
         def balance(a):
-            entries = (m.builtin_entries(list(c.decontam.eval_sets)) if c.balance.entries == "builtin"
-                       else m.read_entries(c.balance.entries))
-            return m.balance(cols["caption"], a, keys, entries, t=c.balance.t, seed=c.seed)
+            entries = (balance_mod.builtin_entries(list(c.decontam.eval_sets)) if c.balance.entries == "builtin"
+                       else balance_mod.read_entries(c.balance.entries))
+            return balance_mod.balance(cols["caption"], a, keys, entries, t=c.balance.t, seed=c.seed)
         plan.append(("balance", balance))
     bar = _progress(progress, len(plan), "stages")
     for name, fn in plan:

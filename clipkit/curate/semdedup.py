@@ -15,7 +15,7 @@ another's, comparing only within k-means clusters so the cost is sum over cluste
    the threshold.) `detail` holds the key of the earlier kept sample with the highest cosine, `score` that
    highest cosine to an earlier kept sample of the cluster (NaN for a cluster's first sample).
 
-Near duplicates that k-means puts in different clusters are not compared: docs/curation_model_stages.md
+Near duplicates that k-means puts in different clusters are not compared: docs/curation.md
 gives how often that happened on planted duplicates.
 """
 from __future__ import annotations

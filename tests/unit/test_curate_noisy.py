@@ -158,7 +158,7 @@ def test_cli_writes_the_same_set(noisy, tmp_path, capsys):
 def test_hash_decontamination_finds_every_planted_leak(noisy):
     """Recall of decontaminate's hash rule on the planted leaks (re-encoded eval images), each matched to its
     own source. Precision on this set is low (synthetic scenes are flat enough that unrelated ones share a
-    pHash): docs/curation_model_stages.md gives both numbers."""
+    pHash): docs/curation.md gives both numbers."""
     from clipkit.curate.decontam import decontaminate, eval_set_features
     from clipkit.curate.hashing import perceptual_hashes
 

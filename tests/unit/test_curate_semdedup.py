@@ -90,7 +90,7 @@ def test_seeded_and_deterministic():
 
 def test_planted_pairs_split_by_kmeans_rate():
     """How often k-means puts a planted near-duplicate pair in two clusters (then it is never compared).
-    docs/curation_model_stages.md reports the rate; the test keeps it below a bound."""
+    docs/curation.md reports the rate; the test keeps it below a bound."""
     rng = np.random.default_rng(4)
     x, pairs = _planted(rng, 2000, 300)
     _, assign = spherical_kmeans(x, int(round(np.sqrt(len(x)))), seed=0)
