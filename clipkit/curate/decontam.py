@@ -18,7 +18,6 @@ smallest Hamming distance from the sample (or its mirror) to any eval image.
 """
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 from dataclasses import dataclass
@@ -29,8 +28,9 @@ import numpy as np
 from ..data.decode import open_image
 from ..errors import UserError
 from ..extras import require
-from .hashing import perceptual_hashes
+from .hashing import hamming, perceptual_hashes
 from .result import StageResult
+from .scan import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,6 @@ def _read_set(root: Path) -> list[tuple[str, bytes]]:
     return images
 
 
-def _embed(images: list, loaded, batch_size: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    model = loaded.model
-    device = next(model.parameters()).device
-    rows = []
-    with torch.inference_mode():
-        for s in range(0, len(images), batch_size):
-            batch = torch.stack([loaded.eval_transform(im) for im in images[s:s + batch_size]]).to(device)
-            rows.append(F.normalize(model.encode_image(batch).float(), dim=-1).cpu().numpy())
-    return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
-
-
 def eval_set_features(roots: list[str], loaded, *, batch_size: int,
                       max_image_pixels: int | None) -> list[EvalFeatures]:
     """Read every evaluation set under `roots` into EvalFeatures (hashes; embeddings when `loaded`, a
@@ -122,19 +108,12 @@ def eval_set_features(roots: list[str], loaded, *, batch_size: int,
             flips.append(hf)
             if loaded is not None:
                 images.append(img)
-        emb = _embed(images, loaded, batch_size) if loaded is not None else None
+        emb = None
+        if loaded is not None:
+            emb = Embedder(loaded, next(loaded.model.parameters()).device, batch_size).images(images)
         sets.append(EvalFeatures(name, keys, np.array(hashes, dtype=np.uint64), np.array(flips, dtype=np.uint64),
                                  emb))
     return sets
-
-
-_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def _popcount(x: np.ndarray) -> np.ndarray:
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x).astype(np.int16)
-    return _POPCOUNT8[x[..., None].view(np.uint8)].sum(axis=-1, dtype=np.int16)
 
 
 def nearest_hash(train: np.ndarray, train_flip: np.ndarray, eval_hash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +129,7 @@ def nearest_hash(train: np.ndarray, train_flip: np.ndarray, eval_hash: np.ndarra
     for s in range(0, n, block):
         a = np.asarray(train[s:s + block], dtype=np.uint64)[:, None]
         b = np.asarray(train_flip[s:s + block], dtype=np.uint64)[:, None]
-        d = np.minimum(_popcount(a ^ ev), _popcount(b ^ ev))
+        d = np.minimum(hamming(a, ev), hamming(b, ev))
         j = d.argmin(axis=1)
         arg[s:s + block] = j
         dist[s:s + block] = d[np.arange(len(j)), j]

@@ -89,8 +89,9 @@ def run_stages(c: CurateConfig, cols: dict[str, np.ndarray], emb: dict[str, np.n
         decontam_mod = _stage_module("decontam", "curate.decontam.eval_sets")
 
         def decontam(a):
-            sets = decontam_mod.eval_set_features(list(c.decontam.eval_sets), loaded if c.decontam.cosine is not None else None,
-                                       batch_size=c.batch_size, max_image_pixels=c.max_image_pixels)
+            scorer = loaded if c.decontam.cosine is not None else None
+            sets = decontam_mod.eval_set_features(list(c.decontam.eval_sets), scorer, batch_size=c.batch_size,
+                                                  max_image_pixels=c.max_image_pixels)
             return decontam_mod.decontaminate(cols["phash"], cols["phash_flip"], emb.get("image_emb"), a, sets,
                                    max_distance=c.decontam.phash_max_distance, cosine=c.decontam.cosine)
         plan.append(("decontam", decontam))
@@ -196,7 +197,8 @@ def _json_safe(obj):
     return obj
 
 
-def curate(cfg: Config, rank: int = 0, world_size: int = 1, barrier=lambda: None) -> dict | None:
+def curate(cfg: Config, rank: int = 0, world_size: int = 1, barrier=lambda: None,
+           local_rank: int = 0) -> dict | None:
     """The whole run (see the module's docstring); rank 0 returns the summary, other ranks None."""
     from ..data.shards import expand_shards
 
@@ -219,7 +221,7 @@ def curate(cfg: Config, rank: int = 0, world_size: int = 1, barrier=lambda: None
         from ..distributed import resolve_device
         from ..models import load_model
 
-        device = resolve_device(None, 0 if world_size == 1 else rank % max(1, _local_gpus()))
+        device = resolve_device(None, local_rank)
         loaded = load_model(c.model, device=device, model_name=c.model_name)
         loaded.model.eval()
     mine = [s for s in range(len(urls)) if s % world_size == rank]
@@ -236,17 +238,15 @@ def curate(cfg: Config, rank: int = 0, world_size: int = 1, barrier=lambda: None
         bar.close()
     scan_seconds = time.perf_counter() - t0
     barrier()
+    import pyarrow.parquet as pq
+
     if rank == 0:
         records = [json.loads(shard_paths(work, s)["record"].read_text()) for s in range(len(urls))]
         cols, emb = load_features(work, len(urls), with_embeddings=loaded is not None)
         results, alive = run_stages(c, cols, emb, loaded, progress)
-        import pyarrow.parquet as pq
-
         table = decisions_table(cols, results, alive)
         atomic_write(out / "decisions.parquet", lambda f: pq.write_table(table, f))
     barrier()
-    import pyarrow.parquet as pq
-
     decisions = pq.read_table(out / "decisions.parquet")
     plan = output_plan(decisions, c.samples_per_shard)
     shards_dir = out / "shards"
@@ -290,12 +290,6 @@ def _count(values) -> dict[str, int]:
     return {str(k): int(v) for k, v in zip(u, n)}
 
 
-def _local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() or 1
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DATA", required=True,
                    help="input shard spec: paths, fsspec URLs or pipe:CMD, with {000..999} braces, joined by '::'")
@@ -324,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     env = init_distributed(cfg.dist.timeout_s)
     try:
-        summary = curate(cfg, env.rank, env.world_size, barrier=lambda: gather_objects(None, env))
+        summary = curate(cfg, env.rank, env.world_size, barrier=lambda: gather_objects(None, env),
+                         local_rank=env.local_rank)
     finally:
         cleanup()
     if summary is not None:

@@ -11,8 +11,6 @@ above the pixel limit, a damaged tar) are skipped and counted by reason, as in t
 """
 from __future__ import annotations
 
-import hashlib
-
 import json
 import logging
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..atomic import atomic_write, atomic_write_text
 from ..config.schema import CurateConfig
@@ -118,21 +117,25 @@ class Embedder:
     batch_size: int
 
     def __call__(self, images: list, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        import torch
+        return self.images(images), self.texts(captions)
 
-        model = self.loaded.model
-        img_out, txt_out = [], []
+    def images(self, images: list) -> np.ndarray:
+        """PIL images -> [N, D] through the model's eval transform and image tower."""
+        return self._batched(images, lambda chunk: self.loaded.model.encode_image(
+            torch.stack([self.loaded.eval_transform(im) for im in chunk]).to(self.device)))
+
+    def texts(self, captions: list[str]) -> np.ndarray:
+        """Captions -> [N, D] through the model's tokenizer and text tower."""
+        return self._batched(captions, lambda chunk: self.loaded.model.encode_text(
+            self.loaded.tokenizer(chunk).to(self.device)))
+
+    def _batched(self, items: list, encode) -> np.ndarray:
+        rows = []
         with torch.no_grad():
-            for s in range(0, len(images), self.batch_size):
-                x = torch.stack([self.loaded.eval_transform(im) for im in images[s:s + self.batch_size]])
-                f = model.encode_image(x.to(self.device)).float()
-                img_out.append(torch.nn.functional.normalize(f, dim=-1).cpu().numpy())
-                t = self.loaded.tokenizer(captions[s:s + self.batch_size]).to(self.device)
-                g = model.encode_text(t).float()
-                txt_out.append(torch.nn.functional.normalize(g, dim=-1).cpu().numpy())
-        dim = img_out[0].shape[1] if img_out else 0
-        return (np.concatenate(img_out) if img_out else np.zeros((0, dim), np.float32),
-                np.concatenate(txt_out) if txt_out else np.zeros((0, dim), np.float32))
+            for s in range(0, len(items), self.batch_size):
+                rows.append(torch.nn.functional.normalize(encode(items[s:s + self.batch_size]).float(), dim=-1)
+                            .cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 def scan_shard(url: str, shard: int, work: Path, cfg: CurateConfig, detector: LanguageDetector,
@@ -218,8 +221,5 @@ def load_features(work: Path, n_shards: int, with_embeddings: bool) -> tuple[dic
             emb[name] = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
     return cols, emb
 
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 

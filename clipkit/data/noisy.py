@@ -31,13 +31,13 @@ from __future__ import annotations
 import io
 import json
 import random
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from ..atomic import atomic_write_text
-from .synth import (COLOURS, COUNTS, SHAPES, SceneSpec, _sample, _sample_rng, _ShardJob, _write_shard, caption,
+from .synth import (COLOURS, SHAPES, SceneSpec, _jpeg, _sample, _sample_rng, _ShardJob, _write_shard, caption,
                     class_names, render, sample_scene, ZEROSHOT_TEMPLATES)
 
 FORMAT = "clipkit-noisy-v1"
@@ -93,12 +93,6 @@ def filename_caption(rng: random.Random) -> str:
     if style == 1:
         return f"DSC{rng.randrange(100000):05d}.jpg"
     return f"photo_{rng.randint(2005, 2024)}_{rng.randint(1, 12):02d}_{rng.randint(1, 28):02d}.png"
-
-
-def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _decode(data: bytes) -> Image.Image:

@@ -322,9 +322,9 @@ def _paint_shape(img: Image.Image, mask: Image.Image, r: float, fill: tuple[int,
         img.paste(tone, (x0, y0, x1, y1), Image.fromarray(where.astype(np.uint8) * 255))
 
 
-def _jpeg(img: Image.Image) -> bytes:
+def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=92)
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
