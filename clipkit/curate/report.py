@@ -33,29 +33,38 @@ def _png_histogram(values: np.ndarray, title: str) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _thumbnail(url: str, index: int, image_member: str, max_pixels: int | None) -> str:
+def _thumbnails(rows: list[int], cols: dict, max_pixels: int | None) -> dict[int, str]:
+    """Base64 JPEG thumbnails of these samples, each source shard read once; a sample whose shard or image is gone
+    since the scan gets none (a thumbnail is decoration)."""
     from ..data.decode import open_image
     from ..data.skips import SkipCounter
     from ..data.tario import read_shard
 
-    for i, sample in read_shard(url, SkipCounter(), want=lambda j: j == index, last=index):
-        if i == index and image_member in sample:
-            im = open_image(sample[image_member], max_pixels).convert("RGB")
+    by_shard: dict[str, dict[int, int]] = {}
+    for row in rows:
+        by_shard.setdefault(str(cols["shard"][row]), {})[int(cols["index"][row])] = row
+    thumbs: dict[int, str] = {}
+    for url, wanted in by_shard.items():  # read_shard counts an unreadable shard instead of raising
+        for i, sample in read_shard(url, SkipCounter(), want=wanted.__contains__, last=max(wanted)):
+            row = wanted.get(i)
+            member = str(cols["image_member"][row]) if row is not None else None
+            if member not in sample:
+                continue
+            try:
+                im = open_image(sample[member], max_pixels).convert("RGB")
+            except Exception:  # an image changed since the scan leaves its thumbnail blank
+                continue
             im.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
-            return base64.b64encode(buf.getvalue()).decode()
-    return ""
+            thumbs[row] = base64.b64encode(buf.getvalue()).decode()
+    return thumbs
 
 
-def _pairs(rows: list[int], cols: dict, c: CurateConfig, res: StageResult | None) -> str:
+def _pairs(rows: list[int], cols: dict, thumbs: dict[int, str], res: StageResult | None) -> str:
     cells = []
     for i in rows:
-        try:
-            b64 = _thumbnail(str(cols["shard"][i]), int(cols["index"][i]), str(cols["image_member"][i]),
-                             c.max_image_pixels)
-        except Exception:  # a thumbnail is decoration: a source gone since the scan leaves it blank
-            b64 = ""
+        b64 = thumbs.get(i, "")
         img = f'<img src="data:image/jpeg;base64,{b64}">' if b64 else ""
         why = ""
         if res is not None and res.drop[i]:
@@ -85,9 +94,16 @@ def write_report(path: Path, summary: dict, cols: dict, results: list[StageResul
                          f"</td><td>{v}</td><td>{r.summary.get('alive_after', '')}</td></tr>")
     parts.append("</table>")
     rng = np.random.default_rng(c.seed)
-    n = len(cols["key"])
-    alive = np.ones(n, dtype=bool)
+    alive = np.ones(len(cols["key"]), dtype=bool)
+    examples = []  # (dropped, kept) rows shown for each stage
     for r in results:
+        dropped, kept = np.flatnonzero(r.drop), np.flatnonzero(alive & ~r.drop)
+        examples.append([sorted(rng.choice(idx, min(EXAMPLES, len(idx)), replace=False).tolist()) if len(idx) else []
+                         for idx in (dropped, kept)])
+        alive &= ~r.drop
+    thumbs = _thumbnails(sorted({row for pair in examples for rows in pair for row in rows}), cols,
+                         c.max_image_pixels)
+    for r, (dropped, kept) in zip(results, examples):
         parts.append(f"<h2>{r.stage}</h2>")
         scores = r.score[np.isfinite(r.score)]
         if len(scores):
@@ -98,10 +114,6 @@ def write_report(path: Path, summary: dict, cols: dict, results: list[StageResul
             plot = Path(path).with_name("balance_entry_counts.png")
             plot_entry_counts(r.summary["counts_before"], r.summary["counts_after"], plot, t=r.summary.get("t"))
             parts.append(f'<img src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">')
-        dropped = np.flatnonzero(r.drop)
-        kept = np.flatnonzero(alive & ~r.drop)
-        pick = lambda idx: sorted(rng.choice(idx, min(EXAMPLES, len(idx)), replace=False).tolist()) if len(idx) else []
-        parts.append("<h3>dropped</h3>" + (_pairs(pick(dropped), cols, c, r) or "<p>none</p>"))
-        parts.append("<h3>kept</h3>" + (_pairs(pick(kept), cols, c, None) or "<p>none</p>"))
-        alive &= ~r.drop
+        parts.append("<h3>dropped</h3>" + (_pairs(dropped, cols, thumbs, r) or "<p>none</p>"))
+        parts.append("<h3>kept</h3>" + (_pairs(kept, cols, thumbs, None) or "<p>none</p>"))
     atomic_write_text(path, "\n".join(parts))

@@ -105,4 +105,6 @@ def test_outputs_hold_the_kept_samples_and_the_report_the_balance_plot(run):
     assert (out / "balance_entry_counts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "curate_report.html").read_text()
     assert report.count("data:image/png;base64,") >= 2 and "balance" in report
+    pairs = report.count('<div class="pair">')  # every example pair shown with its image's thumbnail
+    assert pairs > 0 and report.count('<div class="pair"><img src="data:image/jpeg;base64,') == pairs
     assert json.loads((out / "curate_summary.json").read_text())["counts"]["kept"] == len(kept)
