@@ -193,6 +193,7 @@ class DeepSpeedEngine:
     def __init__(self, module: nn.Module, cfg: Config, env: DistEnv, model_name: str, model_cfg: dict) -> None:
         with paused_collection():  # DeepSpeed's import is as large as torch's (clipkit/startup.py)
             deepspeed = require("deepspeed", "deepspeed.enabled=true")
+        _no_shared_memory_all_reduce(deepspeed)
 
         self.module, self.env, self.cfg = module, env, cfg
         self.name = f"deepspeed-zero{cfg.deepspeed.zero_stage}"
@@ -383,6 +384,21 @@ def convert_to_universal(source: Path, target: Path) -> None:
     except Exception as e:
         tail = " | ".join(line.strip() for line in output.getvalue().splitlines()[-3:] if line.strip())
         raise CheckpointError(f"{type(e).__name__}: {e}" + (f" (after: {tail})" if tail else "")) from e
+
+
+def _no_shared_memory_all_reduce(deepspeed) -> None:
+    """Keep DeepSpeed from building and opening its shared-memory all-reduce.
+
+    On a CPU machine DeepSpeed's communication backend first probes every one of its compiled ops (compiler runs
+    in each process), then JIT-builds `deepspeed_shm_comm` (a minute of C++ once per environment) and maps
+    shared-memory segments that every job on the machine shares. The op serves only `inference_all_reduce`, which
+    DeepSpeed's inference kernels call; training's collectives (ZeRO's reduce-scatter, all-gather and all-reduce)
+    go through torch.distributed either way. DeepSpeed computes its table of compatible ops on first access and
+    keeps it in `deepspeed.ops` for edits to persist: an empty table, set before that access, is "none built".
+    """
+    ops = deepspeed.ops
+    if "__compatible_ops__" not in vars(ops):
+        ops.__compatible_ops__ = {}
 
 
 def _schedule(scheduler) -> None:
