@@ -201,12 +201,10 @@ def measure(data: str | Path, out: str | Path, *, planted: str | Path | None = N
     atomic_write_text(entries, "\n".join([c for c in classes if c] + plural) + "\n")
     base = ["curate.balance.enabled=true", "curate.progress=false"]
     if model:
-        base += ["curate.dedup.semantic=true", "curate.score.enabled=true"]
+        base += [f"curate.model={model}", "curate.dedup.semantic=true", "curate.score.enabled=true"]
     cfg = load_config(None, base + list(overrides))
     c = cfg.curate
     c.data, c.out = str(root / manifest["train"]), str(work)
-    if model:
-        c.model = str(model)
     if not any(o.startswith("curate.decontam.eval_sets=") for o in overrides):
         c.decontam.eval_sets = [str(root / manifest["eval"])]
     if not any(o.startswith("curate.balance.entries=") for o in overrides):
