@@ -191,23 +191,32 @@ def test_hash_stages_meet_the_target_at_their_defaults(noisy):
     assert m["targets"] == 16 and m["precision"] >= 0.95 and m["recall"] >= 0.95, m
 
 
-def test_measure_runs_curate_and_agrees_with_the_stage_functions(tmp_path):
-    """measure() end to end (without a model) on a set of 150: the isolated near-duplicate figures equal those
-    computed here from the images, the filters' targets a count by planted kind, the result file holds what it
-    returned, and balancing lowers the head classes' share."""
-    from clipkit.curate.measure import measure
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A noisy set of 150 and its training images by key."""
     from clipkit.data.noisy import write_noisy_dataset
 
-    out = tmp_path / "noisy"
+    out = tmp_path_factory.mktemp("noisy_small")
     write_noisy_dataset(out, samples=150, seed=4, samples_per_shard=75, image_size=32, eval_samples=20)
-    planted = read_planted(out / "planted.jsonl")
     train = {}
     for path in sorted((out / "train").glob("*.tar")):
         with tarfile.open(path) as tar:
             train.update({m.name.split(".")[0]: tar.extractfile(m).read() for m in tar.getmembers()
                           if m.name.endswith(".jpg")})
-    result = measure(out, tmp_path / "m.json", overrides=["curate.balance.t=3",
-                                                          "curate.filters.detector_languages=[en,de,fr,es]"])
+    return out, train, read_planted(out / "planted.jsonl")
+
+
+LANGUAGES = "curate.filters.detector_languages=[en,de,fr,es]"  # fewer candidates: a faster detector
+
+
+def test_measure_runs_curate_and_agrees_with_the_stage_functions(small, tmp_path):
+    """measure() end to end (without a model) on a set of 150: the isolated near-duplicate figures equal those
+    computed here from the images, the filters' targets a count by planted kind, the result file holds what it
+    returned, and balancing lowers the head classes' share."""
+    from clipkit.curate.measure import measure
+
+    out, train, planted = small
+    result = measure(out, tmp_path / "m.json", overrides=["curate.balance.t=3", LANGUAGES])
     assert json.loads((tmp_path / "m.json").read_text()) == result
     assert set(result["isolated"]) == {"filters", "exact_dedup", "near_dedup", "decontam", "balance"}
     c = CurateConfig()
@@ -228,3 +237,28 @@ def test_measure_runs_curate_and_agrees_with_the_stage_functions(tmp_path):
     assert {k: got[k] for k in expected} == expected
     b = result["isolated"]["balance"]
     assert b["dropped"] > 0 and b["after"]["head_share"] < b["before"]["head_share"]
+
+
+def test_measure_with_a_model_measures_the_embedding_stages(small, nano_checkpoint, tmp_path):
+    """With --model: semantic deduplication and CLIP-score filtering run, and their isolated figures are the
+    stage functions' over the embeddings the scan stored, counted against the planted truth."""
+    from clipkit.curate.clipscore import clip_score_filter
+    from clipkit.curate.measure import measure
+    from clipkit.curate.scan import load_features
+    from clipkit.curate.semdedup import semantic_dedup
+
+    out, _, planted = small
+    result = measure(out, tmp_path / "m.json", model=str(nano_checkpoint),
+                     overrides=[LANGUAGES, "curate.dedup.semantic_threshold=0.99", "curate.score.threshold=0.1"])
+    assert {"semantic_dedup", "clip_score"} <= set(result["isolated"]) and result["model"] == str(nano_checkpoint)
+    cols, emb = load_features(tmp_path / "m.curate" / "work", 2, with_embeddings=True)
+    rows = pq.read_table(tmp_path / "m.curate" / "decisions.parquet").to_pylist()
+    alive = np.array([r["stage"] != "filters" for r in rows])
+    keys = list(cols["key"])
+    sem = semantic_dedup(emb["image_emb"], alive, keys, threshold=0.99, clusters=None, seed=0)
+    expected = stage_counts("semantic_dedup", keys, sem.drop, sem.detail, alive, planted)
+    assert {k: result["isolated"]["semantic_dedup"][k] for k in expected} == expected
+    score = clip_score_filter(emb["image_emb"], emb["text_emb"], alive, threshold=0.1, top_fraction=None)
+    expected = stage_counts("clip_score", keys, score.drop, score.detail, alive, planted)
+    assert {k: result["isolated"]["clip_score"][k] for k in expected} == expected
+    assert result["thresholds"]["score.threshold"] == 0.1
