@@ -12,7 +12,10 @@ all N^2 pairs: samples with an identical (pHash, mirror pHash) pair are collapse
 for all), then the hashes go into a multi-index: the 64 bits are cut into max_distance + 1 bands, and by the
 pigeonhole principle two hashes within max_distance bits agree exactly on at least one band. Only hashes that
 share a band value are compared (in numpy, bucket by bucket), so the work is about N * (max_distance + 1) plus
-the pairs in shared buckets, which is small for hashes of distinct photos.
+the pairs in shared buckets, which is small for hashes of distinct photos when the bands are wide. The bands are
+64 / (max_distance + 1) bits wide: at 4 bits of distance about 13, at 12 bits about 5, when a bucket holds a
+32nd of all hashes and the search compares nearly every pair (measured: 6 s for 16,000 samples, 111 s for
+64,000, on one core, against 1.0 and 1.5 s at 4 bits).
 
 Verification (min_similarity, with the samples' thumbnails from clipkit.curate.hashing.thumbnail): a hash match
 counts only when the two images' 8x8 colour thumbnails also correlate at least that much (thumb_similarity,
