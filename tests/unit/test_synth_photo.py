@@ -34,7 +34,7 @@ def test_photo_style_keeps_scenes_and_captions(tmp_path):
 
 def test_unrelated_photo_scenes_have_distant_hashes():
     """80 random training scenes at 32 px: flat pictures include pairs within 8 bits of pHash (unrelated
-    scenes a hash stage would merge), photo pictures none within 12 (near deduplication's default distance)."""
+    scenes a hash stage would merge), photo pictures none within 12 (the distance that finds cropped copies)."""
     closest = {}
     for style in ("flat", "photo"):
         hashes = []
