@@ -98,7 +98,7 @@ def _synth(args: argparse.Namespace) -> int:
 
         manifest = write_noisy_dataset(args.out, samples=args.train_samples, seed=args.seed,
                                        samples_per_shard=args.samples_per_shard, image_size=args.image_size,
-                                       eval_samples=args.eval_samples)
+                                       eval_samples=args.eval_samples, style=args.style or "photo")
         print(f"train shards : {Path(args.out) / manifest['train']} ({manifest['params']['samples']} samples)")
         print(f"zero-shot set: {Path(args.out) / manifest['eval']} ({manifest['params']['eval_samples']} samples)")
         print(f"planted      : {Path(args.out) / manifest['planted']} "
@@ -109,7 +109,7 @@ def _synth(args: argparse.Namespace) -> int:
                              samples_per_shard=args.samples_per_shard, image_size=args.image_size,
                              seed=args.seed, workers=args.workers,
                              downstream_train_samples=args.downstream_train_samples,
-                             downstream_test_samples=args.downstream_test_samples)
+                             downstream_test_samples=args.downstream_test_samples, style=args.style or "flat")
     print(f"train shards : {ds.train_spec} ({ds.num_train} samples)")
     print(f"zero-shot set: {ds.eval_root} ({ds.num_eval} samples)")
     print(f"retrieval set: {ds.retrieval_root} ({ds.num_retrieval} images)")
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noisy", action="store_true",
                    help="write the noisy set with planted truth for curation instead (clipkit.data.noisy: "
                         "train/, eval/, planted.jsonl; no retrieval or downstream split)")
+    s.add_argument("--style", default=None, choices=["flat", "photo"],
+                   help="how scenes are drawn: flat backgrounds, or with a photograph's structure (textured "
+                        "background, clutter, uneven light); default flat, photo with --noisy")
     s.set_defaults(func=_synth)
 
     z = sub.add_parser("zeroshot", help="zero-shot classification of a checkpoint")

@@ -288,7 +288,7 @@ class CurateFiltersConfig:
     max_tokens: Optional[int] = None  # the tokenizer's tokens (without start/end tokens); null: no limit
     languages: list[str] = field(default_factory=lambda: ["en"])  # ISO 639-1 codes kept; []: no language filter
     detector_languages: list[str] = field(default_factory=lambda: list(DEFAULT_DETECTOR_LANGUAGES))
-    min_language_confidence: float = 0.5  # below it the language counts as unknown (and is dropped)
+    min_language_confidence: float = 0.2  # below it the language counts as unknown (and is dropped)
     boilerplate: list[str] = field(default_factory=lambda: list(DEFAULT_BOILERPLATE))
 
 
@@ -296,7 +296,11 @@ class CurateFiltersConfig:
 class CurateDedupConfig:
     exact: bool = True  # identical image bytes
     phash: bool = True  # perceptual-hash near duplicates (a mirrored copy included)
-    phash_max_distance: int = 4  # bits of 64
+    # bits of 64; 12 (with phash_verify) also finds copies cropped by a few per cent, at a cost near N^2
+    # comparisons (docs/curation.md)
+    phash_max_distance: int = 4
+    # A pHash match counts only if the 8x8 colour thumbnails also correlate at least this much; null: off.
+    phash_verify: Optional[float] = 0.85
     semantic: bool = False  # SemDeDup on image embeddings (needs curate.model)
     semantic_threshold: float = 0.95  # cosine similarity at or above which two images are duplicates
     clusters: int = 0  # k-means clusters for SemDeDup; 0: about sqrt(N)

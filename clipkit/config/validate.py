@@ -249,6 +249,8 @@ def _validate_curate(c: CurateConfig) -> None:
                               f"expression: {e}") from None
     d = c.dedup
     _check(0 <= d.phash_max_distance <= 32, "curate.dedup.phash_max_distance", "must be in [0, 32] bits")
+    _check(d.phash_verify is None or -1.0 <= d.phash_verify <= 1.0, "curate.dedup.phash_verify",
+           "must be in [-1, 1], or null")
     _check(0.0 < d.semantic_threshold <= 1.0, "curate.dedup.semantic_threshold", "must be in (0, 1]")
     _check(d.clusters >= 0, "curate.dedup.clusters", "must be 0 (about sqrt(N)) or more")
     x = c.decontam

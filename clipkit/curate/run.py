@@ -79,7 +79,8 @@ def run_stages(c: CurateConfig, cols: dict[str, np.ndarray], emb: dict[str, np.n
         plan.append(("exact_dedup", lambda a: exact_dedup(cols["sha256"], a, keys)))
     if c.dedup.phash:
         plan.append(("near_dedup", lambda a: near_dedup(cols["phash"], cols["phash_flip"], a, keys,
-                                                        c.dedup.phash_max_distance)))
+                                                        c.dedup.phash_max_distance, thumbs=cols.get("thumb"),
+                                                        min_similarity=c.dedup.phash_verify)))
     if c.dedup.semantic:
         semdedup = _stage_module("semdedup", "curate.dedup.semantic")
         plan.append(("semantic_dedup", lambda a: semdedup.semantic_dedup(emb["image_emb"], a, keys,

@@ -27,12 +27,12 @@ from ..data.skips import SkipCounter
 from ..data.tario import read_shard
 from ..errors import UserError
 from ..extras import require
-from .hashing import perceptual_hashes, sha256_hex
+from .hashing import perceptual_hashes, sha256_hex, thumbnail
 
 log = logging.getLogger("clipkit.curate")
 
 COLUMNS = ("key", "shard", "index", "image_member", "sha256", "width", "height", "caption", "words", "tokens",
-           "language", "language_confidence", "phash", "phash_flip")
+           "language", "language_confidence", "phash", "phash_flip", "thumb")
 
 
 def feature_fingerprint(cfg: CurateConfig, urls: list[str]) -> dict:
@@ -45,7 +45,7 @@ def feature_fingerprint(cfg: CurateConfig, urls: list[str]) -> dict:
                  "name": cfg.model_name}
     return {"shards": list(urls), "model": model, "max_image_pixels": cfg.max_image_pixels,
             "image_key": cfg.image_key, "caption_key": cfg.caption_key,
-            "detector_languages": sorted(cfg.filters.detector_languages), "version": 1}
+            "detector_languages": sorted(cfg.filters.detector_languages), "version": 2}  # 2: the thumbnail column
 
 
 def check_fingerprint(work: Path, fingerprint: dict, write: bool) -> None:
@@ -171,6 +171,7 @@ def scan_shard(url: str, shard: int, work: Path, cfg: CurateConfig, detector: La
             im.load()
             rgb = im.convert("RGB")
             phash, flip = perceptual_hashes(rgb)
+            thumb = thumbnail(rgb)
         except ImageTooLarge as e:
             counter.skip("image_too_large", where, e)
             continue
@@ -182,7 +183,7 @@ def scan_shard(url: str, shard: int, work: Path, cfg: CurateConfig, detector: La
                             ("sha256", sha256_hex(data)), ("width", rgb.width), ("height", rgb.height),
                             ("caption", text), ("words", len(text.split())), ("tokens", count_tokens(text)),
                             ("language", lang), ("language_confidence", conf), ("phash", phash),
-                            ("phash_flip", flip)):
+                            ("phash_flip", flip), ("thumb", thumb)):
             rows[name].append(value)
         if embedder is not None:
             images.append(rgb)
@@ -190,7 +191,7 @@ def scan_shard(url: str, shard: int, work: Path, cfg: CurateConfig, detector: La
     paths = shard_paths(work, shard)
     types = {"index": pa.int64(), "width": pa.int32(), "height": pa.int32(), "words": pa.int32(),
              "tokens": pa.int32(), "language_confidence": pa.float32(), "phash": pa.uint64(),
-             "phash_flip": pa.uint64()}
+             "phash_flip": pa.uint64(), "thumb": pa.binary()}
     table = pa.table({c: pa.array(rows[c], type=types.get(c, pa.string())) for c in COLUMNS})
     if embedder is not None:
         img, txt = embedder(images, captions)
@@ -213,7 +214,7 @@ def load_features(work: Path, n_shards: int, with_embeddings: bool) -> tuple[dic
     for c in COLUMNS:
         col = table.column(c).to_numpy() if table is not None else np.zeros(0)
         cols[c] = col.astype(object) if col.dtype == object or c in ("key", "shard", "caption", "language",
-                                                                       "sha256", "image_member") else col
+                                                                       "sha256", "image_member", "thumb") else col
     emb = {}
     if with_embeddings:
         for name in ("image_emb", "text_emb"):

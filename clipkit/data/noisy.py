@@ -1,7 +1,7 @@
 """A noisy version of the built-in dataset with planted truth, for measuring curation (`clipkit curate`).
 
 The training shards use synth's layout (KEY.jpg, KEY.txt, KEY.json in train/00000.tar, ...), the evaluation
-set synth's zero-shot layout (eval/test/N.tar, its images exactly synth's eval split for the seed), and
+set synth's zero-shot layout (eval/test/N.tar, its images exactly synth's eval split for the seed and style), and
 OUT/planted.jsonl says, for every training key, what was planted there: {"key", "kind", "original" (the key
 of the clean training sample it copies, "eval:KEY" for an evaluation image, else null), "variant" (how a
 near duplicate was made, the caption's language, ...), "image_class" (the colour and shape drawn, null for
@@ -25,6 +25,10 @@ shuffle:
 - small_image 0.04: the scene drawn at a quarter of the image size (at least 8 pixels);
 - extreme_aspect 0.03: the scene squeezed to 5:1 (width 5x height).
 Originals of duplicates are distinct clean samples where there are enough, and so are leaked eval images.
+
+Scenes are drawn in synth's "photo" style by default (a 1/f textured background, clutter, uneven light:
+clipkit.data.synth._photo_background): on the plain "flat" scenes unrelated pictures share perceptual hashes,
+so a hash stage's precision measured on them says more about the pictures than about the stage.
 """
 from __future__ import annotations
 
@@ -37,10 +41,10 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from ..atomic import atomic_write_text
-from .synth import (COLOURS, SHAPES, SceneSpec, _jpeg, _sample, _sample_rng, _ShardJob, _write_shard, caption,
-                    class_names, render, sample_scene, ZEROSHOT_TEMPLATES)
+from .synth import (COLOURS, SHAPES, STYLES, SceneSpec, _jpeg, _sample, _sample_rng, _ShardJob, _write_shard,
+                    caption, class_names, render, sample_scene, ZEROSHOT_TEMPLATES)
 
-FORMAT = "clipkit-noisy-v1"
+FORMAT = "clipkit-noisy-v2"  # v1 drew flat scenes only (style "flat"); v2 draws "photo" scenes by default
 PROPORTIONS = {  # of the training samples; clean takes the rest
     "mismatched": 0.06,
     "exact_dup": 0.05,
@@ -138,21 +142,22 @@ def _scene(planner: _Planner, index: int, rng: random.Random, head_heavy: bool) 
     return scene
 
 
-def _clean(planner: _Planner, index: int, image_size: int) -> tuple[bytes, str, SceneSpec, random.Random]:
+def _clean(planner: _Planner, index: int, image_size: int, style: str) -> tuple[bytes, str, SceneSpec, random.Random]:
     rng = _sample_rng(planner.seed, "noisy-train", index)
     scene = _scene(planner, index, rng, head_heavy=True)
-    img = render(scene, image_size, rng)
+    img = render(scene, image_size, rng, style=style)
     return _jpeg(img), caption(scene), scene, rng
 
 
-def _make(planner: _Planner, index: int, image_size: int, eval_job: _ShardJob, classes: list[str]) -> tuple[dict, dict]:
+def _make(planner: _Planner, index: int, image_size: int, eval_job: _ShardJob, classes: list[str],
+          style: str) -> tuple[dict, dict]:
     kind = planner.kinds[index]
     key = f"{index:09d}"
     record = {"key": key, "kind": kind, "original": None, "variant": None, "image_class": None}
     rng = _sample_rng(planner.seed, "noisy-train", index)
     if kind in ("exact_dup", "near_dup"):
         src = planner.original[index]
-        jpg, text, scene, _ = _clean(planner, src, image_size)
+        jpg, text, scene, _ = _clean(planner, src, image_size, style)
         record["original"] = f"{src:09d}"
         if kind == "near_dup":
             variant = NEAR_DUP_VARIANTS[planner.nth[index] % len(NEAR_DUP_VARIANTS)]
@@ -179,7 +184,7 @@ def _make(planner: _Planner, index: int, image_size: int, eval_job: _ShardJob, c
         head_heavy = kind == "clean"
         scene = _scene(planner, index, rng, head_heavy)
         size = (max(8, image_size // 4),) * 2 if kind == "small_image" else (image_size, image_size)
-        img = render(scene, size[0], rng)
+        img = render(scene, size[0], rng, style=style)
         if kind == "extreme_aspect":
             img = img.resize((image_size, max(2, image_size // 5)), Image.LANCZOS)
         jpg = _jpeg(img)
@@ -203,11 +208,15 @@ def _make(planner: _Planner, index: int, image_size: int, eval_job: _ShardJob, c
 
 
 def write_noisy_dataset(out: str | Path, *, samples: int, seed: int, samples_per_shard: int, image_size: int,
-                        eval_samples: int | None = None) -> dict:
+                        eval_samples: int | None = None, style: str = "photo") -> dict:
     """Write the noisy set under OUT (train/, eval/, planted.jsonl, manifest.json; module docstring) and
-    return its manifest. `eval_samples` defaults to max(20, samples // 10). Deterministic for a seed."""
+    return its manifest. `eval_samples` defaults to max(20, samples // 10). `style` is how the scenes are drawn
+    (clipkit.data.synth.STYLES: "photo", the default, or "flat", the plain scenes of format v1), the training
+    and the evaluation images alike. Deterministic for a seed."""
     import webdataset as wds
 
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; one of {', '.join(STYLES)}")
     eval_samples = max(20, samples // 10) if eval_samples is None else eval_samples
     if min(samples, samples_per_shard, image_size, eval_samples) <= 0:
         raise ValueError("samples, samples_per_shard, image_size and eval_samples must be positive")
@@ -218,7 +227,7 @@ def write_noisy_dataset(out: str | Path, *, samples: int, seed: int, samples_per
     train_dir.mkdir(parents=True, exist_ok=True)
     eval_test.mkdir(parents=True, exist_ok=True)
     eval_jobs = [_ShardJob(str(eval_test / f"{i}.tar"), "eval", start, min(samples_per_shard, eval_samples - start),
-                           seed, image_size) for i, start in enumerate(range(0, eval_samples, samples_per_shard))]
+                           seed, image_size, style) for i, start in enumerate(range(0, eval_samples, samples_per_shard))]
     for job in eval_jobs:
         _write_shard(job)
     (eval_test / "nshards.txt").write_text(f"{len(eval_jobs)}\n")
@@ -227,20 +236,21 @@ def write_noisy_dataset(out: str | Path, *, samples: int, seed: int, samples_per
 
     planner = _Planner(samples, eval_samples, seed)
     classes = class_names()
-    eval_job = _ShardJob("", "eval", 0, eval_samples, seed, image_size)
+    eval_job = _ShardJob("", "eval", 0, eval_samples, seed, image_size, style)
     records = []
     shards = 0
     for shard, start in enumerate(range(0, samples, samples_per_shard)):
         with wds.TarWriter(str(train_dir / f"{shard:05d}.tar")) as sink:
             for index in range(start, min(samples, start + samples_per_shard)):
-                sample, record = _make(planner, index, image_size, eval_job, classes)
+                sample, record = _make(planner, index, image_size, eval_job, classes, style)
                 sink.write(sample)
                 records.append(record)
         shards += 1
     atomic_write_text(root / "planted.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     counts = {k: planner.kinds.count(k) for k in KINDS}
     manifest = {"format": FORMAT, "params": {"samples": samples, "seed": seed, "samples_per_shard": samples_per_shard,
-                                             "image_size": image_size, "eval_samples": eval_samples},
+                                             "image_size": image_size, "eval_samples": eval_samples,
+                                             "style": style},
                 "train": f"train/{{00000..{shards - 1:05d}}}.tar", "eval": "eval", "planted": "planted.jsonl",
                 "counts": counts, "proportions": PROPORTIONS,
                 "head_classes": [f"{c} {s}" for c, s in planner.head]}

@@ -60,6 +60,7 @@ POSITIONS = {  # (x range, y range) of shape centres, fractions of the image
     "centre": ((0.4, 0.6), (0.4, 0.6)),
 }
 BACKGROUNDS = ["white", "black", "grey", "striped", "speckled"]
+STYLES = ("flat", "photo")  # how a scene is drawn (render): plain backgrounds, or with a photograph's structure
 COUNTS = {1: "a", 2: "two", 3: "three"}
 
 ZEROSHOT_TEMPLATES = [
@@ -250,11 +251,17 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
 
 
-def render(scene: SceneSpec, image_size: int, rng: random.Random, fill_style: str = "solid") -> Image.Image:
+def render(scene: SceneSpec, image_size: int, rng: random.Random, fill_style: str = "solid",
+           style: str = "flat") -> Image.Image:
     """Draw the scene at 2x and downsample, for anti-aliased edges. `fill_style` (one of FILL_STYLES) is how
-    the shapes are filled: the downstream split's label; every other split draws them solid."""
+    the shapes are filled: the downstream split's label; every other split draws them solid. `style` (one of
+    STYLES) is how the rest of the picture looks: "flat", the plain backgrounds; "photo", the structure of a
+    photograph (see _photo_background): the same scene and caption, but unrelated pictures no longer share
+    their coarse layout of light and dark, which is what perceptual hashes compare."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; one of {', '.join(STYLES)}")
     big = image_size * 2
-    img = _background(scene.background, big, rng)
+    img = _background(scene.background, big, rng) if style == "flat" else _photo_background(scene.background, big, rng)
     draw = ImageDraw.Draw(img)
     (x0, x1), (y0, y1) = POSITIONS[scene.position]
     lo, hi = SIZES[scene.size]
@@ -269,7 +276,69 @@ def render(scene: SceneSpec, image_size: int, rng: random.Random, fill_style: st
             _paint_shape(img, mask, r, fill, fill_style, rng)
         else:  # the other splits' way, unchanged
             _draw_shape(draw, scene.shape, cx, cy, r, fill, rng)
+    if style == "photo":
+        img = _lighting(img, rng)
     return img.resize((image_size, image_size), Image.LANCZOS)
+
+
+def _natural_fields(nprng: np.random.Generator, size: int, channels: int) -> np.ndarray:
+    """`channels` random fields of size x size with a photograph's 1/f amplitude spectrum (most of the energy
+    at the lowest frequencies), each with zero mean and unit standard deviation."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    f = np.sqrt(fx * fx + fy * fy)
+    f[0, 0] = 1.0
+    amplitude = 1.0 / f
+    amplitude[0, 0] = 0.0
+    shape = (channels, size, fx.shape[1])
+    spectrum = (nprng.normal(size=shape) + 1j * nprng.normal(size=shape)) * amplitude
+    fields = np.fft.irfft2(spectrum, s=(size, size))
+    fields -= fields.mean(axis=(1, 2), keepdims=True)
+    return fields / np.maximum(fields.std(axis=(1, 2), keepdims=True), 1e-8)
+
+
+PHOTO_TONES = {"white": (232.0, 20.0), "black": (30.0, 16.0), "grey": (128.0, 30.0)}  # (mean, contrast)
+
+
+def _photo_background(name: str, size: int, rng: random.Random) -> Image.Image:
+    """The named background ("white", "black", "grey", "striped", "speckled": what the caption says) with a
+    photograph's structure: a 1/f luminance field and a fainter colour cast over it, then 2-5 clutter objects
+    (ellipses, boxes and bars in muted, desaturated tones, none of the shapes' colours) anywhere in the frame."""
+    nprng = np.random.default_rng(rng.getrandbits(32))
+    fields = _natural_fields(nprng, size, 3)
+    lum, tint = fields[0][..., None], np.moveaxis(fields[1:], 0, -1)
+    tint = np.concatenate([tint, -tint.sum(axis=-1, keepdims=True) / 2], axis=-1)  # a cast, not a brightness
+    if name in PHOTO_TONES:
+        mean, contrast = PHOTO_TONES[name]
+        arr = mean + contrast * lum + 6.0 * tint
+    else:
+        flat = np.asarray(_background(name, size, rng), dtype=np.float32)
+        arr = flat + 28.0 * lum + 6.0 * tint
+    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(2, 5)):
+        grey = rng.randint(50, 210)
+        tone = tuple(max(0, min(255, grey + rng.randint(-14, 14))) for _ in range(3))
+        w, h = rng.uniform(0.08, 0.4) * size, rng.uniform(0.08, 0.4) * size
+        x, y = rng.uniform(-0.1, 1.0) * size, rng.uniform(-0.1, 1.0) * size
+        kind = rng.randrange(3)
+        if kind == 0:
+            draw.ellipse([x, y, x + w, y + h], fill=tone)
+        elif kind == 1:
+            draw.rectangle([x, y, x + w, y + h], fill=tone)
+        else:
+            draw.line([x, y, x + w, y + h], fill=tone, width=max(1, round(rng.uniform(0.02, 0.05) * size)))
+    return img
+
+
+def _lighting(img: Image.Image, rng: random.Random) -> Image.Image:
+    """Uneven light over the whole picture, as a photograph has: a ramp of +-10..30% at a random angle."""
+    size = img.size[0]
+    angle, strength = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.3)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(1, size - 1) - 0.5
+    gain = 1.0 + strength * 2 * (xx * np.cos(angle) + yy * np.sin(angle))
+    arr = np.asarray(img, dtype=np.float32) * gain[..., None]
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, rng: random.Random):
@@ -336,6 +405,7 @@ class _ShardJob:
     count: int
     seed: int
     image_size: int
+    style: str = "flat"  # render's style
 
 
 def _sample_rng(seed: int, split: str, index: int) -> random.Random:
@@ -371,7 +441,7 @@ def _downstream_sample(job: _ShardJob, index: int) -> dict:
     rng = _sample_rng(job.seed, job.split, index)
     label = downstream_label(job.seed, job.split, index)
     scene = downstream_scene(rng)
-    img = render(scene, job.image_size, rng, FILL_STYLES[label])
+    img = render(scene, job.image_size, rng, FILL_STYLES[label], style=job.style)
     key = f"{index:09d}"
     meta = {"key": key, "width": job.image_size, "height": job.image_size, "fill": FILL_STYLES[label],
             "label": label, "classname": downstream_class_names()[label],
@@ -389,7 +459,7 @@ def _sample(job: _ShardJob, index: int, classes: list[str]) -> dict:
     else:
         scene = sample_scene(rng, job.split)
         texts = [caption(scene)]
-    img = render(scene, job.image_size, rng)
+    img = render(scene, job.image_size, rng, style=job.style)
     key = f"{index:09d}"
     meta = {"key": key, "caption": texts[0], "width": job.image_size, "height": job.image_size,
             "status": "success", "url": None, **asdict(scene)}
@@ -427,11 +497,11 @@ class SynthDataset:
 
 
 def _shard_jobs(directory: Path, split: str, total: int, per_shard: int, seed: int, size: int,
-                name_fmt: str) -> list[_ShardJob]:
+                name_fmt: str, style: str = "flat") -> list[_ShardJob]:
     jobs = []
     for i, start in enumerate(range(0, total, per_shard)):
         jobs.append(_ShardJob(str(directory / name_fmt.format(i)), split, start,
-                              min(per_shard, total - start), seed, size))
+                              min(per_shard, total - start), seed, size, style))
     return jobs
 
 
@@ -448,7 +518,7 @@ def _retrieval_jobs(root: Path, params: dict) -> list[_ShardJob]:
     test_dir = root / RETRIEVAL_DIR / "test"
     test_dir.mkdir(parents=True, exist_ok=True)
     return _shard_jobs(test_dir, "retrieval", params["retrieval_samples"], params["samples_per_shard"],
-                       params["seed"], params["image_size"], "{}.tar")
+                       params["seed"], params["image_size"], "{}.tar", params.get("style", "flat"))
 
 
 def _write_retrieval_files(root: Path, nshards: int) -> None:
@@ -462,7 +532,8 @@ def _downstream_jobs(root: Path, params: dict) -> list[_ShardJob]:
         directory = root / DOWNSTREAM_DIR / split
         directory.mkdir(parents=True, exist_ok=True)
         split_jobs = _shard_jobs(directory, f"{DOWNSTREAM_DIR}/{split}", params[f"downstream_{split}_samples"],
-                                 params["samples_per_shard"], params["seed"], params["image_size"], "{}.tar")
+                                 params["samples_per_shard"], params["seed"], params["image_size"], "{}.tar",
+                                 params.get("style", "flat"))
         for stale in directory.glob("*.tar"):  # from an earlier write with more shards
             if stale.stem.isdigit() and int(stale.stem) >= len(split_jobs):
                 stale.unlink()
@@ -484,11 +555,13 @@ def write_synth_dataset(out: str | Path, train_samples: int = 20000, eval_sample
                         samples_per_shard: int = 1000, image_size: int = 64, seed: int = 0,
                         workers: int = 2, retrieval_samples: int | None = None,
                         downstream_train_samples: int = DOWNSTREAM_TRAIN_SAMPLES,
-                        downstream_test_samples: int = DOWNSTREAM_TEST_SAMPLES) -> SynthDataset:
+                        downstream_test_samples: int = DOWNSTREAM_TEST_SAMPLES, style: str = "flat") -> SynthDataset:
     """Write the dataset under OUT (train/, eval/, retrieval/, downstream/, manifest.json). Deterministic for
     a seed. The retrieval split has `retrieval_samples` images (default: as many as the zero-shot split, up
     to its MAX_RETRIEVAL distinct scenes); the downstream split `downstream_train_samples` +
-    `downstream_test_samples` labelled images."""
+    `downstream_test_samples` labelled images. `style` (STYLES) is how every split's scenes are drawn."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; one of {', '.join(STYLES)}")
     retrieval_samples = _retrieval_size(retrieval_samples, eval_samples)
     if min(train_samples, eval_samples, retrieval_samples, samples_per_shard, downstream_train_samples,
            downstream_test_samples) <= 0:
@@ -502,9 +575,11 @@ def write_synth_dataset(out: str | Path, train_samples: int = 20000, eval_sample
     train_dir.mkdir(parents=True, exist_ok=True)
     params = dict(train_samples=train_samples, eval_samples=eval_samples, samples_per_shard=samples_per_shard,
                   image_size=image_size, seed=seed, retrieval_samples=retrieval_samples,
-                  downstream_train_samples=downstream_train_samples, downstream_test_samples=downstream_test_samples)
-    jobs = _shard_jobs(train_dir, "train", train_samples, samples_per_shard, seed, image_size, "{:05d}.tar")
-    eval_jobs = _shard_jobs(eval_dir / "test", "eval", eval_samples, samples_per_shard, seed, image_size, "{}.tar")
+                  downstream_train_samples=downstream_train_samples, downstream_test_samples=downstream_test_samples,
+                  style=style)
+    jobs = _shard_jobs(train_dir, "train", train_samples, samples_per_shard, seed, image_size, "{:05d}.tar", style)
+    eval_jobs = _shard_jobs(eval_dir / "test", "eval", eval_samples, samples_per_shard, seed, image_size, "{}.tar",
+                            style)
     retrieval_jobs = _retrieval_jobs(root, params)
     downstream_jobs = _downstream_jobs(root, params)
     _run_jobs(jobs + eval_jobs + retrieval_jobs + downstream_jobs, workers)
@@ -578,6 +653,7 @@ def ensure_synth_dataset(out: str | Path, **params) -> SynthDataset:
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
+        manifest["params"].setdefault("style", "flat")  # written before there were styles
         wanted = {k: v for k, v in params.items() if k in manifest["params"] and v is not None}
         if all(manifest["params"][k] == v for k, v in wanted.items()):
             workers = params.get("workers", 2)

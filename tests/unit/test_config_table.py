@@ -53,6 +53,7 @@ BAD = {
     "curate.filters.languages": "english", "curate.filters.detector_languages": "EN",
     "curate.filters.min_language_confidence": "1.5", "curate.filters.boilerplate": "'[unclosed'",
     "curate.dedup.exact": "2", "curate.dedup.phash": "x", "curate.dedup.phash_max_distance": "33",
+    "curate.dedup.phash_verify": "1.5",
     "curate.dedup.semantic": "maybe", "curate.dedup.semantic_threshold": "0", "curate.dedup.clusters": "-1",
     "curate.decontam.eval_sets": "/no/such/eval", "curate.decontam.phash_max_distance": "-1",
     "curate.decontam.cosine": "2", "curate.score.enabled": "sometimes", "curate.score.threshold": "1.5",
