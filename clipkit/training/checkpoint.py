@@ -270,7 +270,8 @@ class CheckpointManager:
         if info["engine"] != self.engine.name:
             raise CheckpointError(f"checkpoint {path} was written by the {info['engine']} engine; this run uses "
                                   f"{self.engine.name}: resume it with the same deepspeed.enabled / "
-                                  "deepspeed.zero_stage settings")
+                                  "deepspeed.zero_stage / fsdp.enabled settings (clipkit checkpoint convert turns "
+                                  "torch and fsdp2 checkpoints into each other)")
         if info["model_cfg"] != self.meta["model_cfg"]:
             raise CheckpointError(f"checkpoint {path} holds architecture {info['model_name']}, which differs from "
                                   f"model.name={self.meta['model_name']}")

@@ -1,0 +1,29 @@
+"""The fsdp config section: checked before anything runs, one line naming the key."""
+import pytest
+
+from clipkit.config import ConfigError, load_config
+from clipkit.training.engine import engine_class
+
+
+def test_fsdp_and_deepspeed_together_are_refused_in_one_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["fsdp.enabled=true", "deepspeed.enabled=true"])
+    message = str(info.value)
+    assert "\n" not in message and "'fsdp.enabled'" in message and "deepspeed.enabled" in message
+
+
+def test_fsdp_param_dtype_must_agree_with_train_precision():
+    with pytest.raises(ConfigError, match="'fsdp.param_dtype'.*train.precision=fp16"):
+        load_config(None, ["fsdp.enabled=true", "fsdp.param_dtype=bf16", "train.precision=fp16"])
+    # an fp32 run may ask for bf16 parameters in FSDP2's policy; null follows train.precision
+    assert load_config(None, ["fsdp.param_dtype=bf16"]).fsdp.param_dtype == "bf16"
+    assert load_config(None, ["train.precision=bf16"]).fsdp.param_dtype is None
+
+
+def test_fsdp_enabled_picks_the_fsdp2_engine():
+    from clipkit.training.fsdp import FSDP2Engine
+
+    assert engine_class(load_config(None, ["fsdp.enabled=true"])) is FSDP2Engine
+    assert engine_class(load_config(None, [])).name == "torch"
+    # DCP's metadata is pickled: only checkpoints this installation signed are loaded
+    assert FSDP2Engine.unpickles_on_load and FSDP2Engine.resumes_on_other_world_sizes
