@@ -15,6 +15,7 @@
     clipkit finetune [key=value ...] [--out DIR]
     clipkit finetune-report RUN_DIR ... [--out FILE.json]
     clipkit report RUN_DIR
+    clipkit convert-checkpoint --checkpoint CKPT --to ENGINE --out DIR
     clipkit inspect PATH
     clipkit bench loss [--out FILE.json]
     clipkit bench data [--out FILE.json]
@@ -192,6 +193,8 @@ DELEGATED = {
                                             "fine-tuning, WiSE-FT, LoRA, FLYP"),
     ("finetune-report",): ("clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
     ("report",): ("clipkit.report", "a run's report.html: loss, LR, throughput, MFU, evaluation over time"),
+    ("convert-checkpoint",): ("clipkit.training.convert", "a torch-engine (DDP) checkpoint as an FSDP2 one, or the "
+                                                          "reverse (docs/distributed.md)"),
     ("inspect",): ("clipkit.inspect", "what a checkpoint or pretrained model path holds, and which commands can "
                                       "use it"),
     ("bench", "loss"): ("clipkit.bench.loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP"),

@@ -270,7 +270,7 @@ class CheckpointManager:
         if info["engine"] != self.engine.name:
             raise CheckpointError(f"checkpoint {path} was written by the {info['engine']} engine; this run uses "
                                   f"{self.engine.name}: resume it with the same deepspeed.enabled / "
-                                  "deepspeed.zero_stage / fsdp.enabled settings (clipkit checkpoint convert turns "
+                                  "deepspeed.zero_stage / fsdp.enabled settings (clipkit convert-checkpoint turns "
                                   "torch and fsdp2 checkpoints into each other)")
         if info["model_cfg"] != self.meta["model_cfg"]:
             raise CheckpointError(f"checkpoint {path} holds architecture {info['model_name']}, which differs from "

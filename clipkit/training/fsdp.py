@@ -89,8 +89,8 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def load_schedule(path: Path) -> dict:
-    """schedule.pt: tensors and plain values only (torch.load with weights_only)."""
+def load_plain(path: Path) -> dict:
+    """A torch.save file of tensors and plain values only (torch.load with weights_only): schedule.pt."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -207,7 +207,7 @@ class FSDP2Engine:
         state = self._sharded_state()
         dcp.load(state, checkpoint_id=str(directory / STATE_DIR))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        saved = load_schedule(directory / SCHEDULE_FILE)
+        saved = load_plain(directory / SCHEDULE_FILE)
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and "grad_scaler" in saved:
             self.scaler.load_state_dict(saved["grad_scaler"])
