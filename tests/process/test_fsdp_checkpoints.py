@@ -156,3 +156,42 @@ def test_fsdp2_checkpoint_not_signed_by_this_installation_is_refused_unread(fsdp
     assert "was not written by this clipkit installation" in proc.stdout + proc.stderr
     assert not marker.exists()
     assert not list((tmp_path / "run").glob("checkpoints/step_*"))  # nothing trained
+
+
+def test_fsdp2_checkpoints_export_to_every_format(fsdp_run, tmp_path):
+    """The final FSDP2 checkpoint exports to every format from its consolidated weights, each read back by its
+    consumer (open_clip, transformers' CLIPModel, ONNX Runtime) giving the consolidated model's image features; a
+    mid-run FSDP2 checkpoint (no full weights) exports once converted to the torch engine, with the weights of
+    DCP's consolidation of its shards."""
+    import onnxruntime as ort
+    import open_clip
+    from transformers import CLIPModel
+
+    from clipkit.export import EXPORT_FORMATS, export_checkpoint
+    from clipkit.models import load_model
+    from clipkit.training.convert import convert_checkpoint
+
+    final = fsdp_run / "checkpoints" / "step_00000004"
+    model = load_model(final).model.eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.encode_image(pixels)
+    assert sorted(EXPORT_FORMATS) == ["hf", "onnx", "open_clip"]
+    files = {fmt: export_checkpoint(final, tmp_path / fmt, fmt) for fmt in EXPORT_FORMATS}
+    loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'open_clip'}")
+    hf = CLIPModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    session = ort.InferenceSession(str(files["onnx"]["image"]), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().encode_image(pixels), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(hf.get_image_features(pixel_values=pixels).pooler_output, expected,
+                                   rtol=0, atol=1e-5)
+    onnx_out = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=0, atol=1e-4)
+
+    middle = fsdp_run / "checkpoints" / "step_00000003"
+    converted = convert_checkpoint(middle, tmp_path / "torch" / "step_00000003", "torch")
+    export_checkpoint(converted, tmp_path / "middle", "open_clip")
+    reference = _dcp_consolidated(middle, tmp_path)["model"]
+    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'middle'}")
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, reference[name].reshape(value.shape)), name
