@@ -23,6 +23,7 @@
     clipkit bench train [key=value ...] [--out FILE.json]
     clipkit bench onnx --checkpoint CKPT --data DATA [--out FILE.json]
     clipkit bench text [--out FILE.json]
+    clipkit bench memory [--out FILE.json]
     clipkit bench serve [--out FILE.json]
     clipkit config [key=value ...]
     clipkit models
@@ -205,6 +206,8 @@ DELEGATED = {
                                               "torch"),
     ("bench", "text"): ("clipkit.bench.text", "training step time: text tower cut at the longest caption, length "
                                               "buckets"),
+    ("bench", "memory"): ("clipkit.bench.memory", "peak memory per rank of one model under DDP, ZeRO-2, ZeRO-3 and "
+                                                  "FSDP2"),
     ("bench", "serve"): ("clipkit.bench.serve", "the retrieval service under load on loopback, with hostile requests "
                                                 "mixed in"),
 }

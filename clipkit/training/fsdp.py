@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..config import Config
+from ..config import Config, ConfigError
 from ..distributed import DistEnv
 from ..models.weights import first_nonfinite
 from .engine_parts import AUTOCAST_DTYPES, advance_schedule, join_one_process_group
@@ -116,6 +116,9 @@ class FSDP2Engine:
         from torch.distributed.device_mesh import init_device_mesh
 
         t, f = cfg.train, cfg.fsdp
+        if f.cpu_offload and env.device.type != "cuda":
+            raise ConfigError("config key 'fsdp.cpu_offload' moves sharded state from GPU to CPU memory: this run is "
+                              f"on {env.device.type}, where it is in CPU memory already; set it to false")
         self.module, self.env, self.grad_clip = module, env, t.grad_clip
         self.model_name, self.model_cfg = model_name, model_cfg
         self.preprocess_cfg = None
