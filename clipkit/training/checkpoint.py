@@ -2,9 +2,11 @@
 and fallback on resume. The loop only says `checkpoints.maybe_save(step)`.
 
 What a checkpoint holds (see docs/checkpoints.md):
-    step_00000600/model.safetensors   fp32 weights + architecture (torch engine; DeepSpeed: final step)
+    step_00000600/model.safetensors   fp32 weights + architecture (torch engine; DeepSpeed, FSDP2: final step)
     step_00000600/optimizer.pt        optimizer, schedule, loss scale: tensors and numbers only
     step_00000600/deepspeed/          DeepSpeed's own sharded files (DeepSpeed engine)
+    step_00000600/fsdp/               torch.distributed.checkpoint's shards and metadata (FSDP2 engine; schedule.pt
+                                      beside it: the LR schedule and loss scale)
     step_00000600/trainer.json        step, engine, world size, model name and architecture, run config
     step_00000600/ranks.json          per rank: each state provider's JSON (RNG, data stream, skip counts)
     step_00000600/manifest.json       sha256 of every file above, signed; written last
