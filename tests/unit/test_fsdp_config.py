@@ -27,3 +27,18 @@ def test_fsdp_enabled_picks_the_fsdp2_engine():
     assert engine_class(load_config(None, [])).name == "torch"
     # DCP's metadata is pickled: only checkpoints this installation signed are loaded
     assert FSDP2Engine.unpickles_on_load and FSDP2Engine.resumes_on_other_world_sizes
+
+
+def test_every_transformer_block_and_resnet_stage_of_both_towers_is_a_unit():
+    """What fully_shard wraps before the root: counted against the architectures' configs by hand."""
+    from clipkit.models import create_model
+    from clipkit.training.fsdp import shard_units
+
+    vit = create_model("clipkit-nano")  # 2 image blocks, 2 text blocks
+    units = shard_units(vit)
+    assert len(units) == 4 and {id(u) for u in units} == {
+        id(b) for b in [*vit.visual.transformer.resblocks, *vit.transformer.resblocks]}
+    rn = create_model("clipkit-tiny-rn")  # ResNet stages layer1..layer4, 2 text blocks
+    units = shard_units(rn)
+    stages = [getattr(rn.visual, f"layer{i}") for i in range(1, 5)]
+    assert {id(u) for u in units} == {id(m) for m in [*stages, *rn.transformer.resblocks]}
