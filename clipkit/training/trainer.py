@@ -5,7 +5,7 @@
     trainer = Trainer(load_config("my.yaml", ["train.steps=200", "data.train=shards/{0..9}.tar"]))
     trainer.fit()
 
-The same code runs on one process, under torchrun (DDP), or with DeepSpeed ZeRO: parallelism is applied
+The same code runs on one process, under torchrun (DDP), with DeepSpeed ZeRO or with FSDP2: parallelism is applied
 from outside the model by the engine (engine.py), the loss gathers features across ranks, and the
 checkpoint manager (checkpoint.py) decides what is saved and when. Evaluation and export happen above
 this package, in clipkit.run.
