@@ -5,12 +5,11 @@ batches (the torch engine, no sharding); nothing is stored from an earlier run. 
 features FSDP2 must work with, so that one run exercises several of them.
 """
 import json
+import subprocess
 import sys
 
 import pytest
 from helpers import DIST, process_env
-
-import subprocess
 
 SCRIPT = DIST / "train_curve.py"
 STEPS = 8
