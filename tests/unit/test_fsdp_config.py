@@ -42,3 +42,16 @@ def test_every_transformer_block_and_resnet_stage_of_both_towers_is_a_unit():
     units = shard_units(rn)
     stages = [getattr(rn.visual, f"layer{i}") for i in range(1, 5)]
     assert {id(u) for u in units} == {id(m) for m in [*stages, *rn.transformer.resblocks]}
+
+
+def test_mixed_precision_policy_follows_the_dtypes_asked_for():
+    import torch
+
+    from clipkit.training.fsdp import mixed_precision
+
+    plain = mixed_precision("fp32", "fp32")
+    assert plain.param_dtype is None and plain.reduce_dtype is None  # fp32 throughout: nothing is cast
+    bf16 = mixed_precision("bf16", "fp32")
+    assert bf16.param_dtype == torch.bfloat16 and bf16.reduce_dtype == torch.float32
+    fp16 = mixed_precision("fp16", "bf16")
+    assert fp16.param_dtype == torch.float16 and fp16.reduce_dtype == torch.bfloat16
