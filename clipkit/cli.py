@@ -15,6 +15,7 @@
     clipkit finetune [key=value ...] [--out DIR]
     clipkit finetune-report RUN_DIR ... [--out FILE.json]
     clipkit report RUN_DIR
+    clipkit convert-checkpoint --checkpoint CKPT --to ENGINE --out DIR
     clipkit inspect PATH
     clipkit bench loss [--out FILE.json]
     clipkit bench data [--out FILE.json]
@@ -22,6 +23,7 @@
     clipkit bench train [key=value ...] [--out FILE.json]
     clipkit bench onnx --checkpoint CKPT --data DATA [--out FILE.json]
     clipkit bench text [--out FILE.json]
+    clipkit bench memory [--out FILE.json]
     clipkit bench serve [--out FILE.json]
     clipkit config [key=value ...]
     clipkit models
@@ -192,6 +194,8 @@ DELEGATED = {
                                             "fine-tuning, WiSE-FT, LoRA, FLYP"),
     ("finetune-report",): ("clipkit.finetune.report", "zero-shot vs fine-tuning methods, side by side"),
     ("report",): ("clipkit.report", "a run's report.html: loss, LR, throughput, MFU, evaluation over time"),
+    ("convert-checkpoint",): ("clipkit.training.convert", "a torch-engine (DDP) checkpoint as an FSDP2 one, or the "
+                                                          "reverse (docs/distributed.md)"),
     ("inspect",): ("clipkit.inspect", "what a checkpoint or pretrained model path holds, and which commands can "
                                       "use it"),
     ("bench", "loss"): ("clipkit.bench.loss", "contrastive loss peak memory and time, clipkit vs OpenCLIP"),
@@ -202,6 +206,8 @@ DELEGATED = {
                                               "torch"),
     ("bench", "text"): ("clipkit.bench.text", "training step time: text tower cut at the longest caption, length "
                                               "buckets"),
+    ("bench", "memory"): ("clipkit.bench.memory", "peak memory per rank of one model under DDP, ZeRO-2, ZeRO-3 and "
+                                                  "FSDP2"),
     ("bench", "serve"): ("clipkit.bench.serve", "the retrieval service under load on loopback, with hostile requests "
                                                 "mixed in"),
 }

@@ -7,13 +7,13 @@ validation, in that order of dependence. Config imports nothing else of clipkit:
 from .load import config_from_dict, config_to_dict, load_config, save_config
 from .schema import (DEFAULT_IMAGE_KEY, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_TILE_SIZE, FINETUNE_METHODS, OPTIMIZER_IMPLS,
                      PRECISIONS, RENAMED, WISE_METHODS, Config, ConfigError, DataConfig, DeepSpeedConfig, DistConfig,
-                     EvalConfig, ExportConfig, FinetuneConfig, LinearProbeConfig, LoraConfig, LrSearchConfig,
+                     EvalConfig, ExportConfig, FinetuneConfig, FSDPConfig, LinearProbeConfig, LoraConfig, LrSearchConfig,
                      ModelConfig, RunConfig, SynthConfig, TrainConfig, WiseConfig)
 from .validate import lora_targets, parse_alphas, parse_lrs, register_check, validate
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "DistConfig", "EvalConfig", "ExportConfig",
-    "FinetuneConfig", "LinearProbeConfig", "LoraConfig", "LrSearchConfig", "ModelConfig", "RunConfig", "SynthConfig",
+    "FinetuneConfig", "FSDPConfig", "LinearProbeConfig", "LoraConfig", "LrSearchConfig", "ModelConfig", "RunConfig", "SynthConfig",
     "TrainConfig", "WiseConfig",
     "DEFAULT_IMAGE_KEY", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_TILE_SIZE", "FINETUNE_METHODS", "OPTIMIZER_IMPLS",
     "PRECISIONS", "RENAMED", "WISE_METHODS",

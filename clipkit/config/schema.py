@@ -173,6 +173,23 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """PyTorch's FSDP2 (fully_shard per transformer block / ResNet stage of both towers, then the root): each rank
+    keeps 1/W of the weights, gradients and optimizer state; checkpoints are sharded (torch.distributed.checkpoint)
+    and resume on any number of ranks."""
+
+    enabled: bool = False
+    # The dtype the forward and backward run in (parameters gathered in it): one of PRECISIONS, or null for
+    # train.precision's. The sharded master weights and the optimizer stay fp32.
+    param_dtype: Optional[str] = None
+    reduce_dtype: str = "fp32"  # gradients are averaged across ranks in this dtype (one of PRECISIONS)
+    # Free each block's gathered weights after its forward (gather them again for the backward): less memory,
+    # one more all-gather per block. False keeps them from the forward to the backward (ZeRO-2-like).
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # sharded weights, gradients and optimizer state in CPU memory (CUDA runs)
+
+
+@dataclass
 class LinearProbeConfig:
     """Logistic regression on frozen, cached image features (CLIP_benchmark's linear-probe protocol): the L2
     strength is chosen on val from a log grid of scikit-learn's C (inverse strength), then refit on train+val."""
@@ -380,6 +397,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)

@@ -41,10 +41,23 @@ def validate(cfg: Config) -> None:
     _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     if ds.config is not None:
         _check_json_file(ds.config, "deepspeed.config")
+    _validate_fsdp(cfg)
     _validate_finetune(cfg.finetune)
     _validate_curate(cfg.curate)
     for check in _REGISTERED:
         check(cfg)
+
+
+def _validate_fsdp(cfg: Config) -> None:
+    f = cfg.fsdp
+    _check(not (f.enabled and cfg.deepspeed.enabled), "fsdp.enabled",
+           "and deepspeed.enabled cannot both be true: choose one engine (see docs/distributed.md)")
+    _check(f.param_dtype is None or f.param_dtype in PRECISIONS, "fsdp.param_dtype",
+           f"must be null (train.precision's) or one of {', '.join(PRECISIONS)} (got {f.param_dtype!r})")
+    _check(f.param_dtype is None or cfg.train.precision in ("fp32", f.param_dtype), "fsdp.param_dtype",
+           f"({f.param_dtype}) contradicts train.precision={cfg.train.precision}: set one of them")
+    _check(f.reduce_dtype in PRECISIONS, "fsdp.reduce_dtype",
+           f"must be one of {', '.join(PRECISIONS)} (got {f.reduce_dtype!r})")
 
 
 def _validate_train(t: TrainConfig) -> None:

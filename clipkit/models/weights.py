@@ -113,8 +113,9 @@ def _clipkit_file(path: Path) -> tuple[Path, str, dict, dict | None, dict | None
         manifest = read_manifest(path)
         if WEIGHTS_FILE not in manifest["files"]:
             raise CheckpointError(f"{path} holds {manifest.get('engine')} training state without full weights "
-                                  f"(a ZeRO checkpoint is consolidated at the end of the run): use the run's "
-                                  "final checkpoint")
+                                  f"(ZeRO and FSDP2 checkpoints are consolidated at the end of the run): use the "
+                                  "run's final checkpoint, or turn an fsdp2 one into a torch one with `clipkit "
+                                  "convert-checkpoint --to torch`")
         verify(path, only=[WEIGHTS_FILE])
         path = path / WEIGHTS_FILE
     _, meta = read_safetensors(path)

@@ -2,9 +2,11 @@
 and fallback on resume. The loop only says `checkpoints.maybe_save(step)`.
 
 What a checkpoint holds (see docs/checkpoints.md):
-    step_00000600/model.safetensors   fp32 weights + architecture (torch engine; DeepSpeed: final step)
+    step_00000600/model.safetensors   fp32 weights + architecture (torch engine; DeepSpeed, FSDP2: final step)
     step_00000600/optimizer.pt        optimizer, schedule, loss scale: tensors and numbers only
     step_00000600/deepspeed/          DeepSpeed's own sharded files (DeepSpeed engine)
+    step_00000600/fsdp/               torch.distributed.checkpoint's shards and metadata (FSDP2 engine; schedule.pt
+                                      beside it: the LR schedule and loss scale)
     step_00000600/trainer.json        step, engine, world size, model name and architecture, run config
     step_00000600/ranks.json          per rank: each state provider's JSON (RNG, data stream, skip counts)
     step_00000600/manifest.json       sha256 of every file above, signed; written last
@@ -270,7 +272,8 @@ class CheckpointManager:
         if info["engine"] != self.engine.name:
             raise CheckpointError(f"checkpoint {path} was written by the {info['engine']} engine; this run uses "
                                   f"{self.engine.name}: resume it with the same deepspeed.enabled / "
-                                  "deepspeed.zero_stage settings")
+                                  "deepspeed.zero_stage / fsdp.enabled settings (clipkit convert-checkpoint turns "
+                                  "torch and fsdp2 checkpoints into each other)")
         if info["model_cfg"] != self.meta["model_cfg"]:
             raise CheckpointError(f"checkpoint {path} holds architecture {info['model_name']}, which differs from "
                                   f"model.name={self.meta['model_name']}")

@@ -3,8 +3,8 @@
 The engine is chosen once, by `build_engine(cfg, module, env)`; the step and the loop never ask which
 one they have. Every engine exposes:
 
-    engine.name              "torch" or "deepspeed-zero{N}" (recorded in checkpoints; resume must match)
-    engine.model             the module to call (DDP- or DeepSpeed-wrapped)
+    engine.name              "torch", "deepspeed-zero{N}" or "fsdp2" (recorded in checkpoints; resume must match)
+    engine.model             the module to call (DDP- or DeepSpeed-wrapped; FSDP2: the module, sharded in place)
     engine.module            the plain open_clip model
     engine.input_dtype       the dtype images must have (None: as loaded, fp32)
     engine.autocast()        the context the forward runs in (bf16/fp16 autocast, or nothing)
@@ -36,11 +36,9 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -54,12 +52,13 @@ from ..extras import require
 from ..startup import paused_collection
 from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
+from .engine_parts import AUTOCAST_DTYPES, advance_schedule, join_one_process_group
+from .fsdp import FSDP2Engine
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger("clipkit.training")
 
 OPTIMIZER_FILE = "optimizer.pt"
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchEngine:
@@ -131,7 +130,7 @@ class TorchEngine:
                 self.scaler.step(self.optimizer)
         if self.scaler is not None:  # an overflow (recorded by unscale_) lowers the scale, as GradScaler does
             self.scaler.update()
-        _schedule(self.scheduler)
+        advance_schedule(self.scheduler)
         self.optimizer.zero_grad(set_to_none=True)
         self._norm = None
         return apply
@@ -198,7 +197,7 @@ class DeepSpeedEngine:
         self.module, self.env, self.cfg = module, env, cfg
         self.name = f"deepspeed-zero{cfg.deepspeed.zero_stage}"
         t = cfg.train
-        _join_one_process_group(env)
+        join_one_process_group(env)
         micro_batch = t.global_batch_size // env.world_size // t.accum_steps
         ds_config = deepspeed_config(cfg, env, micro_batch)
         if t.precision != "fp32" and env.device.type != "cuda":
@@ -246,7 +245,7 @@ class DeepSpeedEngine:
         """At the boundary: clipping, optimizer, schedule, zeroing the gradients; returns whether the weights
         were updated. apply=False: the loss was not finite and no backward ran: only the schedule moves."""
         if not apply:
-            _schedule(self.scheduler)
+            advance_schedule(self.scheduler)
             return False
         if self.cfg.deepspeed.zero_stage == 0 and self.input_dtype is None:
             # Without ZeRO, in fp32, DeepSpeed steps torch's AdamW unchecked: a non-finite gradient (all-reduced
@@ -263,7 +262,7 @@ class DeepSpeedEngine:
             return True
         # Skipped for non-finite gradients (an fp16 overflow included): DeepSpeed leaves the LR schedule where
         # it was; clipkit's follows the step count on every engine, so a resumed run gets the same rates.
-        _schedule(self.scheduler)
+        advance_schedule(self.scheduler)
         return False
 
     @property
@@ -401,30 +400,11 @@ def _no_shared_memory_all_reduce(deepspeed) -> None:
         ops.__compatible_ops__ = {}
 
 
-def _schedule(scheduler) -> None:
-    """Advance the LR schedule (also on a step that skipped the update: the schedule follows the step count)."""
-    with warnings.catch_warnings():  # torch's note that the schedule moved before any optimizer update
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        scheduler.step()
-
-
-def _join_one_process_group(env: DistEnv) -> None:
-    """One process (plain `clipkit train`, or torchrun with one rank): DeepSpeed still needs a process
-    group and the variables torchrun would set; a one-member group needs no rendezvous."""
-    if torch.distributed.is_initialized():
-        return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    on_gpu = env.device.type == "cuda"
-    torch.distributed.init_process_group("nccl" if on_gpu else "gloo", store=torch.distributed.HashStore(),
-                                         rank=0, world_size=1, device_id=env.device if on_gpu else None)
-
-
-ENGINES = {"torch": TorchEngine, "deepspeed": DeepSpeedEngine}
+ENGINES = {"torch": TorchEngine, "deepspeed": DeepSpeedEngine, "fsdp": FSDP2Engine}
 
 
 def engine_class(cfg: Config) -> type:
-    return ENGINES["deepspeed" if cfg.deepspeed.enabled else "torch"]
+    return ENGINES["deepspeed" if cfg.deepspeed.enabled else "fsdp" if cfg.fsdp.enabled else "torch"]
 
 
 def build_engine(cfg: Config, module: nn.Module, env: DistEnv, model_name: str, model_cfg: dict):

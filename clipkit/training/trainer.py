@@ -5,7 +5,7 @@
     trainer = Trainer(load_config("my.yaml", ["train.steps=200", "data.train=shards/{0..9}.tar"]))
     trainer.fit()
 
-The same code runs on one process, under torchrun (DDP), or with DeepSpeed ZeRO: parallelism is applied
+The same code runs on one process, under torchrun (DDP), with DeepSpeed ZeRO or with FSDP2: parallelism is applied
 from outside the model by the engine (engine.py), the loss gathers features across ranks, and the
 checkpoint manager (checkpoint.py) decides what is saved and when. Evaluation and export happen above
 this package, in clipkit.run.
@@ -64,6 +64,7 @@ from ..models.weights import load_any
 from ..models.flops import matmul_peak, train_flops_per_sample
 from .checkpoint import CheckpointManager, RNGState
 from .engine import build_engine, engine_class
+from .fsdp import whole
 from .metrics import MetricsLogger
 from .step import ContrastiveStep, StepResult
 from .watchdog import Watchdog
@@ -84,7 +85,8 @@ class TrainingDiverged(UserError):
 RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "run.report", "train.steps", "train.resume",
                      "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
                      "eval.", "export.", "train.max_nonfinite_steps", "train.stall_timeout_s", "dist.", "data.workers",
-                     "finetune.", "data.synth.downstream_", "model.trim_text", "train.optimizer_impl")
+                     "finetune.", "data.synth.downstream_", "model.trim_text", "train.optimizer_impl",
+                     "fsdp.reshard_after_forward", "fsdp.cpu_offload")
 
 
 def seed_everything(seed: int) -> None:
@@ -633,7 +635,7 @@ class Trainer:
         record = {
             "loss": self.global_mean(float(np.mean(losses))),
             "lr": self.engine.lr,
-            "logit_scale": self.module.logit_scale.exp().item(),
+            "logit_scale": whole(self.module.logit_scale).exp().item(),  # gathered when sharded
             "samples_per_s": samples / max(elapsed, 1e-9),
             "data_wait": self._waited / max(elapsed, 1e-9),  # share of the time (rank 0)
             "skipped": self.global_skipped(),

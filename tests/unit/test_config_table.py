@@ -31,6 +31,8 @@ BAD = {
     "eval.batch_size": "0", "eval.zeroshot_at_end": "nah", "eval.retrieval_at_end": "7", "eval.every": "-1",
     "export.format": "tflite", "export.at_end": "later",
     "deepspeed.enabled": "2", "deepspeed.zero_stage": "4", "deepspeed.config": "/no/such/ds.json",
+    "fsdp.enabled": "2", "fsdp.param_dtype": "fp8", "fsdp.reduce_dtype": "int8", "fsdp.reshard_after_forward": "later",
+    "fsdp.cpu_offload": "x",
     "dist.timeout_s": "0",
     "finetune.method": "prompt_tuning", "finetune.checkpoint": "/no/such/ck", "finetune.data": "/no/such/data",
     "finetune.val_fraction": "1.0", "finetune.epochs": "0", "finetune.global_batch_size": "0", "finetune.lr": "0",

@@ -1,0 +1,30 @@
+"""What every engine shares: the autocast dtypes, the schedule step, the one-process group."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..distributed import DistEnv
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def advance_schedule(scheduler) -> None:
+    """Advance the LR schedule (also on a step that skipped the update: the schedule follows the step count)."""
+    with warnings.catch_warnings():  # torch's note that the schedule moved before any optimizer update
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
+
+
+def join_one_process_group(env: DistEnv) -> None:
+    """One process (plain `clipkit train`, or torchrun with one rank): DeepSpeed and FSDP2 still need a
+    process group and the variables torchrun would set; a one-member group needs no rendezvous."""
+    if torch.distributed.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    on_gpu = env.device.type == "cuda"
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo", store=torch.distributed.HashStore(),
+                                         rank=0, world_size=1, device_id=env.device if on_gpu else None)

@@ -1,0 +1,71 @@
+"""An FSDP2 run resumed from a checkpoint (train.resume=...), on however many ranks it is launched with: what the
+engine holds right after loading, then the losses of a few steps on fixed global batches.
+
+    [torchrun ...] python tests/dist/fsdp_resume.py OUT_DIR STEPS SAVE [dotted.key=value ...]
+
+OUT_DIR/state.safetensors (rank 0): the whole model as the resumed engine holds it ("weight/NAME") and the Adam
+moments of every parameter ("exp_avg/NAME", "exp_avg_sq/NAME"), gathered from the shards by torch's
+get_model_state_dict / get_optimizer_state_dict (full_state_dict=True). OUT_DIR/resumed.json: the step the run
+resumed at, the learning rate, and the global loss of each of STEPS steps on batches that are the same whatever
+the number of ranks (rank r trains on its r-th share). SAVE=1: right after loading, the run saves a checkpoint
+of the step it resumed at, in its own run.dir (written by this number of ranks).
+"""
+from clipkit.startup import paused_collection
+
+with paused_collection():  # start-up imports, as the CLI makes them (clipkit/startup.py)
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    from clipkit.config import load_config
+    from clipkit.training import Trainer
+
+
+def held_state(trainer: Trainer) -> dict:
+    """The whole weights and Adam moments (rank 0; every rank takes part in gathering them)."""
+    engine, full = trainer.engine, StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(engine.module, options=full)
+    optim = get_optimizer_state_dict(engine.module, engine.optimizer, options=full)
+    state = {f"weight/{k}": v.float().clone() for k, v in weights.items()}
+    for name, moments in optim.get("state", {}).items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[f"{key}/{name}"] = moments[key].float().clone()
+    return state
+
+
+def main(out: str, steps: int, save: bool, overrides: list[str]) -> None:
+    trainer = Trainer(load_config(None, overrides))
+    env = trainer.env
+    state = held_state(trainer)  # before any step
+    if save:
+        trainer.checkpoints.save(trainer.step)
+    resumed = {"step": trainer.step, "lr": trainer.engine.lr, "losses": []}
+
+    generator = torch.Generator().manual_seed(1234)
+    size = trainer.module.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    batch = trainer.cfg.train.global_batch_size
+    share = slice(env.rank * trainer.local_batch_size, (env.rank + 1) * trainer.local_batch_size)
+    for step in range(steps):
+        images = torch.randn(batch, 3, *size, generator=generator)
+        words = torch.randint(0, 1000, (batch,), generator=generator).tolist()
+        tokens = trainer.tokenizer([f"a photo of thing {w} number {step}" for w in words])
+        loss = trainer.train_on(images[share], tokens[share])
+        resumed["losses"].append(trainer.global_mean(loss))
+
+    if env.is_main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_file(state, str(Path(out) / "state.safetensors"))
+        (Path(out) / "resumed.json").write_text(json.dumps(resumed))
+    if env.distributed:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # FSDP2 joined a process group even on one rank
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:])
