@@ -8,9 +8,9 @@ Every step is a clipkit command, run in this process with the arguments a user w
 listed in OUT/experiment.json, in order, so each can be rerun by hand):
 
 1. Data, three seeds apart (`--data-seed` S): `clipkit data synth --noisy` writes the raw set (seed S,
-   OUT/data/noisy; its eval/ split, the source of the planted leaks, is not evaluated on); `clipkit data synth` the held-out evaluation set (seed S+1, OUT/data/heldout: its eval/
-   zero-shot split and retrieval/ pairs; its training split is one sample, unused) and a clean set for the
-   scorer (seed S+2, OUT/data/scorer).
+   OUT/data/noisy; its eval/ split, the source of the planted leaks, is not evaluated on); `clipkit data synth`
+   the held-out evaluation set (seed S+1, OUT/data/heldout: its eval/ zero-shot split and retrieval/ pairs; its
+   training split is one sample, unused) and a clean set for the scorer (seed S+2, OUT/data/scorer).
 2. The scorer: as DataComp scores its pool with a CLIP model trained elsewhere (OpenAI's), `clipkit train` trains
    one on the clean set (OUT/scorer, seed 0, `--scorer-steps`), evaluated on the held-out set too; or `--scorer
    PATH` names one (then the clean set is not written, and `clipkit zeroshot` and `clipkit retrieval-eval`
@@ -144,7 +144,9 @@ class Experiment:
                      "--train-samples", str(s.noisy_samples), "--samples-per-shard", str(s.samples_per_shard),
                      "--image-size", str(s.image_size), "--eval-samples", str(s.eval_samples),
                      done=(self.noisy / "manifest.json").is_file())
-        sets = [(self.heldout, s.data_seed + 1, 1)] + ([] if s.scorer else [(self.clean, s.data_seed + 2, s.scorer_samples)])
+        sets = [(self.heldout, s.data_seed + 1, 1)]  # its training split: one sample, unused
+        if not s.scorer:
+            sets.append((self.clean, s.data_seed + 2, s.scorer_samples))
         for root, seed, train in sets:
             self.clipkit("data", "synth", "--out", str(root), "--seed", str(seed), "--train-samples", str(train),
                          "--eval-samples", str(s.eval_samples), "--samples-per-shard", str(s.samples_per_shard),
