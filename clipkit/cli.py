@@ -23,6 +23,7 @@
     clipkit bench onnx --checkpoint CKPT --data DATA [--out FILE.json]
     clipkit bench text [--out FILE.json]
     clipkit bench serve [--out FILE.json]
+    clipkit bench curate [--out FILE.json]
     clipkit config [key=value ...]
     clipkit models
 
@@ -204,6 +205,8 @@ DELEGATED = {
                                               "buckets"),
     ("bench", "serve"): ("clipkit.bench.serve", "the retrieval service under load on loopback, with hostile requests "
                                                 "mixed in"),
+    ("bench", "curate"): ("clipkit.bench.curate", "samples/s per core and memory of each curate stage at several "
+                                                  "sizes, beside clipkit embed"),
 }
 # Old command names, accepted for one release with a notice (`retrieval` collided with the clipkit.retrieval
 # package, which embeds, indexes, searches and serves; the command evaluates recall@k).

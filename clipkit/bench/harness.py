@@ -129,6 +129,16 @@ def proc_status_bytes(field: str, pid: int | str = "self") -> int | None:
     return None
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak RSS (VmHWM) afresh from its current RSS, so that the next peak read is of what
+    runs from now on (Linux's /proc/self/clear_refs); False where that cannot be done."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def meminfo_bytes(field: str) -> int | None:
     """A figure of the machine's memory (MemTotal, MemAvailable) from /proc/meminfo; None where unreadable."""
     try:
