@@ -51,7 +51,7 @@ import numpy as np
 from ..cliargs import THREADS_HELP, default_threads
 from .embed import model_file
 from .harness import (CACHE, BenchError, bench_main, command_line, emit_result, machine_facts, orders,
-                      proc_status_bytes, reset_peak_rss, run_worker, runs_and_median, worker_env)
+                      proc_status_bytes, reset_peak_rss, run_worker, runs_and_median, trim_heap, worker_env)
 from ..config.schema import CurateConfig
 from .shards import SHARD_FORMAT, photo_shards, write_bench_shards
 
@@ -89,6 +89,7 @@ class _Meter:
     @contextmanager
     def span(self):
         gc.collect()
+        trim_heap()
         before = proc_status_bytes("VmRSS")
         resettable = reset_peak_rss() and before is not None
         wall, cpu = time.perf_counter(), _cpu_seconds()
