@@ -445,12 +445,13 @@ def _report(args, argv, specs: dict[int, str], eval_root: Path, runs: dict) -> d
         stages[m] = {"kind": "per_shard" if m in PER_SHARD or m == EMBED else "global", "cores": cores,
                      "sizes": {str(n): _figures(runs[m][n], cores) for n in args.sizes}}
     largest = str(args.sizes[-1])
-    embed_rate = stages[EMBED]["sizes"][largest]["samples_per_s_per_core"]
+    embed = stages[EMBED]["sizes"][largest]
     throughput = {m: {k: s["sizes"][largest][k] for k in ("samples", "samples_per_s_median", "samples_per_s_per_core",
                                                           "samples_per_cpu_second_median")} for m, s in stages.items()}
-    for t in throughput.values():
-        both = t["samples_per_s_per_core"] and embed_rate
-        t["per_core_over_embed"] = t["samples_per_s_per_core"] / embed_rate if both else None
+    for t in throughput.values():  # a ratio to clipkit embed: wall-clock per core, and per CPU-second used
+        for key, over in (("samples_per_s_per_core", "per_core_over_embed"),
+                          ("samples_per_cpu_second_median", "per_cpu_second_over_embed")):
+            t[over] = t[key] / embed[key] if t[key] and embed[key] else None
     return {
         "benchmark": "clipkit curate, each stage in its own process on photo shards, beside clipkit embed",
         "command": command_line("curate", argv),
@@ -468,10 +469,11 @@ def _report(args, argv, specs: dict[int, str], eval_root: Path, runs: dict) -> d
 
 def _show(report: dict) -> None:
     t = report["throughput"]
-    print(f"at {t['size']} samples:  samples/s   per core   per CPU-second   per core / clipkit embed")
+    print(f"at {t['size']} samples:  samples/s   per core   per CPU-second   per core / clipkit embed   "
+          "per CPU-second / clipkit embed")
     for m, r in t["stages"].items():
         cells = [r["samples_per_s_median"], r["samples_per_s_per_core"], r["samples_per_cpu_second_median"],
-                 r["per_core_over_embed"]]
+                 r["per_core_over_embed"], r["per_cpu_second_over_embed"]]
         print(f"{m:<15}" + "".join(f"{v:12.1f}" if v is not None else f"{'-':>12}" for v in cells))
     print("peak RSS growth (MB) by size: " + ", ".join(str(n) for n in report["config"]["sizes"]))
     for m, r in report["memory"].items():

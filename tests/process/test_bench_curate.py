@@ -60,8 +60,12 @@ def test_bench_curate_runs_each_stage_over_every_sample_beside_clipkit_embed(tmp
     rates = report["throughput"]["stages"]
     embed = rates["clipkit_embed"]["samples_per_s_per_core"]
     assert rates["clipkit_embed"]["per_core_over_embed"] == 1.0
+    embed_cpu = rates["clipkit_embed"]["samples_per_cpu_second_median"]
+    assert rates["clipkit_embed"]["per_cpu_second_over_embed"] == 1.0 and embed_cpu > 0
     for name in STAGES:
         assert rates[name]["per_core_over_embed"] == rates[name]["samples_per_s_per_core"] / embed
+        cpu = rates[name]["samples_per_cpu_second_median"]  # None where the stage took under the CPU clock's tick
+        assert rates[name]["per_cpu_second_over_embed"] == (None if cpu is None else cpu / embed_cpu)
     for name in ["scan", *STAGES]:
         growth = report["memory"][name]["peak_rss_growth_bytes"]["12"]
         assert report["machine"]["peak_rss_reset"] is False or isinstance(growth, int)
