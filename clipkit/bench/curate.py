@@ -5,8 +5,8 @@
                          [--cache DIR] [--out bench_curate.json]
 
 The shards are the photo shards of `clipkit bench data` and `bench embed` (JPEGs of 640x480 to 1280x960 with
-captions; cached), written once for the largest size in --sizes; a smaller size reads their first shards. The scoring model is `--model` with seed-0 random weights (the
-file bench embed writes). Every stage runs in a fresh process of its own, one process per stage, size and
+captions; cached), written once for the largest size in --sizes; a smaller size reads their first shards. The
+scoring model is `--model` with seed-0 random weights (the file bench embed writes). Every stage runs in a fresh process of its own, one process per stage, size and
 repeat, so that one stage's memory peak cannot hide another's:
 
 - scan            the scan as `clipkit curate` runs it (decode, filters' features, hashes and embeddings in one
@@ -49,10 +49,10 @@ from pathlib import Path
 import numpy as np
 
 from ..cliargs import THREADS_HELP, default_threads
-from .embed import model_file
-from .harness import (CACHE, BenchError, bench_main, command_line, emit_result, machine_facts, orders,
-                      proc_status_bytes, reset_peak_rss, run_worker, runs_and_median, trim_heap, worker_env)
 from ..config.schema import CurateConfig
+from .embed import model_file
+from .harness import (CACHE, bench_main, command_line, emit_result, home_as_tilde, machine_facts, orders,
+                      proc_status_bytes, reset_peak_rss, run_worker, runs_and_median, trim_heap, worker_env)
 from .shards import SHARD_FORMAT, photo_shards, write_bench_shards
 
 STAGES = ("decode_filters", "hashing", "embedding", "hash_dedup", "semantic_dedup", "decontam", "clip_score",
@@ -457,9 +457,10 @@ def _report(args, argv, specs: dict[int, str], eval_root: Path, runs: dict) -> d
         "command": command_line("curate", argv),
         "config": {"model": args.model, "sizes": args.sizes, "per_shard": args.per_shard,
                    "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
-                   "repeats": args.repeats, "stages": args.stages, "eval_images": args.eval_images, "eval_set": str(eval_root),
+                   "repeats": args.repeats, "stages": args.stages, "eval_images": args.eval_images,
+                   "eval_set": home_as_tilde(str(eval_root)),
                    "decontam_cosine": DECONTAM_COSINE, "balance_entries": list(ENTRIES), "balance_t": "samples // 20",
-                   "shards": {str(n): s for n, s in specs.items()}},
+                   "shards": {str(n): home_as_tilde(s) for n, s in specs.items()}},
         "machine": machine_facts(peak_rss_reset=reset_peak_rss()),
         "stages": stages,
         "throughput": {"size": args.sizes[-1], "stages": throughput},

@@ -35,7 +35,7 @@ def test_bench_curate_runs_each_stage_over_every_sample_beside_clipkit_embed(tmp
     assert {"benchmark", "command", "config", "machine", "stages", "throughput", "memory"} <= set(report)
     assert report["config"]["stages"] == STAGES and report["config"]["sizes"] == [12]
     assert "clipkit bench curate --model clipkit-nano" in report["command"]
-    spec = Path(report["config"]["shards"]["12"])
+    spec = Path(report["config"]["shards"]["12"]).expanduser()
     tars = sorted(spec.parent.glob("*.tar"))
     assert spec.name == "{00000..00001}.tar" and [t.name for t in tars] == ["00000.tar", "00001.tar"]
     assert _photos(tars) == 12
