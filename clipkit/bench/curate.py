@@ -6,8 +6,8 @@
 
 The shards are the photo shards of `clipkit bench data` and `bench embed` (JPEGs of 640x480 to 1280x960 with
 captions; cached), written once for the largest size in --sizes; a smaller size reads their first shards. The
-scoring model is `--model` with seed-0 random weights (the file bench embed writes). Every stage runs in a fresh process of its own, one process per stage, size and
-repeat, so that one stage's memory peak cannot hide another's:
+scoring model is `--model` with seed-0 random weights (the file bench embed writes). Every stage runs in a fresh
+process of its own, one per stage, size and repeat, so that one stage's memory peak cannot hide another's:
 
 - scan            the scan as `clipkit curate` runs it (decode, filters' features, hashes and embeddings in one
                   pass, the feature files written); it also writes the features the global stages below read.
@@ -30,7 +30,8 @@ the same N. Per-shard stages are timed shard by shard (decoding for the stage is
 not the stage). samples/s per core = samples/s / --threads (the stage processes use that many threads; the
 Python-bound ones use one); samples per CPU-second (every thread of the process) holds on a shared machine where
 wall-clock rates move. Memory: the largest growth of the process's RSS over its RSS just before the stage ran
-(Linux's peak RSS reset before each timed span), plus the bytes of the inputs a global stage holds.
+(the free heap trimmed and Linux's peak RSS reset before each timed span), and the bytes of the inputs a global
+stage holds.
 
 `clipkit embed` (bench embed's clipkit worker: its own loader processes, both towers, parts written) runs on the
 same shards in the same invocation, alternating with the stages over the repeats; its rate stands beside them.
