@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ class DecodedSample:
     rgb: object  # PIL.Image.Image, RGB
 
 
-def decoded_samples(url: str, cfg: CurateConfig, counter: SkipCounter):
+def decoded_samples(url: str, cfg: CurateConfig, counter: SkipCounter) -> Iterator[DecodedSample]:
     """The shard's samples with an image that decodes and a caption, in shard order; the others are skipped and
     counted by reason on `counter`."""
     image_keys = cfg.image_key.split(";")
