@@ -25,6 +25,7 @@
     clipkit bench text [--out FILE.json]
     clipkit bench memory [--out FILE.json]
     clipkit bench serve [--out FILE.json]
+    clipkit bench curate [--out FILE.json]
     clipkit config [key=value ...]
     clipkit models
 
@@ -210,6 +211,8 @@ DELEGATED = {
                                                   "FSDP2"),
     ("bench", "serve"): ("clipkit.bench.serve", "the retrieval service under load on loopback, with hostile requests "
                                                 "mixed in"),
+    ("bench", "curate"): ("clipkit.bench.curate", "samples/s per core and memory of each curate stage at several "
+                                                  "sizes, beside clipkit embed"),
 }
 # Old command names, accepted for one release with a notice (`retrieval` collided with the clipkit.retrieval
 # package, which embeds, indexes, searches and serves; the command evaluates recall@k).

@@ -129,6 +129,28 @@ def proc_status_bytes(field: str, pid: int | str = "self") -> int | None:
     return None
 
 
+def trim_heap() -> bool:
+    """Return the heap's free pages to the kernel; False where the C library cannot (not glibc). Pages freed
+    earlier stay resident otherwise, and a measured step that reuses them adds nothing to the peak RSS."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak RSS (VmHWM) afresh from its current RSS, so that the next peak read is of what
+    runs from now on (Linux's /proc/self/clear_refs); False where that cannot be done."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def meminfo_bytes(field: str) -> int | None:
     """A figure of the machine's memory (MemTotal, MemAvailable) from /proc/meminfo; None where unreadable."""
     try:

@@ -8,7 +8,6 @@ result as RESULT_DIR/METHOD_rankR.json (or .oom.json when its step ran out of me
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -23,7 +22,8 @@ from statistics import fmean
 from pathlib import Path
 
 from ..cliargs import default_threads
-from .harness import BenchError, median, meminfo_bytes, proc_status_bytes, worker_env
+from .harness import (BenchError, median, meminfo_bytes, proc_status_bytes, reset_peak_rss, trim_heap,
+                      worker_env)
 
 METHODS = ("openclip", "tiled")
 GIB = 1024 ** 3
@@ -41,27 +41,16 @@ def _status_bytes(field: str) -> int:
     return value
 
 
-def _trim_heap() -> bool:
-    """Return the heap's free pages to the kernel; False where the C library cannot (not glibc)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
 def _reset_peak_rss() -> tuple[int, str]:
     """Reset the high-water mark to the current RSS and return (baseline bytes, how)."""
     # Pages freed by the warm-up and the matmul probe stay resident in glibc's heap, and a step that reuses
     # them adds nothing to VmHWM: up to megabytes of its peak went unseen (at 2 x 512 rows OpenCLIP's read
     # anywhere from 0.5 to 4.7 MiB). Trimmed, only pages still partly in use can be reused unseen.
-    trimmed = "; free heap trimmed" if _trim_heap() else "; free heap not trimmed (may understate)"
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
+    trimmed = "; free heap trimmed" if trim_heap() else "; free heap not trimmed (may understate)"
+    if reset_peak_rss():  # Linux >= 4.0: VmHWM := VmRSS
         return _status_bytes("VmRSS"), "VmHWM reset via clear_refs; baseline VmRSS" + trimmed
-    except OSError:
-        # Cannot reset: measure from the mark so far, which can only understate the step's own peak.
-        return _status_bytes("VmHWM"), "VmHWM not resettable; baseline VmHWM (may understate)" + trimmed
+    # Cannot reset: measure from the mark so far, which can only understate the step's own peak.
+    return _status_bytes("VmHWM"), "VmHWM not resettable; baseline VmHWM (may understate)" + trimmed
 
 
 def _inputs(batch: int, dim: int, seed: int, requires_grad: bool = True):

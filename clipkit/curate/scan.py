@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -138,16 +138,22 @@ class Embedder:
         return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 
 
-def scan_shard(url: str, shard: int, work: Path, cfg: CurateConfig, detector: LanguageDetector,
-               count_tokens: Callable[[str], int], embedder: Embedder | None) -> dict:
-    """Features of one shard into `work`; returns its record (samples, skips by reason)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+@dataclass
+class DecodedSample:
+    """One readable sample of a shard: where it is, its image member's bytes and decoded RGB image, its caption."""
 
-    counter = SkipCounter()
+    index: int
+    key: str
+    image_member: str
+    data: bytes
+    caption: str
+    rgb: object  # PIL.Image.Image, RGB
+
+
+def decoded_samples(url: str, cfg: CurateConfig, counter: SkipCounter) -> Iterator[DecodedSample]:
+    """The shard's samples with an image that decodes and a caption, in shard order; the others are skipped and
+    counted by reason on `counter`."""
     image_keys = cfg.image_key.split(";")
-    rows: dict[str, list] = {c: [] for c in COLUMNS}
-    images, captions = [], []
     for index, sample in read_shard(url, counter):
         where = f"{url}:{sample['__key__']}"
         img_key = next((k for k in image_keys if k in sample), None)
@@ -170,17 +176,35 @@ def scan_shard(url: str, shard: int, work: Path, cfg: CurateConfig, detector: La
             im = open_image(data, cfg.max_image_pixels)
             im.load()
             rgb = im.convert("RGB")
-            phash, flip = perceptual_hashes(rgb)
-            thumb = thumbnail(rgb)
         except ImageTooLarge as e:
             counter.skip("image_too_large", where, e)
             continue
         except Exception as e:  # corrupt or truncated image data
             counter.skip("image_decode_error", where, repr(e))
             continue
+        yield DecodedSample(index, sample["__key__"], img_key, data, text, rgb)
+
+
+def scan_shard(url: str, shard: int, work: Path, cfg: CurateConfig, detector: LanguageDetector,
+               count_tokens: Callable[[str], int], embedder: Embedder | None) -> dict:
+    """Features of one shard into `work`; returns its record (samples, skips by reason)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    counter = SkipCounter()
+    rows: dict[str, list] = {c: [] for c in COLUMNS}
+    images, captions = [], []
+    for d in decoded_samples(url, cfg, counter):
+        try:
+            phash, flip = perceptual_hashes(d.rgb)
+            thumb = thumbnail(d.rgb)
+        except Exception as e:  # an image that decodes but cannot be hashed counts as undecodable
+            counter.skip("image_decode_error", f"{url}:{d.key}", repr(e))
+            continue
+        text, rgb = d.caption, d.rgb
         lang, conf = detector(text)
-        for name, value in (("key", sample["__key__"]), ("shard", url), ("index", index), ("image_member", img_key),
-                            ("sha256", sha256_hex(data)), ("width", rgb.width), ("height", rgb.height),
+        for name, value in (("key", d.key), ("shard", url), ("index", d.index), ("image_member", d.image_member),
+                            ("sha256", sha256_hex(d.data)), ("width", rgb.width), ("height", rgb.height),
                             ("caption", text), ("words", len(text.split())), ("tokens", count_tokens(text)),
                             ("language", lang), ("language_confidence", conf), ("phash", phash),
                             ("phash_flip", flip), ("thumb", thumb)):
