@@ -143,6 +143,7 @@ def _warm_up(detector=None, count_tokens=None, embedder=None) -> None:
 
 
 def _scan(args, meter: _Meter) -> dict:
+    from ..curate.hashing import thumbs_array
     from ..curate.scan import Embedder, LanguageDetector, load_features, scan_shard, token_counter
 
     c = CONFIG
@@ -157,7 +158,8 @@ def _scan(args, meter: _Meter) -> dict:
         with meter.span():
             samples += scan_shard(url, s, work, c, detector, count_tokens, embedder)["samples"]
     cols, emb = load_features(work, len(urls), with_embeddings=True)
-    plain = {k: (np.asarray(v, dtype=str) if v.dtype == object else v) for k, v in cols.items()}
+    thumbs = thumbs_array(cols.pop("thumb"))  # bytes per sample: kept as uint8 rows (bytes(row) is the thumbnail)
+    plain = {k: (np.asarray(v, dtype=str) if v.dtype == object else v) for k, v in cols.items()} | {"thumb": thumbs}
     np.savez(work / FEATURES, **plain, **emb)
     return {"samples": samples, "embedding_dim": int(emb["image_emb"].shape[1])}
 
@@ -235,9 +237,10 @@ def _hash_dedup(f: dict, args, meter: _Meter) -> dict:
     alive = np.ones(len(f["key"]), dtype=bool)
     with meter.span():
         exact = exact_dedup(f["sha256"], alive, f["key"])
-        near = near_dedup(f["phash"], f["phash_flip"], alive & ~exact.drop, f["key"], CONFIG.dedup.phash_max_distance)
+        near = near_dedup(f["phash"], f["phash_flip"], alive & ~exact.drop, f["key"], CONFIG.dedup.phash_max_distance,
+                          thumbs=f["thumb"], min_similarity=CONFIG.dedup.phash_verify)
     return {"dropped": int(exact.drop.sum() + near.drop.sum()),
-            "held_input_bytes": _held_bytes(f["sha256"], f["phash"], f["phash_flip"], f["key"])}
+            "held_input_bytes": _held_bytes(f["sha256"], f["phash"], f["phash_flip"], f["key"], f["thumb"])}
 
 
 def _semantic_dedup(f: dict, args, meter: _Meter) -> dict:

@@ -10,7 +10,8 @@ listed in OUT/experiment.json, in order, so each can be rerun by hand):
 1. Data, three seeds apart (`--data-seed` S): `clipkit data synth --noisy` writes the raw set (seed S,
    OUT/data/noisy; its eval/ split, the source of the planted leaks, is not evaluated on); `clipkit data synth`
    the held-out evaluation set (seed S+1, OUT/data/heldout: its eval/ zero-shot split and retrieval/ pairs; its
-   training split is one sample, unused) and a clean set for the scorer (seed S+2, OUT/data/scorer).
+   training split is one sample, unused) and a clean set for the scorer (seed S+2, OUT/data/scorer), both drawn
+   in the noisy set's "photo" style.
 2. The scorer: as DataComp scores its pool with a CLIP model trained elsewhere (OpenAI's), `clipkit train` trains
    one on the clean set (OUT/scorer, seed 0, `--scorer-steps`), evaluated on the held-out set too; or `--scorer
    PATH` names one (then the clean set is not written, and `clipkit zeroshot` and `clipkit retrieval-eval`
@@ -48,18 +49,14 @@ ARMS = ("raw", "curated")
 ZEROSHOT_METRICS = ("acc1", "acc5", "mean_per_class_recall")
 RETRIEVAL_METRICS = tuple(f"{side}_retrieval_recall@{k}" for k in (1, 5, 10) for side in ("image", "text"))
 METRICS = tuple(f"zeroshot_{m}" for m in ZEROSHOT_METRICS) + RETRIEVAL_METRICS
-# The experiment's curation, before the user's overrides. Chosen against the noisy set's planted truth, never
-# against the held-out figures (docs/curation.md, "The DataComp experiment in miniature", has the counts):
-# DataComp's CLIP-score rule as a top fraction (a threshold belongs to one model's scale); a pHash distance of 2
-# for near duplicates, as at 4 unrelated flat synthetic scenes collide; a language confidence of 0.2, as lingua
-# gives short English captions ("an image of a red triangle") 0.3 to 0.5. Semantic deduplication stays off:
-# the small scorer's embeddings do not separate copies from other scenes.
+# The experiment's curation, before the user's overrides: the config's defaults, with DataComp's CLIP-score rule
+# as a top fraction (a threshold belongs to one model's scale). Semantic deduplication stays off: the small
+# scorer's embeddings do not separate copies from other scenes (docs/curation.md, "Measured against the planted
+# truth").
 EXPERIMENT_CURATE = (
     "curate.score.enabled=true",
     "curate.score.threshold=null",
     "curate.score.top_fraction=0.9",
-    "curate.dedup.phash_max_distance=2",
-    "curate.filters.min_language_confidence=0.2",
     "curate.progress=false",
 )
 
@@ -150,7 +147,7 @@ class Experiment:
         for root, seed, train in sets:
             self.clipkit("data", "synth", "--out", str(root), "--seed", str(seed), "--train-samples", str(train),
                          "--eval-samples", str(s.eval_samples), "--samples-per-shard", str(s.samples_per_shard),
-                         "--image-size", str(s.image_size), "--downstream-train-samples", "1",
+                         "--image-size", str(s.image_size), "--style", "photo", "--downstream-train-samples", "1",
                          "--downstream-test-samples", "1", "--workers", "1", done=(root / "manifest.json").is_file())
 
     def train_spec(self, root: Path) -> str:
