@@ -64,9 +64,12 @@ def text_lengths(context_length: int, pad: int) -> list[int]:
 def use_cache_dir(directory: Path) -> str:
     """Keep torch's compile caches in `directory`, unless the user's TORCHINDUCTOR_CACHE_DIR names a folder;
     returns the folder in use."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     global _set_cache_dir
     current = os.environ.get(CACHE_ENV)
-    if current is not None and current != _set_cache_dir:
+    # torch writes its default into the environment on first use: that one is not the user's choice
+    if current is not None and current not in (_set_cache_dir, os.path.abspath(default_cache_dir())):
         return current
     directory.mkdir(parents=True, exist_ok=True)
     _set_cache_dir = os.environ[CACHE_ENV] = str(directory.resolve())
@@ -75,14 +78,16 @@ def use_cache_dir(directory: Path) -> str:
 
 class CompileStats:
     """Compiles since this object was made: graphs (dynamo's unique graphs), recompiles (graphs compiled after
-    the first training step) and compile seconds (dynamo's frame compile, which includes the forward graph's
-    inductor compile or cache load, plus AOTAutograd's lazy backward compile)."""
+    the first training step), compile seconds (dynamo's frame compile, which includes the forward graph's
+    inductor compile or cache load, plus AOTAutograd's lazy backward compile) and how many graphs the on-disk
+    cache served (AOTAutograd cache hits; misses were compiled from scratch)."""
 
     TIMERS = ("_compile.compile_inner", "backward._backward_impl")
 
     def __init__(self) -> None:
         self._graphs0 = self._graphs()
         self._seconds0 = self._seconds()
+        self._cache0 = self._cache()
         self.after_first_step: int | None = None  # graphs compiled by the end of the first step
 
     @staticmethod
@@ -90,6 +95,12 @@ class CompileStats:
         from torch._dynamo.utils import counters
 
         return int(counters["stats"]["unique_graphs"])
+
+    @staticmethod
+    def _cache() -> tuple[int, int]:
+        from torch._dynamo.utils import counters
+
+        return int(counters["aot_autograd"]["autograd_cache_hit"]), int(counters["aot_autograd"]["autograd_cache_miss"])
 
     @classmethod
     def _seconds(cls) -> float:
@@ -114,7 +125,9 @@ class CompileStats:
         return 0 if self.after_first_step is None else self.graphs - self.after_first_step
 
     def as_dict(self) -> dict:
-        return {"graphs": self.graphs, "recompiles": self.recompiles, "seconds": round(self.seconds, 3)}
+        hits, misses = (now - then for now, then in zip(self._cache(), self._cache0))
+        return {"graphs": self.graphs, "recompiles": self.recompiles, "seconds": round(self.seconds, 3),
+                "cache_hits": hits, "cache_misses": misses}
 
 
 class RegionalCompile:

@@ -20,7 +20,9 @@ from clipkit.training import Trainer
 from clipkit.training.compile import CACHE_ENV, text_lengths, transformer_blocks, use_cache_dir
 
 STEPS = 20
-PAD = 4  # train.compile_pad_text: clipkit-nano's context of 16 gives text lengths 4, 8, 12, 16
+PAD = 2  # train.compile_pad_text: clipkit-nano's context of 16 gives text lengths 2, 4, ..., 16
+# The synthetic captions have 8 to 16 tokens: bucketed batches make the trimmed length vary between steps
+BUCKETS = "data.length_buckets=[9,12]"
 # Compiled and eager fp32 differ by float rounding only (inductor fuses and reorders reductions): the loss of
 # every step within this relative tolerance of the eager run's, over 20 steps of AdamW.
 LOSS_RTOL = 1e-4
@@ -33,7 +35,7 @@ def _losses(run_dir) -> list[dict]:
 
 def _run(run_dir, synth, *extra):
     overrides = tiny_run(run_dir, synth, "run.log_every=1", "train.checkpoint_every=1000", "data.shuffle_buffer=50",
-                         "train.compile_pad_text=4", *extra, steps=STEPS, batch=16)
+                         f"train.compile_pad_text={PAD}", BUCKETS, *extra, steps=STEPS, batch=16)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -79,17 +81,18 @@ def test_recompiles_are_bounded_and_logged_apart_from_step_time(compiled_and_eag
     records = _losses(root / "compiled")
     stats = [r["compile"] for r in records]
     lengths = text_lengths(16, PAD)
-    assert lengths == [4, 8, 12, 16]
-    # image blocks: one shape; text blocks: one graph per padded length at most; nothing else is compiled
-    assert 2 <= stats[-1]["graphs"] <= 1 + len(lengths)
-    assert stats[-1]["recompiles"] == stats[-1]["graphs"] - stats[0]["graphs"]
+    assert lengths == [2, 4, 6, 8, 10, 12, 14, 16]
+    # image blocks: one shape; text blocks: one graph per padded length at most; nothing else is compiled.
+    # The buckets' batches reach at least two text lengths, so the text blocks recompiled at least once.
+    assert 3 <= stats[-1]["graphs"] <= 1 + len(lengths)
+    assert 1 <= stats[-1]["recompiles"] == stats[-1]["graphs"] - stats[0]["graphs"]
     assert [s["graphs"] for s in stats] == sorted(s["graphs"] for s in stats)  # cumulative
     # the windows' compile seconds add up to the run's, and the first step carries the first compile
     assert sum(s["window_seconds"] for s in stats) == pytest.approx(stats[-1]["seconds"], abs=0.01)
     assert stats[0]["window_seconds"] > 0
     for r in records:
         assert r["samples_per_s_without_compile"] >= r["samples_per_s"]
-    # the text tower ran at padded lengths: the captions' trimmed lengths are not all multiples of the pad
+    # the compiled run pads its trimmed text lengths to multiples of the pad (the eager run does not)
     assert compiled.module.trim_text_multiple == PAD
 
 
@@ -118,7 +121,9 @@ def test_padded_text_lengths_give_the_same_features():
 
 
 def test_cache_dir_is_the_runs_unless_the_user_names_one(tmp_path, monkeypatch):
-    monkeypatch.delenv(CACHE_ENV, raising=False)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(CACHE_ENV, default_cache_dir())  # torch writes its default there on first use
     assert use_cache_dir(tmp_path / "a") == str((tmp_path / "a").resolve())
     assert os.environ[CACHE_ENV] == str((tmp_path / "a").resolve()) and (tmp_path / "a").is_dir()
     assert use_cache_dir(tmp_path / "b") == str((tmp_path / "b").resolve())  # clipkit's own setting moves on
