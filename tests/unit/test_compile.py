@@ -2,13 +2,15 @@
 over 20 fp32 steps, compile a bounded number of graphs while the trimmed text length varies, and log compile
 time apart from step time; train.compile=step is refused in one line.
 
-One compiled run is shared by the tests of this module (its compile is the cost: about a minute of CPU with
-an empty cache). torch's compile caches go to torch's own default folder here (TORCHINDUCTOR_CACHE_DIR set to
-it), as for any torch user, so a second session loads the graphs instead of compiling them; the run.dir cache
-that `clipkit train` uses otherwise is checked without compiling."""
+One compiled run is shared by the tests of this module (its compile is the cost: a few minutes on a busy
+2-core machine with an empty cache). torch's compile caches go to one folder under the system's temporary
+directory here (TORCHINDUCTOR_CACHE_DIR, as torch's own default does), so a later session loads the graphs
+instead of compiling them; the run.dir cache that `clipkit train` uses otherwise is checked without compiling
+here, and with compiling in tests/process/test_compile_ddp.py."""
 import json
 import math
 import os
+import tempfile
 
 import pytest
 import torch
@@ -48,10 +50,8 @@ def _run(run_dir, synth, *extra):
 
 @pytest.fixture(scope="module")
 def compiled_and_eager(synth_small, tmp_path_factory):
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     before = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = default_cache_dir()
+    os.environ[CACHE_ENV] = os.path.join(tempfile.gettempdir(), "clipkit-test-compile-cache")
     try:
         root = tmp_path_factory.mktemp("compile")
         compiled = _run(root / "compiled", synth_small, "train.compile=model")
