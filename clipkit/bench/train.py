@@ -301,8 +301,9 @@ def _run_one(method: str, args: argparse.Namespace, spec: str, folder: Path) -> 
 
         resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
         result["settings"] = {"model.trim_text": resolved["model"]["trim_text"],
-                              "data.length_buckets": resolved["data"]["length_buckets"],
-                              "train.compile": resolved["train"].get("compile", "off")}
+                              "data.length_buckets": resolved["data"]["length_buckets"]}
+        if resolved["train"].get("compile", "off") != "off":
+            result["settings"]["train.compile"] = resolved["train"]["compile"]
         result.update(compile_figures(run_dir / "metrics.jsonl", args.skip_steps, result))
     losses = [s["loss"] for s in steps]
     return {**result, "method": method, "process_seconds": wall, "load_average_1min": [load, os.getloadavg()[0]],
