@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # GPU check: ViT-B-32 in bf16 on the built-in dataset, once with the plain (DDP) engine and once with
-# DeepSpeed ZeRO-2, on every GPU of this node. Prints samples/s and peak GPU memory of each run (from
-# their summary.json; the first logged window, with start-up and warm-up, is left out of samples/s).
+# DeepSpeed ZeRO-2, on every GPU of this node; with COMPILE=1 (the default when torch sees a GPU) also the
+# plain engine with train.compile=model (the towers' transformer blocks compiled). Prints samples/s and peak
+# GPU memory of each run (from their summary.json; the first logged window, with start-up and warm-up, is
+# left out of samples/s) and, for the compiled run, its compile seconds, graphs and recompiles (metrics.jsonl).
 #   bash launch/gpu_check.sh                 # STEPS=60 PER_GPU_BATCH=256 WORKERS=8 by default
 #   CLIPKIT_NO_ENV=1 bash launch/gpu_check.sh   # in the Python environment you are in
+#   COMPILE=0 bash launch/gpu_check.sh       # without the compiled run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${CLIPKIT_NO_ENV:-}" ] || . launch/env.sh
@@ -12,6 +15,7 @@ NPROC=${NPROC:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count(
 STEPS=${STEPS:-60}
 PER_GPU_BATCH=${PER_GPU_BATCH:-256}
 WORKERS=${WORKERS:-8}
+COMPILE=${COMPILE:-$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')}
 common=(model.name=ViT-B-32 train.precision=bf16 "train.global_batch_size=$((PER_GPU_BATCH * NPROC))"
         "train.steps=$STEPS" train.warmup_steps=10 train.lr=2e-4 train.checkpoint_every=1000000 "data.workers=$WORKERS"
         data.synth.train_samples=8000 data.synth.samples_per_shard=500 "data.synth.out=$OUT_DIR/synth"
@@ -23,16 +27,24 @@ run() {
 }
 run ddp
 run zero2 deepspeed.enabled=true deepspeed.zero_stage=2
-python3 - "$OUT_DIR" <<'EOF'
+runs="ddp zero2"
+if [ "$COMPILE" = 1 ]; then
+    run ddp_compile train.compile=model
+    runs="$runs ddp_compile"
+fi
+python3 - "$OUT_DIR" $runs <<'EOF'
 import json, sys
 from pathlib import Path
 rows = []
-for name in ("ddp", "zero2"):
+for name in sys.argv[2:]:
     s = json.loads((Path(sys.argv[1]) / name / "summary.json").read_text())
     losses = [json.loads(l)["loss"] for l in (Path(sys.argv[1]) / name / "metrics.jsonl").read_text().splitlines()]
     rows.append({"run": name, "world_size": s["world_size"], "steps": s["steps"],
                  "samples_per_s": s["samples_per_s"], "gpu_mem_peak_gib": s.get("gpu_mem_peak_gib"),
                  "first_loss": losses[0], "last_loss": losses[-1]})
+    last = json.loads((Path(sys.argv[1]) / name / "metrics.jsonl").read_text().splitlines()[-1])
+    if "compile" in last:  # train.compile: compile time apart from step time
+        rows[-1]["compile"] = last["compile"]
 print(json.dumps(rows, indent=1))
 (Path(sys.argv[1]) / "gpu_check.json").write_text(json.dumps(rows, indent=1))
 EOF

@@ -2,7 +2,7 @@
 
     clipkit bench train [--model ViT-S-32] [--batch-size 32] [--precision fp32] [--workers 1] [--threads N]
                         [--steps 18] [--skip-steps 4] [--repeats 3] [--data SPEC | --images 600 --cache DIR]
-                        [--buckets 12,16,24,32,48] [--out bench_train.json] [key=value ...]
+                        [--buckets 12,16,24,32,48] [--compile model] [--out bench_train.json] [key=value ...]
 
 Both trainers train `--model` from scratch (random weights, seed 0) on the same shards with the same global
 batch, precision, loader workers, torch threads (OMP_NUM_THREADS and torch.set_num_threads), optimiser
@@ -17,6 +17,11 @@ alternate over the repeats.
   model.trim_text=false to measure without).
 - clipkit_buckets: the same plus caption-length bucketing, data.length_buckets=[--buckets] (batches of similar
   caption length: a different sampling of the same epoch, not the same numbers). `--buckets ''` leaves it out.
+- clipkit_compile (with `--compile MODE`): the clipkit run with train.compile=MODE (the towers' transformer
+  blocks compiled). Its torch compile caches are kept in one folder beside the benchmark data (under --cache),
+  so the first repeat compiles and the later ones load the graphs, as a resumed run does; each repeat reports
+  the compile seconds and graphs of its run (from its metrics.jsonl) and its samples/s over the timed steps
+  with the compile seconds that fell among them taken out (`samples_per_s_without_compile`).
 - openclip: `open_clip_train.main.main(argv)` of the installed open_clip_torch, from scratch (no pretrained
   weights), `--dataset-type webdataset --train-num-samples STEPS x BATCH --epochs 1 --save-frequency 0 --logs
   none` (no checkpoint; the text log still goes to none/NAME/ under the run's temporary folder). Its data
@@ -64,8 +69,8 @@ from .shards import caption_shards
 
 # clipkit: its defaults (exact speed-ups only: the same numbers as a full-length text tower);
 # clipkit_buckets: the same plus caption-length bucketing (data.length_buckets, a different batching);
-# openclip: OpenCLIP's trainer.
-METHODS = ("clipkit", "clipkit_buckets", "openclip")
+# clipkit_compile: the defaults plus train.compile=--compile; openclip: OpenCLIP's trainer.
+METHODS = ("clipkit", "clipkit_buckets", "clipkit_compile", "openclip")
 DEFAULT_BUCKETS = "12,16,24,32,48"  # data.length_buckets edges (tokens) of clipkit_buckets
 TARGET = 1.5  # clipkit >= 1.5x OpenCLIP's samples/s
 # clipkit's precision -> OpenCLIP's --precision of the same arithmetic (autocast, fp32 master weights)
@@ -104,10 +109,13 @@ def caption_token_stats(spec: str, model: str, batch_size: int, limit: int) -> d
 
 # ----------------------------------------------------------------------------------- the two trainers
 
-def clipkit_command(args: argparse.Namespace, spec: str, run_dir: Path, buckets: bool = False) -> list[str]:
+def clipkit_command(args: argparse.Namespace, spec: str, run_dir: Path, buckets: bool = False,
+                    compile_mode: str | None = None) -> list[str]:
     """The dotted overrides of `clipkit train` for the run's settings (no evaluation, export or progress bar),
-    then the positional key=value overrides; with `buckets`, data.length_buckets from --buckets."""
+    then the positional key=value overrides; with `buckets`, data.length_buckets from --buckets; with
+    `compile_mode`, train.compile."""
     extra = [f"data.length_buckets=[{args.buckets}]"] if buckets else []
+    extra += [f"train.compile={compile_mode}"] if compile_mode else []
     return [f"run.dir={run_dir}", f"data.train={spec}", f"model.name={args.model}",
             f"train.global_batch_size={args.batch_size}", f"train.steps={args.steps}",
             f"train.precision={args.precision}", f"data.workers={args.workers}",
@@ -218,6 +226,28 @@ def read_clipkit_metrics(path: Path, batch_size: int) -> list[dict]:
     return steps
 
 
+def compile_cache(args: argparse.Namespace) -> Path:
+    """The torch compile cache of the clipkit_compile runs: beside the benchmark data."""
+    from .shards import CACHE
+
+    return (Path(args.cache) if args.cache else CACHE / "bench_train") / "compile-cache"
+
+
+def compile_figures(metrics: Path, skip: int, steady: dict) -> dict:
+    """A compiled run's compiles (train.compile), from its metrics.jsonl: graphs, recompiles and seconds over the
+    run, the seconds that fell in the timed steps, and the steady-state samples/s without them. {} when the run
+    did not compile."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = [r for r in records if "compile" in r]
+    if not records:
+        return {}
+    last_timed = skip + steady["steps_timed"]  # steps skip+1 .. N-1 are timed
+    in_window = sum(r["compile"]["window_seconds"] for r in records if skip < r["step"] <= last_timed)
+    return {"compile": {**{k: records[-1]["compile"][k] for k in ("graphs", "recompiles", "seconds")},
+                        "seconds_in_timed_steps": in_window},
+            "samples_per_s_without_compile": steady["samples_timed"] / max(steady["seconds"] - in_window, 1e-9)}
+
+
 def steady_state(clock: dict, skip: int, threads: int) -> dict:
     """samples/s and data wait of steps skip+1 .. N-1 (N: the batches handed out), from the batch clock, and how
     much of its `threads` threads' time the training process got (below 1: waits, or other jobs on the CPUs)."""
@@ -247,9 +277,12 @@ def _run_one(method: str, args: argparse.Namespace, spec: str, folder: Path) -> 
 
     folder.mkdir(parents=True)
     log_file, run_dir = folder / "trainer.log", folder / "run"
-    trainer_args = (clipkit_command(args, spec, run_dir, buckets=method == "clipkit_buckets")
+    trainer_args = (clipkit_command(args, spec, run_dir, buckets=method == "clipkit_buckets",
+                                    compile_mode=args.compile if method == "clipkit_compile" else None)
                     if method.startswith("clipkit") else openclip_command(args, spec))
     env = worker_env(args.threads, peer=method == "openclip")
+    if method == "clipkit_compile":  # one compile cache over the repeats (a run.dir's own would start empty)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache(args))
     cmd = worker_command("clipkit.bench.train", method, ["--threads", args.threads, "--model-configs",
                                                          MODEL_CONFIG_DIR, "--trainer-args", json.dumps(trainer_args)])
     start, load = time.perf_counter(), os.getloadavg()[0]
@@ -269,6 +302,9 @@ def _run_one(method: str, args: argparse.Namespace, spec: str, folder: Path) -> 
         resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
         result["settings"] = {"model.trim_text": resolved["model"]["trim_text"],
                               "data.length_buckets": resolved["data"]["length_buckets"]}
+        if resolved["train"].get("compile", "off") != "off":
+            result["settings"]["train.compile"] = resolved["train"]["compile"]
+        result.update(compile_figures(run_dir / "metrics.jsonl", args.skip_steps, result))
     losses = [s["loss"] for s in steps]
     return {**result, "method": method, "process_seconds": wall, "load_average_1min": [load, os.getloadavg()[0]],
             "steps_logged": len(steps),
@@ -334,6 +370,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds one trainer run may take")
     p.add_argument("--buckets", default=DEFAULT_BUCKETS,
                    help="data.length_buckets edges of the clipkit_buckets run ('' leaves that run out)")
+    p.add_argument("--compile", default=None, choices=["model"],
+                   help="add a clipkit_compile run: clipkit's defaults with train.compile=MODE")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides for clipkit's runs, e.g. model.trim_text=false")
     deprecated(p, "--set", "a positional key=value", action="append", default=[], dest="set_overrides",
@@ -352,7 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--buckets must be comma-separated integers (got {args.buckets!r})")
     args.buckets = ",".join(map(str, edges))
-    args.methods = tuple(m for m in METHODS if edges or m != "clipkit_buckets")
+    args.methods = tuple(m for m in METHODS if (edges or m != "clipkit_buckets")
+                         and (args.compile or m != "clipkit_compile"))
     args.overrides = args.set_overrides + args.overrides  # --set (deprecated) first: the order it always had
     del args.set_overrides
     for item in args.overrides:
@@ -399,7 +438,7 @@ def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
                 r = _run_one(method, args, spec, Path(tmp) / method)
                 runs[method].append(r)
                 print(f"repeat {repeat + 1}/{args.repeats} {method}: {r['samples_per_s']:.2f} samples/s over "
-                      f"{r['steps_timed']} steps (data wait {100 * r['data_wait_fraction']:.0f}%, the trainer's "
+                      f"{r['steps_timed']} steps{_compile_note(r)} (data wait {100 * r['data_wait_fraction']:.0f}%, the trainer's "
                       f"threads busy {100 * r['cpu_utilisation']:.0f}%, load {r['load_average_1min'][0]:.1f}), loss "
                       f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}", flush=True)
         peaks.append(fp32_matmul_peak(args.threads))
@@ -410,6 +449,14 @@ def _drive(args: argparse.Namespace, argv: list[str]) -> dict:
                 raise BenchError(f"{m} trained {r['samples_trained']} samples ({r['samples_logged']} by its log), not "
                                  f"--steps x --batch-size = {expected}: do the shards hold that many?")
     return _report(args, argv, spec, flops, peaks, runs)
+
+
+def _compile_note(r: dict) -> str:
+    if "compile" not in r:
+        return ""
+    c = r["compile"]
+    return (f" ({r['samples_per_s_without_compile']:.2f} without the {c['seconds_in_timed_steps']:.1f} s of compile "
+            f"among them; compile {c['seconds']:.1f} s, {c['graphs']} graphs, {c['recompiles']} recompiles)")
 
 
 def _summary(rs: list[dict], flops: float, peak: float) -> dict:
@@ -429,6 +476,10 @@ def _summary(rs: list[dict], flops: float, peak: float) -> dict:
             "samples_timed": rs[0]["samples_timed"], "losses_finite": all(r["losses_finite"] for r in rs),
             "loss_first": [r["loss_first"] for r in rs], "loss_last": [r["loss_last"] for r in rs],
             "process_seconds": [r["process_seconds"] for r in rs],
+            **({"compile": [r["compile"] for r in rs],
+                "samples_per_s_without_compile": [r["samples_per_s_without_compile"] for r in rs],
+                "samples_per_s_without_compile_median": statistics.median(
+                    r["samples_per_s_without_compile"] for r in rs)} if "compile" in rs[0] else {}),
             **({"settings": rs[0]["settings"]} if "settings" in rs[0] else {})}
 
 
@@ -445,7 +496,7 @@ def _report(args, argv, spec: str, flops: dict, peaks: list[float], runs: dict[s
                    "workers": args.workers, "threads": args.threads, "steps": args.steps,
                    "skip_steps": args.skip_steps, "lr": args.lr, "repeats": args.repeats, "data": home_as_tilde(spec),
                    "openclip_precision": OPENCLIP_PRECISION[args.precision],
-                   "clipkit_overrides": list(args.overrides),
+                   "clipkit_overrides": list(args.overrides), "compile": args.compile,
                    "clipkit_buckets_length_buckets": [int(e) for e in args.buckets.split(",")] if args.buckets else None},
         "machine": machine_facts(fp32_matmul_peak_gflop_per_s=peak / 1e9,
                                  fp32_matmul_peak_measurements_gflop_per_s=[x / 1e9 for x in peaks]),
@@ -466,6 +517,11 @@ def _show(report: dict) -> None:
     for m, r in report["methods"].items():
         print(f"{m:<15} {r['samples_per_s_median']:7.2f} samples/s  {r['model_gflop_per_s']:7.1f} GFLOP/s  "
               f"MFU {r['mfu_model_flops']:.2f}  data wait {100 * r['data_wait_fraction']:.0f}%")
+    for m, r in report["methods"].items():
+        if "compile" in r:
+            print(f"{m}: {r['samples_per_s_without_compile_median']:.2f} samples/s without compile; compile per "
+                  "repeat " + ", ".join(f"{c['seconds']:.1f} s ({c['graphs']} graphs, {c['recompiles']} recompiles)"
+                                        for c in r["compile"]))
     for m, ratio in report["ratios_over_openclip"].items():
         print(f"{m}/openclip: {ratio:.2f}x (target >= {TARGET}x, {'met' if report['target']['met'][m] else 'NOT met'})")
 

@@ -23,6 +23,10 @@ from .validate import validate
 # Building dataclasses from plain dicts, checking every key and type.
 
 
+# String keys whose value may be the word off, which YAML 1.1 reads as false (`train.compile: off`).
+OFF_WORD_KEYS = ("train.compile",)
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -62,6 +66,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if value is False and key in OFF_WORD_KEYS:
+            return "off"
     elif tp == list[int]:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)

@@ -21,6 +21,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # autocast with fp32 master weights; fp16
 # torch.optim.AdamW's implementations: one fused kernel over all tensors (CPU and CUDA), per-op multi-tensor, or
 # one tensor at a time (torch's default on CPU). The same update up to float rounding.
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
+# train.compile: off (eager), model (torch.compile of every transformer block of both towers), step (the whole
+# training step as one graph: refused, see clipkit/config/validate.py)
+COMPILE_MODES = ("off", "model", "step")
 # Pillow's own warning threshold; images above the limit are skipped before their pixels are decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 # infonce_tiled's similarity tile edge.
@@ -133,6 +136,12 @@ class TrainConfig:
     accum_steps: int = 1
     precision: str = "fp32"  # one of PRECISIONS
     optimizer_impl: str = "fused"  # one of OPTIMIZER_IMPLS (the torch engine; DeepSpeed uses its own)
+    # torch.compile, one of COMPILE_MODES: "model" compiles every transformer block of both towers (the torch
+    # engine); off by default: on CPU it does not pay (docs/benchmarks.md).
+    compile: str = "off"
+    # With train.compile on, the trimmed text length is rounded up to a multiple of this (exact): the compiled
+    # text blocks see at most ceil(context / compile_pad_text) lengths, each compiled once.
+    compile_pad_text: int = 16
     # A step whose loss or gradients are not finite is skipped (no update) and counted; this many in a row
     # stop the run with a message, with nothing non-finite saved.
     max_nonfinite_steps: int = 5

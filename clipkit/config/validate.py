@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .schema import (CURATE_WRITE_MODES, FINETUNE_METHODS, CurateConfig, OPTIMIZER_IMPLS, PRECISIONS, WISE_METHODS, Config, ConfigError, DataConfig,
+from .schema import (COMPILE_MODES, CURATE_WRITE_MODES, FINETUNE_METHODS, CurateConfig, OPTIMIZER_IMPLS, PRECISIONS, WISE_METHODS, Config, ConfigError, DataConfig,
                      FinetuneConfig, ModelConfig, RunConfig, TrainConfig)
 
 _REGISTERED: list[Callable[[Config], None]] = []
@@ -38,6 +38,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be positive")
     _check(cfg.eval.every >= 0, "eval.every", "must be 0 (only at the end) or more")
     ds = cfg.deepspeed
+    _check(cfg.train.compile == "off" or not ds.enabled, "train.compile",
+           "applies to the torch engine: set it off with deepspeed.enabled=true")
+    _check(cfg.train.compile == "off" or not cfg.fsdp.enabled, "train.compile",
+           "is not applied under fsdp.enabled=true yet (the torch engine only): set it off")
     _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     if ds.config is not None:
         _check_json_file(ds.config, "deepspeed.config")
@@ -60,6 +64,12 @@ def _validate_fsdp(cfg: Config) -> None:
            f"must be one of {', '.join(PRECISIONS)} (got {f.reduce_dtype!r})")
 
 
+# Why train.compile=step is refused (docs/distributed.md): clipkit's step is not one graph.
+STEP_REFUSED = ("=step is not supported: the step reads the batch's caption length (model.trim_text), the loss and "
+                "gradient norm on the host to skip non-finite updates on every rank alike, and all-reduces between "
+                "backward and update, each a graph break; use train.compile=model (the towers' blocks)")
+
+
 def _validate_train(t: TrainConfig) -> None:
     _check(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
     _check(t.steps > 0, "train.steps", "must be positive")
@@ -76,6 +86,9 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
     _check(t.optimizer_impl in OPTIMIZER_IMPLS, "train.optimizer_impl",
            f"must be one of {', '.join(OPTIMIZER_IMPLS)} (got {t.optimizer_impl!r})")
+    _check(t.compile in COMPILE_MODES, "train.compile", f"must be one of {', '.join(COMPILE_MODES)} (got {t.compile!r})")
+    _check(t.compile != "step", "train.compile", STEP_REFUSED)
+    _check(t.compile_pad_text > 0, "train.compile_pad_text", "must be positive")
     _check(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 (keep all) or more")
     _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be positive")

@@ -5,7 +5,9 @@ pooling; `eos` pooling reads the first eos id). Under a causal attention mask th
 depend only on positions 0..p, so every position after the last one read in the batch is computed and
 thrown away (a 12-token caption padded to 77). TrimmedTextCLIP runs the tower on tokens[:, :L] with the
 positional embedding and the causal mask cut to L, where L is one past the last position read in the batch:
-the same features and the same gradients (to float rounding), for a fraction of the work.
+the same features and the same gradients (to float rounding), for a fraction of the work. With
+`model.trim_text_multiple = N` set on the model, L is rounded up to a multiple of N (still exact): a compiled
+tower then sees a bounded set of lengths (clipkit.training.compile).
 
 It applies to open_clip's CLIP class (every clipkit config and open_clip's ViT/ResNet/ConvNeXt CLIP
 architectures) when its text attention is causal and it pools at a token. Any other text tower (a Hugging
@@ -78,6 +80,8 @@ class TrimmedTextCLIP(open_clip.CLIP):
             return super().encode_text(text, normalize)  # a graph must serve every caption length
         eos_id = getattr(self, "text_eos_id", None)
         length = int(pooled_positions(text, self.text_pool_type, eos_id).max()) + 1
+        multiple = getattr(self, "trim_text_multiple", 1)  # a bounded set of lengths (train.compile)
+        length = -(-length // multiple) * multiple
         if length >= text.shape[1]:
             return super().encode_text(text, normalize)
         # CLIP.encode_text on the first `length` positions (its steps, in its order)

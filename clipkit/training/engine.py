@@ -7,7 +7,9 @@ one they have. Every engine exposes:
     engine.model             the module to call (DDP- or DeepSpeed-wrapped; FSDP2: the module, sharded in place)
     engine.module            the plain open_clip model
     engine.input_dtype       the dtype images must have (None: as loaded, fp32)
-    engine.autocast()        the context the forward runs in (bf16/fp16 autocast, or nothing)
+    engine.autocast()        the context the training forward runs in (bf16/fp16 autocast, or nothing; with
+                             train.compile=model the compiled blocks are active there, and only there)
+    engine.compiler          the RegionalCompile of train.compile=model (its .stats: compiles), or None
     engine.no_sync()         skip the gradient all-reduce (all but the last backward of a step)
     engine.backward(loss)    gradients only: parameters change in engine.step()
     engine.checks_gradients  True: the engine's own step skips non-finite gradients (DeepSpeed), and the
@@ -54,6 +56,7 @@ from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
 from .engine_parts import AUTOCAST_DTYPES, advance_schedule, join_one_process_group
 from .fsdp import FSDP2Engine
+from .compile import CACHE_DIR_NAME, apply_compile
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger("clipkit.training")
@@ -81,6 +84,7 @@ class TorchEngine:
         self.preprocess_cfg = None  # an imported model's image preprocessing, kept in its weights files
         self.tokenizer_files = None  # ...and its transformers tokenizer (models/tokenizer_files.py)
         self.model = module
+        self.compiler = apply_compile(module, t.compile, t.compile_pad_text, Path(cfg.run.dir) / CACHE_DIR_NAME)
         if env.distributed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
             self.model = DistributedDataParallel(module, device_ids=device_ids)
@@ -93,9 +97,12 @@ class TorchEngine:
         self._norm: torch.Tensor | None = None  # this step's gradient norm, once computed
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+        context = contextlib.ExitStack()
+        if self.compiler is not None:
+            context.enter_context(self.compiler.active())
+        if self.autocast_dtype is not None:
+            context.enter_context(torch.autocast(self.env.device.type, dtype=self.autocast_dtype))
+        return context
 
     def no_sync(self):
         return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else contextlib.nullcontext()
@@ -174,6 +181,7 @@ class TorchEngine:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO with DeepSpeed's own optimizer; clipkit's schedule, clipping and precision."""
 
+    compiler = None  # train.compile applies to the torch engine (config/validate.py)
     unpickles_on_load = True  # DeepSpeed's load_checkpoint calls torch.load(weights_only=False)
     writes_full_weights = False  # sharded state; consolidated weights are added to the final checkpoint
     # ZeRO partitions are per rank: on another world size the checkpoint is converted to DeepSpeed's universal

@@ -80,13 +80,14 @@ class TrainingDiverged(UserError):
     """train.max_nonfinite_steps steps in a row had a non-finite loss or gradients: the run stopped."""
 
 # Keys a resumed run may change: how it is observed, saved, evaluated and exported, how far it goes, and
-# exact speed-ups (model.trim_text gives the same numbers either way).
+# exact speed-ups (model.trim_text and train.compile give the same numbers either way, to float rounding).
 # Any other difference from the checkpoint's config would silently not apply (or apply halfway).
 RESUMABLE_CHANGES = ("run.dir", "run.progress", "run.log_every", "run.record_sample_keys", "run.report", "train.steps", "train.resume",
                      "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.zeroshot", "data.retrieval",
                      "eval.", "export.", "train.max_nonfinite_steps", "train.stall_timeout_s", "dist.", "data.workers",
                      "finetune.", "data.synth.downstream_", "model.trim_text", "train.optimizer_impl",
-                     "fsdp.reshard_after_forward", "fsdp.cpu_offload")
+                     "fsdp.reshard_after_forward", "fsdp.cpu_offload",
+                     "train.compile")
 
 
 def seed_everything(seed: int) -> None:
@@ -335,6 +336,7 @@ class Trainer:
         self.stream = StreamState()  # where this rank is in its data stream (batches consumed)
         self.throughput = Throughput()
         self._waited = 0.0  # seconds of the current log window spent waiting for the loader
+        self._compile_logged = 0.0  # compile seconds already logged (train.compile)
         self.resumed_from: Path | None = None
         if pretrained is not None and pretrained.format == "open_clip-trainer":
             self._import_openclip_optimizer(pretrained.extra.get("optimizer"))
@@ -605,6 +607,8 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, tokens: torch.Tensor,
                     stop: bool | Callable[[], bool] = False) -> StepResult:
         result = self.step_fn.run(images, tokens, stop=stop)
+        if getattr(self.engine, "compiler", None) is not None:
+            self.engine.compiler.stats.step_done()
         with torch.no_grad():
             self.module.logit_scale.clamp_(0, self.max_logit_scale)
         self.step += 1
@@ -641,6 +645,12 @@ class Trainer:
             "skipped": self.global_skipped(),
             "nonfinite_steps": self.nonfinite.total,
         }
+        if getattr(self.engine, "compiler", None) is not None:  # compile time apart from step time (it is inside this window's)
+            stats = self.engine.compiler.stats
+            record["compile"] = {**stats.as_dict(), "window_seconds": round(stats.seconds - self._compile_logged, 3)}
+            self._compile_logged = stats.seconds
+            steps = max(elapsed - record["compile"]["window_seconds"], 1e-9)
+            record["samples_per_s_without_compile"] = samples / steps
         if self.flops_per_sample is not None:  # per device, as torchtitan logs them
             achieved = record["samples_per_s"] * self.flops_per_sample / self.env.world_size
             record["tflops"] = achieved / 1e12

@@ -27,6 +27,7 @@ BAD = {
     "train.grad_clip": "0", "train.checkpoint_every": "0", "train.keep_checkpoints": "-1",
     "train.resume": "/no/such/checkpoint", "train.loss": "triplet", "train.local_loss": "sometimes",
     "train.tile_size": "0", "train.accum_steps": "0", "train.precision": "fp8", "train.optimizer_impl": "adam8bit", "train.max_nonfinite_steps": "0",
+    "train.compile": "always", "train.compile_pad_text": "0",
     "train.stall_timeout_s": "-1",
     "eval.batch_size": "0", "eval.zeroshot_at_end": "nah", "eval.retrieval_at_end": "7", "eval.every": "-1",
     "export.format": "tflite", "export.at_end": "later",
