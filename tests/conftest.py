@@ -5,6 +5,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Checkpoints are signed with the user's key: the tests (and the runs they start) use their own.
 os.environ.setdefault("CLIPKIT_CHECKPOINT_KEY", os.path.join(__import__("tempfile").mkdtemp(), "checkpoint.key"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile in a test process generates its code in that process, not in a pool of compile workers
+# (each importing torch) competing with the other test worker's jobs for the same cores.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # Every process a test starts (a script in tests/dist, torchrun's workers) imports clipkit from this checkout,
 # whatever checkout the environment's install points at.
 _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,8 +18,10 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCH
 
 def process_env(**extra: str) -> dict:
     """The environment of a clipkit process a test starts: one intra-op thread each (several run at once on a
-    small machine), offline, unbuffered output, no inherited rank."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    small machine), torch.compile's code generation in the process itself (no pool of compile workers, each
+    importing torch, beside the jobs the other test worker runs), offline, unbuffered output, no inherited rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
     for key in RANK_VARIABLES:
         env.pop(key, None)
     env.update(extra)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -76,7 +77,10 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: str = "fp32", reduce_dty
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The full value of a (possibly sharded) tensor: an all-gather for a DTensor, so every rank calls it."""
+    """The full value of a (possibly sharded) tensor: an all-gather for a DTensor, so every rank calls it. A run
+    that never imported DTensor (the torch and DeepSpeed engines) holds none, and does not import it here."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return tensor
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
