@@ -54,7 +54,7 @@ from ..extras import require
 from ..startup import paused_collection
 from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
-from .engine_parts import AUTOCAST_DTYPES, advance_schedule, join_one_process_group
+from .engine_parts import AUTOCAST_DTYPES, advance_schedule, join_one_process_group, update
 from .fsdp import FSDP2Engine
 from .compile import CACHE_DIR_NAME, apply_compile
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
@@ -127,20 +127,7 @@ class TorchEngine:
     def step(self, apply: bool | None = None) -> bool:
         """Update (apply=None: when the gradient norm is finite, decided by this rank alone), then schedule
         and zero the gradients; returns whether the weights were updated."""
-        norm = self.grad_norm()
-        if apply is None:
-            apply = math.isfinite(norm.item())
-        if apply:
-            if self.scaler is None:
-                self.optimizer.step()
-            else:  # found no overflow in unscale_ (the norm is finite), so it updates
-                self.scaler.step(self.optimizer)
-        if self.scaler is not None:  # an overflow (recorded by unscale_) lowers the scale, as GradScaler does
-            self.scaler.update()
-        advance_schedule(self.scheduler)
-        self.optimizer.zero_grad(set_to_none=True)
-        self._norm = None
-        return apply
+        return update(self, apply)
 
     @property
     def lr(self) -> float:

@@ -1,6 +1,7 @@
-"""What every engine shares: the autocast dtypes, the schedule step, the one-process group."""
+"""What every engine shares: the autocast dtypes, the schedule step, the update, the one-process group."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -16,6 +17,26 @@ def advance_schedule(scheduler) -> None:
     with warnings.catch_warnings():  # torch's note that the schedule moved before any optimizer update
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
         scheduler.step()
+
+
+def update(engine, apply: bool | None) -> bool:
+    """The torch and FSDP2 engines' step: update (apply=None: when engine.grad_norm() is finite, decided by this
+    rank alone), then schedule and zero the gradients; returns whether the weights were updated. Reads the
+    engine's optimizer, scheduler, scaler (GradScaler or None) and clears its cached norm (`_norm`)."""
+    norm = engine.grad_norm()
+    if apply is None:
+        apply = math.isfinite(norm.item())
+    if apply:
+        if engine.scaler is None:
+            engine.optimizer.step()
+        else:  # found no overflow in unscale_ (the norm is finite), so it updates
+            engine.scaler.step(engine.optimizer)
+    if engine.scaler is not None:  # an overflow (recorded by unscale_) lowers the scale, as GradScaler does
+        engine.scaler.update()
+    advance_schedule(engine.scheduler)
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine._norm = None
+    return apply
 
 
 def join_one_process_group(env: DistEnv) -> None:

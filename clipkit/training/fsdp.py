@@ -17,7 +17,6 @@ conversions to and from the torch engine's checkpoints use (clipkit.training.con
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
 from ..distributed import DistEnv
 from ..models.weights import first_nonfinite
-from .engine_parts import AUTOCAST_DTYPES, advance_schedule, join_one_process_group
+from .engine_parts import AUTOCAST_DTYPES, join_one_process_group, update
 from .optim import build_optimizer, build_scheduler
 
 STATE_DIR = "fsdp"  # DCP's files, in the checkpoint directory
@@ -168,20 +167,8 @@ class FSDP2Engine:
         return self._norm
 
     def step(self, apply: bool | None = None) -> bool:
-        norm = self.grad_norm()
-        if apply is None:
-            apply = math.isfinite(norm.item())
-        if apply:
-            if self.scaler is None:
-                self.optimizer.step()
-            else:
-                self.scaler.step(self.optimizer)
-        if self.scaler is not None:
-            self.scaler.update()
-        advance_schedule(self.scheduler)
-        self.optimizer.zero_grad(set_to_none=True)
-        self._norm = None
-        return apply
+        """As the torch engine's: update when the (all-reduced) norm is finite, schedule, zero the gradients."""
+        return update(self, apply)
 
     @property
     def lr(self) -> float:

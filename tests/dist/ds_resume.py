@@ -13,16 +13,14 @@ r-th share of each), so two layouts that resumed the same state must give the sa
 from clipkit.startup import paused_collection
 
 with paused_collection():  # start-up imports, as the CLI makes them (clipkit/startup.py)
-    import json
     import sys
-    from pathlib import Path
 
     import torch
     from deepspeed.utils import safe_get_full_optimizer_state
-    from safetensors.torch import save_file
 
     from clipkit.config import load_config
     from clipkit.training import Trainer
+    from fixed_batches import train_fixed_batches, write_outputs
 
 
 def main(out: str, steps: int, overrides: list[str]) -> None:
@@ -40,24 +38,8 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
             if env.is_main:
                 state[f"{key}/{name}"] = moment.detach().float().cpu().clone().reshape(param.ds_shape if hasattr(
                     param, "ds_shape") else param.shape).contiguous()
-    resumed = {"step": trainer.step, "lr": engine.lr, "losses": []}
-
-    generator = torch.Generator().manual_seed(1234)
-    size = trainer.module.visual.image_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    batch = trainer.cfg.train.global_batch_size
-    share = slice(env.rank * trainer.local_batch_size, (env.rank + 1) * trainer.local_batch_size)
-    for step in range(steps):
-        images = torch.randn(batch, 3, *size, generator=generator)
-        words = torch.randint(0, 1000, (batch,), generator=generator).tolist()
-        tokens = trainer.tokenizer([f"a photo of thing {w} number {step}" for w in words])
-        loss = trainer.train_on(images[share], tokens[share])
-        resumed["losses"].append(trainer.global_mean(loss))
-
-    if env.is_main:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        save_file(state, str(Path(out) / "state.safetensors"))
-        (Path(out) / "resumed.json").write_text(json.dumps(resumed))
+    resumed = {"step": trainer.step, "lr": engine.lr, "losses": train_fixed_batches(trainer, steps)}
+    write_outputs(out, state, resumed, env.is_main)
     if env.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -13,17 +13,15 @@ of the step it resumed at, in its own run.dir (written by this number of ranks).
 from clipkit.startup import paused_collection
 
 with paused_collection():  # start-up imports, as the CLI makes them (clipkit/startup.py)
-    import json
     import sys
-    from pathlib import Path
 
     import torch
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
     from clipkit.config import load_config
     from clipkit.training import Trainer
+    from fixed_batches import train_fixed_batches, write_outputs
 
 
 def held_state(trainer: Trainer) -> dict:
@@ -44,24 +42,8 @@ def main(out: str, steps: int, save: bool, overrides: list[str]) -> None:
     state = held_state(trainer)  # before any step
     if save:
         trainer.checkpoints.save(trainer.step)
-    resumed = {"step": trainer.step, "lr": trainer.engine.lr, "losses": []}
-
-    generator = torch.Generator().manual_seed(1234)
-    size = trainer.module.visual.image_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    batch = trainer.cfg.train.global_batch_size
-    share = slice(env.rank * trainer.local_batch_size, (env.rank + 1) * trainer.local_batch_size)
-    for step in range(steps):
-        images = torch.randn(batch, 3, *size, generator=generator)
-        words = torch.randint(0, 1000, (batch,), generator=generator).tolist()
-        tokens = trainer.tokenizer([f"a photo of thing {w} number {step}" for w in words])
-        loss = trainer.train_on(images[share], tokens[share])
-        resumed["losses"].append(trainer.global_mean(loss))
-
-    if env.is_main:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        save_file(state, str(Path(out) / "state.safetensors"))
-        (Path(out) / "resumed.json").write_text(json.dumps(resumed))
+    resumed = {"step": trainer.step, "lr": trainer.engine.lr, "losses": train_fixed_batches(trainer, steps)}
+    write_outputs(out, state, resumed, env.is_main)
     if env.distributed:
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # FSDP2 joined a process group even on one rank
