@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # GPU check: ViT-B-32 in bf16 on the built-in dataset, once with the plain (DDP) engine and once with
 # DeepSpeed ZeRO-2, on every GPU of this node; with COMPILE=1 (the default when torch sees a GPU) also the
-# plain engine with train.compile=model (the towers' transformer blocks compiled). Prints samples/s and peak
+# plain engine with train.compile=model (the towers' transformer blocks compiled), and with FSDP=1 (also the
+# default on a GPU) FSDP2 (fsdp.enabled=true, bf16 parameters, fp32 reduction). Prints samples/s and peak
 # GPU memory of each run (from their summary.json; the first logged window, with start-up and warm-up, is
 # left out of samples/s) and, for the compiled run, its compile seconds, graphs and recompiles (metrics.jsonl).
 #   bash launch/gpu_check.sh                 # STEPS=60 PER_GPU_BATCH=256 WORKERS=8 by default
 #   CLIPKIT_NO_ENV=1 bash launch/gpu_check.sh   # in the Python environment you are in
 #   COMPILE=0 bash launch/gpu_check.sh       # without the compiled run
+#   FSDP=0 bash launch/gpu_check.sh          # without the FSDP2 run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${CLIPKIT_NO_ENV:-}" ] || . launch/env.sh
@@ -16,6 +18,7 @@ STEPS=${STEPS:-60}
 PER_GPU_BATCH=${PER_GPU_BATCH:-256}
 WORKERS=${WORKERS:-8}
 COMPILE=${COMPILE:-$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')}
+FSDP=${FSDP:-$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')}
 common=(model.name=ViT-B-32 train.precision=bf16 "train.global_batch_size=$((PER_GPU_BATCH * NPROC))"
         "train.steps=$STEPS" train.warmup_steps=10 train.lr=2e-4 train.checkpoint_every=1000000 "data.workers=$WORKERS"
         data.synth.train_samples=8000 data.synth.samples_per_shard=500 "data.synth.out=$OUT_DIR/synth"
@@ -28,6 +31,10 @@ run() {
 run ddp
 run zero2 deepspeed.enabled=true deepspeed.zero_stage=2
 runs="ddp zero2"
+if [ "$FSDP" = 1 ]; then
+    run fsdp2 fsdp.enabled=true
+    runs="$runs fsdp2"
+fi
 if [ "$COMPILE" = 1 ]; then
     run ddp_compile train.compile=model
     runs="$runs ddp_compile"
