@@ -54,7 +54,7 @@ from ..extras import require
 from ..startup import paused_collection
 from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
-from .engine_parts import AUTOCAST_DTYPES, advance_schedule, join_one_process_group, update
+from .engine_parts import AUTOCAST_DTYPES, advance_schedule, gradient_norm, join_one_process_group, update
 from .fsdp import FSDP2Engine
 from .compile import CACHE_DIR_NAME, apply_compile
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
@@ -115,13 +115,7 @@ class TorchEngine:
         clipped when train.grad_clip is set (the norm before clipping). Under DDP the gradients are
         already all-reduced, so every rank computes the same norm; not finite: skip this step."""
         if self._norm is None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)  # clip (and check) the true gradients
-            params = [p for p in self.module.parameters() if p.grad is not None]
-            if self.grad_clip is not None:
-                self._norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            else:
-                self._norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            self._norm = gradient_norm(self)
         return self._norm
 
     def step(self, apply: bool | None = None) -> bool:

@@ -19,6 +19,18 @@ def advance_schedule(scheduler) -> None:
         scheduler.step()
 
 
+def gradient_norm(engine) -> torch.Tensor:
+    """The norm of the gradients this rank holds, unscaled first (fp16: engine.scaler) and clipped when
+    engine.grad_clip is set (the norm before clipping). Under DDP that is the global norm; an engine whose ranks
+    hold shards of the gradients completes it across ranks itself."""
+    if engine.scaler is not None:
+        engine.scaler.unscale_(engine.optimizer)  # clip (and check) the true gradients
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if engine.grad_clip is not None:
+        return torch.nn.utils.clip_grad_norm_(params, engine.grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 def update(engine, apply: bool | None) -> bool:
     """The torch and FSDP2 engines' step: update (apply=None: when engine.grad_norm() is finite, decided by this
     rank alone), then schedule and zero the gradients; returns whether the weights were updated. Reads the

@@ -27,7 +27,7 @@ from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
 from ..distributed import DistEnv
 from ..models.weights import first_nonfinite
-from .engine_parts import AUTOCAST_DTYPES, join_one_process_group, update
+from .engine_parts import AUTOCAST_DTYPES, gradient_norm, join_one_process_group, update
 from .optim import build_optimizer, build_scheduler
 
 STATE_DIR = "fsdp"  # DCP's files, in the checkpoint directory
@@ -156,14 +156,7 @@ class FSDP2Engine:
         """The global norm of the true gradients (each rank holds a shard of each: the norm is all-reduced, so
         every rank gets the same), unscaled (fp16) and clipped when train.grad_clip is set."""
         if self._norm is None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.module.parameters() if p.grad is not None]
-            if self.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            self._norm = whole(norm)
+            self._norm = whole(gradient_norm(self))
         return self._norm
 
     def step(self, apply: bool | None = None) -> bool:
