@@ -109,6 +109,7 @@ class FSDP2Engine:
     writes_full_weights = False  # sharded state; consolidated weights are added to the final checkpoint
     checks_gradients = False  # the caller checks grad_norm() (and the loss), as for the torch engine
     resumes_on_other_world_sizes = True  # DCP re-partitions by global offsets
+    compiler = None  # train.compile applies to the torch engine (config/validate.py)
 
     @staticmethod
     def model_kwargs(cfg: Config) -> dict:

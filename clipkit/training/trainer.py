@@ -607,7 +607,7 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, tokens: torch.Tensor,
                     stop: bool | Callable[[], bool] = False) -> StepResult:
         result = self.step_fn.run(images, tokens, stop=stop)
-        if getattr(self.engine, "compiler", None) is not None:
+        if self.engine.compiler is not None:
             self.engine.compiler.stats.step_done()
         with torch.no_grad():
             self.module.logit_scale.clamp_(0, self.max_logit_scale)
@@ -645,7 +645,7 @@ class Trainer:
             "skipped": self.global_skipped(),
             "nonfinite_steps": self.nonfinite.total,
         }
-        if getattr(self.engine, "compiler", None) is not None:  # compile time apart from step time (it is inside this window's)
+        if self.engine.compiler is not None:  # compile time apart from step time (it is inside this window's)
             stats = self.engine.compiler.stats
             record["compile"] = {**stats.as_dict(), "window_seconds": round(stats.seconds - self._compile_logged, 3)}
             self._compile_logged = stats.seconds
