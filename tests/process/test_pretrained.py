@@ -431,6 +431,48 @@ def test_training_from_an_openclip_checkpoint_continues_its_optimizer_moments(tm
     assert load_openclip_moments(fresh, model, optimizer.state_dict()).startswith("its optimizer holds")
 
 
+def test_an_openclip_checkpoints_moments_continue_under_fsdp2(tmp_path, synth_small):
+    """The same import under the FSDP2 engine (one process, a one-member group): each moment lands sharded as its
+    parameter is, and the whole of it (gathered back) is open_clip_train's moment exactly."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from clipkit.config import load_config
+    from clipkit.training import Trainer
+
+    model = _open_clip_model().train()
+    optimizer = _openclip_train_optimizer(model)
+    out = model(torch.randn(4, 3, 32, 32), torch.randint(0, 49408, (4, 16)))
+    (out[0] @ out[1].t()).logsumexp(0).sum().backward()
+    optimizer.step()
+    ckpt = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "r", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict()}, ckpt)
+    expected = {n: optimizer.state[p] for n, p in model.named_parameters()}
+    overrides = [f"model.pretrained={ckpt}", "model.name=clipkit-nano", f"run.dir={tmp_path / 'run'}",
+                 f"data.train={synth_small.train_spec}", "train.global_batch_size=8", "run.progress=false",
+                 "data.workers=0", "fsdp.enabled=true"]
+    try:
+        trainer = Trainer(load_config(None, overrides))
+        assert trainer.optimizer_from_pretrained
+        params = dict(trainer.module.named_parameters())
+        assert all(isinstance(p, DTensor) for p in params.values())
+        for name, p in params.items():
+            state = trainer.engine.optimizer.state[p]
+            if not expected[name]:
+                assert not state, name
+                continue
+            assert float(state["step"]) == float(expected[name]["step"]) == 1.0
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert isinstance(state[key], DTensor) and state[key].placements == p.placements, (name, key)
+                assert torch.equal(state[key].full_tensor(), expected[name][key]), (name, key)
+        trainer.fit(until=1)  # AdamW takes the sharded moments on: its second step
+        assert float(trainer.engine.optimizer.state[params["visual.conv1.weight"]]["step"]) == 2.0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_search_of_an_index_embedded_from_a_trainer_checkpoint_uses_the_recorded_model_name(
         tmp_path, synth_small, capsys):
     import tarfile
