@@ -106,8 +106,7 @@ def _band_buckets(values: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.
     return order, starts, ends
 
 
-def near_pairs(phash: np.ndarray, phash_flip: np.ndarray, max_distance: int, *, method: str = "auto",
-               block: int = 2048) -> np.ndarray:
+def near_pairs(phash: np.ndarray, phash_flip: np.ndarray, max_distance: int, *, method: str = "auto") -> np.ndarray:
     """Every (i, j), i < j, of rows whose hashes match: hamming(p_i, p_j), hamming(p_i, f_j) or hamming(f_i, p_j)
     at most max_distance (two mirror hashes are not compared: that is nearly the pHash test again). Rows are
     expected to hold distinct (p, f) pairs (run on representatives). Returns int64 [P, 2], sorted by i then j.
@@ -129,12 +128,13 @@ def near_pairs(phash: np.ndarray, phash_flip: np.ndarray, max_distance: int, *, 
     values = np.concatenate([p, f])
     rows = np.concatenate([np.arange(n), np.arange(n)])
     kinds = np.concatenate([np.zeros(n, np.int8), np.ones(n, np.int8)])
-    bands = min(max_distance + 1, 64)
-    edges = np.linspace(0, 64, bands + 1).astype(int)
-    buckets = [(edges[b], edges[b + 1], *_band_buckets(values, edges[b], edges[b + 1])) for b in range(bands)]
+    buckets = []
+    if method != "flat":
+        edges = np.linspace(0, 64, min(max_distance + 1, 64) + 1).astype(int)
+        buckets = [_band_buckets(values, lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
     if method == "auto":
-        band_cost = 0
-        for _, _, _, starts, ends in buckets:
+        band_cost = 0.0
+        for _, starts, ends in buckets:
             size = (ends - starts)[ends - starts > 1].astype(np.float64)
             band_cost += float((size * size + BUCKET_OVERHEAD).sum())
         method = "bands" if band_cost < 2.0 * n * n else "flat"
@@ -144,23 +144,22 @@ def near_pairs(phash: np.ndarray, phash_flip: np.ndarray, max_distance: int, *, 
         a_parts.append(rows[qa])
         b_parts.append(db)
     else:
-        for _, _, order, starts, ends in buckets:
+        for order, starts, ends in buckets:
             for s, e in zip(starts.tolist(), ends.tolist()):
                 if e - s < 2:
                     continue
                 idx = order[s:e]
                 if e - s >= FAISS_MIN_BUCKET:
                     plain = idx[kinds[idx] == 0]  # the bucket's pHashes, searched by all its entries
-                    qa, db = _range_search(values[plain], values[idx], max_distance)
-                    a_parts.append(rows[idx[qa]])
-                    b_parts.append(rows[plain[db]])
+                    if len(plain):
+                        qa, db = _range_search(values[plain], values[idx], max_distance)
+                        a_parts.append(rows[idx[qa]])
+                        b_parts.append(rows[plain[db]])
                     continue
-                for c in range(0, len(idx), block):
-                    a = idx[c:c + block]
-                    ia, ib = np.nonzero(hamming(values[a][:, None], values[idx][None, :]) <= max_distance)
-                    keep = ~((kinds[a[ia]] == 1) & (kinds[idx[ib]] == 1))
-                    a_parts.append(rows[a[ia[keep]]])
-                    b_parts.append(rows[idx[ib[keep]]])
+                ia, ib = np.nonzero(hamming(values[idx][:, None], values[idx][None, :]) <= max_distance)
+                keep = ~((kinds[idx[ia]] == 1) & (kinds[idx[ib]] == 1))
+                a_parts.append(rows[idx[ia[keep]]])
+                b_parts.append(rows[idx[ib[keep]]])
     ra = np.concatenate(a_parts) if a_parts else np.zeros(0, np.int64)
     rb = np.concatenate(b_parts) if b_parts else np.zeros(0, np.int64)
     ok = ra != rb
