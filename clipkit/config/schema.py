@@ -322,9 +322,9 @@ class CurateFiltersConfig:
 class CurateDedupConfig:
     exact: bool = True  # identical image bytes
     phash: bool = True  # perceptual-hash near duplicates (a mirrored copy included)
-    # bits of 64; 12 (with phash_verify) also finds copies cropped by a few per cent, at a cost near N^2
-    # comparisons (docs/curation.md)
-    phash_max_distance: int = 4
+    # bits of 64; 12 with phash_verify also finds copies cropped by a few per cent (4 does not); the search is
+    # a faiss popcount over all pairs at this distance (docs/curation.md)
+    phash_max_distance: int = 12
     # A pHash match counts only if the 8x8 colour thumbnails also correlate at least this much; null: off.
     phash_verify: Optional[float] = 0.85
     semantic: bool = False  # SemDeDup on image embeddings (needs curate.model)

@@ -168,8 +168,8 @@ def noisy(tmp_path_factory):
 def test_hash_stages_against_the_planted_truth(noisy):
     """Near-duplicate removal and hash decontamination on the samples the basic filters keep (by planted kind),
     with hashes and thumbnails computed here from the images, against the planted truth: decontamination meets
-    the target at its default; near deduplication at its default keeps its precision but misses cropped
-    copies, and meets the target at 12 bits with the default verification (docs/curation.md)."""
+    the target at its default; near deduplication keeps its precision at its default, misses at most cropped
+    copies, and meets the target at 12 bits (the default) with the default verification (docs/curation.md)."""
     from clipkit.curate.decontam import decontaminate, eval_set_features
 
     out, train, planted = noisy
