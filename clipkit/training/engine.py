@@ -162,7 +162,7 @@ class TorchEngine:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO with DeepSpeed's own optimizer; clipkit's schedule, clipping and precision."""
 
-    compiler = None  # train.compile applies to the torch engine (config/validate.py)
+    compiler = None  # train.compile applies to the torch and FSDP2 engines (config/validate.py)
     unpickles_on_load = True  # DeepSpeed's load_checkpoint calls torch.load(weights_only=False)
     writes_full_weights = False  # sharded state; consolidated weights are added to the final checkpoint
     # ZeRO partitions are per rank: on another world size the checkpoint is converted to DeepSpeed's universal
