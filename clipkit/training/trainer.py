@@ -640,7 +640,7 @@ class Trainer:
                 f"training stopped, nothing non-finite was saved (latest checkpoint: {last}). Likely cause: "
                 f"{' or '.join(causes)}; fix it and train again in a new run.dir (a resumed run keeps its config)")
 
-    def _metrics(self, losses: list[float], samples: int, elapsed: float, norms: list[float] = ()) -> dict:
+    def _metrics(self, losses: list[float], samples: int, elapsed: float, norms: list[float]) -> dict:
         """The record of a log window: `losses` and `norms` (global gradient norms before clipping) of its steps."""
         record = {
             "loss": self.global_mean(float(np.mean(losses))),
