@@ -54,7 +54,8 @@ from ..extras import require
 from ..startup import paused_collection
 from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
-from .engine_parts import AUTOCAST_DTYPES, advance_schedule, gradient_norm, join_one_process_group, update
+from .engine_parts import (AUTOCAST_DTYPES, advance_schedule, gradient_norm, join_one_process_group, run_backward,
+                           update)
 from .fsdp import FSDP2Engine
 from .compile import CACHE_DIR_NAME, apply_compile
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
@@ -108,7 +109,7 @@ class TorchEngine:
         return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        run_backward(self, loss)
 
     def grad_norm(self) -> torch.Tensor:
         """The global norm of the true gradients, once this step's backward is done: unscaled (fp16) and

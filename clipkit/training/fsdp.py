@@ -28,7 +28,7 @@ from ..config import Config, ConfigError
 from ..distributed import DistEnv
 from ..models.weights import first_nonfinite
 from .compile import CACHE_DIR_NAME, apply_compile
-from .engine_parts import AUTOCAST_DTYPES, gradient_norm, join_one_process_group, update
+from .engine_parts import AUTOCAST_DTYPES, gradient_norm, join_one_process_group, run_backward, update
 from .optim import build_optimizer, build_scheduler
 
 STATE_DIR = "fsdp"  # DCP's files, in the checkpoint directory
@@ -156,7 +156,7 @@ class FSDP2Engine:
             self.model.set_requires_gradient_sync(True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        run_backward(self, loss)
 
     def grad_norm(self) -> torch.Tensor:
         """The global norm of the true gradients (each rank holds a shard of each: the norm is all-reduced, so

@@ -1,7 +1,8 @@
 """train.compile=model under DDP and FSDP2 (2 gloo ranks): the compiled DDP run, stopped at step 10 and resumed,
 gives the losses of the eager single-process run on the same global batches over 20 fp32 steps, and the resumed
 processes load their graphs from the run's compile cache (run.dir/compile_cache) instead of compiling them; a
-compiled FSDP2 run (every block compiled, then sharded) gives the same losses over the same 20 steps.
+compiled FSDP2 run (every block compiled, then sharded) with gradient checkpointing (the blocks recomputed in the
+backward, compiled as in the forward) gives the same losses over the same 20 steps.
 
 The cost is one compile of clipkit-nano's blocks per rank with an empty cache (the run.dir cache is the
 point of the DDP test), about a minute of CPU per rank. The FSDP2 run reads the DDP run's cache: its blocks
@@ -90,14 +91,16 @@ def test_ddp_compiled_and_resumed_matches_the_eager_single_process_run(golden_an
 
 
 def test_fsdp2_compiled_matches_the_eager_single_process_run(golden_and_ddp, synth_small, tmp_path):
-    """Every block compiled, then sharded by fully_shard: the same 20 losses as the eager single process, within
-    the DDP run's tolerance, a bounded number of graphs, and every kernel loaded from the DDP run's cache."""
+    """Every block compiled, then sharded by fully_shard, and recomputed in the backward (gradient checkpointing,
+    exact): the same 20 losses as the eager single process, within the DDP run's tolerance, a bounded number of
+    graphs, and every kernel loaded from the DDP run's cache."""
     golden, ddp_run, _, _ = golden_and_ddp
     cache = ddp_run / "compile_cache"
     kernels = _kernels(cache)
     run = tmp_path / "fsdp2"
     curve = _fit(tmp_path / "fsdp2.json", STEPS, 2,
-                 _overrides(run, synth_small.train_spec, "train.compile=model", "fsdp.enabled=true"), cache)["losses"]
+                 _overrides(run, synth_small.train_spec, "train.compile=model", "fsdp.enabled=true",
+                            "model.grad_checkpointing=true"), cache)["losses"]
     assert len(curve) == len(golden) == STEPS
     worst = max(abs(a - b) for a, b in zip(curve, golden))
     assert worst < TOL, f"max |compiled FSDP2 loss - eager single-process loss| = {worst:.2e}\n{curve}\n{golden}"
