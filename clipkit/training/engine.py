@@ -8,7 +8,8 @@ one they have. Every engine exposes:
     engine.module            the plain open_clip model
     engine.input_dtype       the dtype images must have (None: as loaded, fp32)
     engine.autocast()        the context the training forward runs in (bf16/fp16 autocast, or nothing; with
-                             train.compile=model the compiled blocks are active there, and only there)
+                             train.compile=model the compiled blocks are active there and in engine.backward,
+                             and only there)
     engine.compiler          the RegionalCompile of train.compile=model (its .stats: compiles), or None
     engine.no_sync()         skip the gradient all-reduce (all but the last backward of a step)
     engine.backward(loss)    gradients only: parameters change in engine.step()
