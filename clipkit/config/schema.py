@@ -137,7 +137,7 @@ class TrainConfig:
     precision: str = "fp32"  # one of PRECISIONS
     optimizer_impl: str = "fused"  # one of OPTIMIZER_IMPLS (the torch engine; DeepSpeed uses its own)
     # torch.compile, one of COMPILE_MODES: "model" compiles every transformer block of both towers (the torch
-    # engine); off by default: on CPU it does not pay (docs/benchmarks.md).
+    # and FSDP2 engines); off by default: on CPU it does not pay (docs/benchmarks.md).
     compile: str = "off"
     # With train.compile on, the trimmed text length is rounded up to a multiple of this (exact): the compiled
     # text blocks see at most ceil(context / compile_pad_text) lengths, each compiled once.

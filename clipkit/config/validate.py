@@ -39,9 +39,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.every >= 0, "eval.every", "must be 0 (only at the end) or more")
     ds = cfg.deepspeed
     _check(cfg.train.compile == "off" or not ds.enabled, "train.compile",
-           "applies to the torch engine: set it off with deepspeed.enabled=true")
-    _check(cfg.train.compile == "off" or not cfg.fsdp.enabled, "train.compile",
-           "is not applied under fsdp.enabled=true yet (the torch engine only): set it off")
+           "applies to the torch engine and FSDP2: set it off with deepspeed.enabled=true")
     _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     if ds.config is not None:
         _check_json_file(ds.config, "deepspeed.config")

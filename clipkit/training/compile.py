@@ -14,9 +14,19 @@ one read never reach the features) and bounds the text shapes to ceil(context / 
 counted (CompileStats): graphs compiled, those after the first step (recompiles), and the seconds they took,
 logged apart from step time in metrics.jsonl.
 
-The blocks run compiled only inside the training forward (RegionalCompile.active(), entered by the engine's
-forward context): evaluation, export and anything else that calls the model outside a training step run the
-same blocks eagerly, so no evaluation batch size or eval-mode graph is compiled.
+The blocks run compiled only inside the training forward and backward (RegionalCompile.active(), entered by
+the engine's forward context and its backward, where gradient checkpointing recomputes a block: it must run
+as in the forward, whose saved tensors it reproduces): evaluation, export and anything else that calls the
+model outside a training step run the same blocks eagerly, so no evaluation batch size or eval-mode graph is
+compiled.
+
+Engines: the torch engine (one process, DDP) compiles the blocks before DDP wraps the model; the FSDP2 engine
+compiles them before fully_shard shards each block (torchtitan's order). FSDP2's hooks, which gather a block's
+weights before it runs and free them after, run eagerly around the compiled block (torch marks them
+dynamo-disabled), so inductor compiles the same block graphs as under DDP, and the kernels compiled for one
+engine are cache hits for the other. AOTAutograd's cache entries are not shared: dynamo traces a module FSDP
+manages with parameter sources of its own (FSDPManagedNNModuleVariable), which changes their keys, so a run
+of the other engine traces the forward and backward again (seconds) and loads the kernels.
 
 Cache: torch's compile caches (inductor's FX graph cache and AOTAutograd's cache) are kept in
 run.dir/compile_cache unless TORCHINDUCTOR_CACHE_DIR names another folder, so a resumed run (or a second run
@@ -160,7 +170,7 @@ class RegionalCompile:
 
     @contextlib.contextmanager
     def active(self):
-        """The blocks run compiled inside this context (the training forward), eagerly outside it."""
+        """The blocks run compiled inside this context (the training forward and backward), eagerly outside it."""
         self._set(True)
         try:
             yield

@@ -8,7 +8,8 @@ one they have. Every engine exposes:
     engine.module            the plain open_clip model
     engine.input_dtype       the dtype images must have (None: as loaded, fp32)
     engine.autocast()        the context the training forward runs in (bf16/fp16 autocast, or nothing; with
-                             train.compile=model the compiled blocks are active there, and only there)
+                             train.compile=model the compiled blocks are active there and in engine.backward,
+                             and only there)
     engine.compiler          the RegionalCompile of train.compile=model (its .stats: compiles), or None
     engine.no_sync()         skip the gradient all-reduce (all but the last backward of a step)
     engine.backward(loss)    gradients only: parameters change in engine.step()
@@ -54,7 +55,8 @@ from ..extras import require
 from ..startup import paused_collection
 from ..models import WEIGHTS_FILE, save_weights
 from ..models.weights import first_nonfinite
-from .engine_parts import AUTOCAST_DTYPES, advance_schedule, gradient_norm, join_one_process_group, update
+from .engine_parts import (AUTOCAST_DTYPES, advance_schedule, gradient_norm, join_one_process_group, run_backward,
+                           update)
 from .fsdp import FSDP2Engine
 from .compile import CACHE_DIR_NAME, apply_compile
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
@@ -108,7 +110,7 @@ class TorchEngine:
         return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        run_backward(self, loss)
 
     def grad_norm(self) -> torch.Tensor:
         """The global norm of the true gradients, once this step's backward is done: unscaled (fp16) and
@@ -162,7 +164,7 @@ class TorchEngine:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO with DeepSpeed's own optimizer; clipkit's schedule, clipping and precision."""
 
-    compiler = None  # train.compile applies to the torch engine (config/validate.py)
+    compiler = None  # train.compile applies to the torch and FSDP2 engines (config/validate.py)
     unpickles_on_load = True  # DeepSpeed's load_checkpoint calls torch.load(weights_only=False)
     writes_full_weights = False  # sharded state; consolidated weights are added to the final checkpoint
     # ZeRO partitions are per rank: on another world size the checkpoint is converted to DeepSpeed's universal

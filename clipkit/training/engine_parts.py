@@ -1,6 +1,8 @@
-"""What every engine shares: the autocast dtypes, the schedule step, the update, the one-process group."""
+"""What every engine shares: the autocast dtypes, the schedule step, the backward and the update, the
+one-process group."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -29,6 +31,14 @@ def gradient_norm(engine) -> torch.Tensor:
     if engine.grad_clip is not None:
         return torch.nn.utils.clip_grad_norm_(params, engine.grad_clip)
     return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def run_backward(engine, loss: torch.Tensor) -> None:
+    """The torch and FSDP2 engines' backward: the loss scaled (fp16: engine.scaler), with the compiled blocks of
+    train.compile=model active (engine.compiler), so that a block gradient checkpointing recomputes in the
+    backward runs as it ran in the forward (the compiled graph's saved tensors are not the eager block's)."""
+    with contextlib.nullcontext() if engine.compiler is None else engine.compiler.active():
+        (loss if engine.scaler is None else engine.scaler.scale(loss)).backward()
 
 
 def update(engine, apply: bool | None) -> bool:

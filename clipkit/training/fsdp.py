@@ -27,7 +27,8 @@ from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
 from ..distributed import DistEnv
 from ..models.weights import first_nonfinite
-from .engine_parts import AUTOCAST_DTYPES, gradient_norm, join_one_process_group, update
+from .compile import CACHE_DIR_NAME, apply_compile
+from .engine_parts import AUTOCAST_DTYPES, gradient_norm, join_one_process_group, run_backward, update
 from .optim import build_optimizer, build_scheduler
 
 STATE_DIR = "fsdp"  # DCP's files, in the checkpoint directory
@@ -109,7 +110,6 @@ class FSDP2Engine:
     writes_full_weights = False  # sharded state; consolidated weights are added to the final checkpoint
     checks_gradients = False  # the caller checks grad_norm() (and the loss), as for the torch engine
     resumes_on_other_world_sizes = True  # DCP re-partitions by global offsets
-    compiler = None  # train.compile applies to the torch engine (config/validate.py)
 
     @staticmethod
     def model_kwargs(cfg: Config) -> dict:
@@ -130,6 +130,9 @@ class FSDP2Engine:
         join_one_process_group(env)  # one process: a one-member group, so that one code path serves all
         self.mesh = init_device_mesh(env.device.type, (env.world_size,))
         self.param_dtype = f.param_dtype or t.precision
+        # train.compile=model: each block compiled first, then sharded (torchtitan's order); the FSDP2 hooks that
+        # gather a block's weights before it runs and free them after stay outside its graph (dynamo-disabled)
+        self.compiler = apply_compile(module, t.compile, t.compile_pad_text, Path(cfg.run.dir) / CACHE_DIR_NAME)
         self.model = parallelize(module, self.mesh, param_dtype=self.param_dtype, reduce_dtype=f.reduce_dtype,
                                  reshard_after_forward=f.reshard_after_forward, cpu_offload=f.cpu_offload)
         self.optimizer = build_optimizer(module, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, t.optimizer_impl)
@@ -139,7 +142,9 @@ class FSDP2Engine:
         self._norm: torch.Tensor | None = None
 
     def autocast(self):
-        return contextlib.nullcontext()  # the mixed-precision policy gathers the weights in param_dtype
+        """No autocast: the mixed-precision policy gathers the weights in param_dtype; the compiled blocks
+        (train.compile=model) are active here."""
+        return contextlib.nullcontext() if self.compiler is None else self.compiler.active()
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -151,7 +156,7 @@ class FSDP2Engine:
             self.model.set_requires_gradient_sync(True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        run_backward(self, loss)
 
     def grad_norm(self) -> torch.Tensor:
         """The global norm of the true gradients (each rank holds a shard of each: the norm is all-reduced, so

@@ -46,6 +46,9 @@ class StepResult:
     loss: float  # this rank's loss (NaN or inf when it was not finite)
     applied: bool  # the weights were updated; False: skipped, every rank alike (non-finite loss or gradients)
     stop: bool  # some rank asked to stop after this step (run(stop=True)); every rank sees the same
+    # the global gradient norm (unscaled, before clipping; every rank has the same), or None where the engine
+    # checks its gradients itself (DeepSpeed)
+    grad_norm: float | None = None
 
 
 class ContrastiveStep:
@@ -153,6 +156,7 @@ class ContrastiveStep:
             decided.append(self._agree(not math.isfinite(loss), stop))
             return not decided[0][0]
 
+        grad_norm = None
         if self.engine.checks_gradients:
             loss = self.compute_gradients(images, tokens, before_backward)
             nonfinite, stop_all = decided[0]
@@ -164,9 +168,10 @@ class ContrastiveStep:
                 norm = self.engine.grad_norm()
                 local = ~torch.isfinite(norm) if math.isfinite(loss) else True  # one device sync, in _agree
                 nonfinite, stop_all = self._agree(local, stop)
+                grad_norm = norm.item()  # computed already: _agree waited for it; read before the update is queued
             with record_function("clipkit.optimizer"):
                 applied = self.engine.step(apply=not nonfinite)
-        return StepResult(loss, applied, stop_all)
+        return StepResult(loss, applied, stop_all, grad_norm)
 
     def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
         return self.run(images, tokens).loss

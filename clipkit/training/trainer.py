@@ -337,6 +337,8 @@ class Trainer:
         self.throughput = Throughput()
         self._waited = 0.0  # seconds of the current log window spent waiting for the loader
         self._compile_logged = 0.0  # compile seconds already logged (train.compile)
+        # the last step's global gradient norm (unscaled, before clipping; None: not computed, DeepSpeed)
+        self.last_grad_norm: float | None = None
         self.resumed_from: Path | None = None
         if pretrained is not None and pretrained.format == "open_clip-trainer":
             self._import_openclip_optimizer(pretrained.extra.get("optimizer"))
@@ -558,7 +560,7 @@ class Trainer:
     def _run_steps(self, last: int, logger: MetricsLogger, keys_log, after_step, watchdog: Watchdog) -> None:
         c = self.cfg
         batches = iter(self._loader())
-        window_start, window_samples, losses = time.perf_counter(), 0, []
+        window_start, window_samples, losses, norms = time.perf_counter(), 0, [], []
         self._waited = 0.0  # seconds of the window spent waiting for the loader
         while self.step < last:
             asked = time.perf_counter()
@@ -569,6 +571,8 @@ class Trainer:
             result = self._train_step(batch.images, batch.targets, stop=lambda: self._stop_signal is not None)
             watchdog.beat()
             losses.append(result.loss)
+            if result.grad_norm is not None:
+                norms.append(result.grad_norm)
             if not result.applied:
                 logger.write(f"step {self.step}: the loss ({result.loss:.4g} on rank 0) or the gradients were not "
                              f"finite on some rank: update skipped ({self.nonfinite.streak} in a row, "
@@ -580,9 +584,9 @@ class Trainer:
             logger.advance()
             if self.step % c.run.log_every == 0 or self.step == last or result.stop:
                 elapsed = time.perf_counter() - window_start
-                logger.log(self.step, self._metrics(losses, window_samples, elapsed))
+                logger.log(self.step, self._metrics(losses, window_samples, elapsed, norms))
                 self.throughput.add(window_samples, elapsed)
-                window_start, window_samples, losses = time.perf_counter(), 0, []
+                window_start, window_samples, losses, norms = time.perf_counter(), 0, [], []
                 self._waited = 0.0
             if self.nonfinite.streak >= c.train.max_nonfinite_steps:
                 raise TrainingDiverged(self._diverged_message())
@@ -607,6 +611,7 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, tokens: torch.Tensor,
                     stop: bool | Callable[[], bool] = False) -> StepResult:
         result = self.step_fn.run(images, tokens, stop=stop)
+        self.last_grad_norm = result.grad_norm
         if self.engine.compiler is not None:
             self.engine.compiler.stats.step_done()
         with torch.no_grad():
@@ -635,7 +640,8 @@ class Trainer:
                 f"training stopped, nothing non-finite was saved (latest checkpoint: {last}). Likely cause: "
                 f"{' or '.join(causes)}; fix it and train again in a new run.dir (a resumed run keeps its config)")
 
-    def _metrics(self, losses: list[float], samples: int, elapsed: float) -> dict:
+    def _metrics(self, losses: list[float], samples: int, elapsed: float, norms: list[float]) -> dict:
+        """The record of a log window: `losses` and `norms` (global gradient norms before clipping) of its steps."""
         record = {
             "loss": self.global_mean(float(np.mean(losses))),
             "lr": self.engine.lr,
@@ -645,6 +651,11 @@ class Trainer:
             "skipped": self.global_skipped(),
             "nonfinite_steps": self.nonfinite.total,
         }
+        finite = [n for n in norms if math.isfinite(n)]
+        if finite:  # the same on every rank; DeepSpeed's engine computes none
+            record["grad_norm"] = float(np.mean(finite))  # the window's mean, before clipping
+            clip = self.cfg.train.grad_clip
+            record["clipped_steps"] = sum(n > clip for n in finite) if clip is not None else 0
         if self.engine.compiler is not None:  # compile time apart from step time (it is inside this window's)
             stats = self.engine.compiler.stats
             record["compile"] = {**stats.as_dict(), "window_seconds": round(stats.seconds - self._compile_logged, 3)}

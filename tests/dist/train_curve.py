@@ -1,15 +1,19 @@
 """Loss curves of the real training loop, and the single-process reference on the same global batches.
 
-    [torchrun ...] python tests/dist/train_curve.py fit OUT.json STEPS [dotted.key=value ...]
+    [torchrun ...] python tests/dist/train_curve.py fit OUT.json STEPS [dotted.key=value ...] [then OUT2.json ...]
     python tests/dist/train_curve.py reference OUT.json STEPS WORLD [dotted.key=value ...]
 
 `fit` runs Trainer.fit() up to step STEPS with the real loader (each rank reads its own shards, as in
 any run) and logs every step; with train.resume set it continues from the checkpoint. OUT gets the
-global loss of each step it trained, read back from metrics.jsonl.
+global loss, the global gradient norm (before clipping) and whether train.grad_clip clipped it, of each step
+it trained, read back from metrics.jsonl. Each `then OUT2.json [dotted.key=value ...]` is one more run after
+it, in the same processes (no second start-up; the first run's overrides, then these), whose curve goes to
+OUT2.
 
 `reference` is one process that builds the loaders of all WORLD ranks (their batches depend only on the
 seed and the rank's place in the stream, not on the process that reads them), concatenates their
-step-k batches into the global batch, and trains on it: the curve a W-rank run must reproduce.
+step-k batches into the global batch, and trains on it: the curve (losses and gradient norms) a W-rank run
+must reproduce.
 """
 from clipkit.startup import paused_collection
 
@@ -25,15 +29,32 @@ with paused_collection():  # start-up imports, as the CLI makes them (clipkit/st
     from clipkit.training import Trainer
 
 
-def fit(out: str, steps: int, overrides: list[str]) -> None:
+def fit(out: str, steps: int, overrides: list[str]) -> Trainer:
     trainer = Trainer(load_config(None, ["run.log_every=1", *overrides]))
     start = trainer.step
     trainer.fit(until=steps)
     if trainer.env.is_main:
         logged = [json.loads(line) for line in (Path(trainer.cfg.run.dir) / "metrics.jsonl").open()]
-        losses = [r["loss"] for r in logged if r["step"] > start]
-        assert [r["step"] for r in logged if r["step"] > start] == list(range(start + 1, steps + 1))
-        json.dump({"losses": losses, "first_step": start}, open(out, "w"))
+        logged = [r for r in logged if r["step"] > start]
+        assert [r["step"] for r in logged] == list(range(start + 1, steps + 1))
+        json.dump({"losses": [r["loss"] for r in logged], "grad_norms": [r.get("grad_norm") for r in logged],
+                   "clipped_steps": [r.get("clipped_steps") for r in logged], "first_step": start}, open(out, "w"))
+    return trainer
+
+
+def fit_all(steps: int, out: str, args: list[str]) -> None:
+    """fit(out, steps, overrides), then, for each `then OUT2 overrides2...`, fit(OUT2, steps, overrides +
+    overrides2), in this process; the process group is left once, after the last."""
+    runs = [[out]]
+    for arg in args:
+        if arg == "then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    overrides = runs[0][1:]
+    trainer = fit(out, steps, overrides)
+    for path, *extra in runs[1:]:
+        trainer = fit(path, steps, [*overrides, *extra])
     if trainer.env.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -46,18 +67,19 @@ def reference(out: str, steps: int, world: int, overrides: list[str]) -> None:
     loaders = [iter(build_train_loader(cfg.data, transform=trainer.train_transform, tokenizer=trainer.tokenizer,
                                        local_batch_size=local, rank=r, world_size=world, seed=cfg.run.seed))
                for r in range(world)]
-    losses = []
+    losses, norms = [], []
     for _ in range(steps):
         batches = [next(loader) for loader in loaders]
         images = torch.cat([b.images for b in batches])
         tokens = torch.cat([b.targets for b in batches])
         losses.append(trainer.train_on(images, tokens))
-    json.dump({"losses": losses, "first_step": 0}, open(out, "w"))
+        norms.append(trainer.last_grad_norm)
+    json.dump({"losses": losses, "grad_norms": norms, "first_step": 0}, open(out, "w"))
 
 
 if __name__ == "__main__":
     mode, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "fit":
-        fit(out, steps, sys.argv[4:])
+        fit_all(steps, out, sys.argv[4:])
     else:
         reference(out, steps, int(sys.argv[4]), sys.argv[5:])

@@ -20,6 +20,12 @@ def test_fsdp_param_dtype_must_agree_with_train_precision():
     assert load_config(None, ["train.precision=bf16"]).fsdp.param_dtype is None
 
 
+def test_compile_is_taken_under_fsdp2():
+    """train.compile=model compiles the blocks under FSDP2 too (tests/process/test_compile_ddp.py runs it)."""
+    cfg = load_config(None, ["fsdp.enabled=true", "train.compile=model"])
+    assert cfg.fsdp.enabled and cfg.train.compile == "model"
+
+
 def test_fsdp_enabled_picks_the_fsdp2_engine():
     from clipkit.training.fsdp import FSDP2Engine
 
