@@ -24,10 +24,14 @@ def _overrides(run_dir, *extra):
             *extra]
 
 
-def _curve(tmp_path, name, shards, nproc, *extra, steps=STEPS, nodes=1):
-    """The real training loop (Trainer.fit with the real loader) on nproc x nodes ranks."""
+def _curve(tmp_path, name, shards, nproc, *extra, steps=STEPS, nodes=1, then=()):
+    """The real training loop (Trainer.fit with the real loader) on nproc x nodes ranks. Each (name2, overrides2)
+    of `then` is one more run in the same processes (tests/dist/train_curve.py), with its own run directory;
+    their curves follow the first in the list returned when `then` is given."""
     out = tmp_path / f"{name}.json"
     args = ["fit", str(out), str(steps), *_overrides(tmp_path / name, f"data.train={shards}", *extra)]
+    for name2, overrides2 in then:
+        args += ["then", str(tmp_path / f"{name2}.json"), f"run.dir={tmp_path / name2}", *overrides2]
     if nproc == 1 and nodes == 1:
         _run([sys.executable, str(SCRIPT), *args])
     elif nodes == 1:
@@ -42,6 +46,8 @@ def _curve(tmp_path, name, shards, nproc, *extra, steps=STEPS, nodes=1):
                                   stderr=subprocess.STDOUT, text=True) for r in range(nodes)]
         outputs = [p.communicate(timeout=300)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    if then:
+        return [json.loads(out.read_text())] + [json.loads((tmp_path / f"{n}.json").read_text()) for n, _ in then]
     return json.loads(out.read_text())
 
 
@@ -71,24 +77,37 @@ def _assert_matches(curve, golden):
     assert worst < TOL, f"max |loss - single-process loss| = {worst:.2e}\n{curve}\n{golden}"
 
 
-def test_ddp_two_ranks_matches_single_process(tmp_path, synth_small, golden):
-    _assert_matches(_curve(tmp_path, "ddp", synth_small.train_spec, 2)["losses"], golden)
+@pytest.fixture(scope="module")
+def ddp_curves(synth_small, tmp_path_factory):
+    """DDP on 2 ranks with the gathered loss, then with train.local_loss=true: one torchrun job, two runs."""
+    ddp, local = _curve(tmp_path_factory.mktemp("ddp"), "ddp", synth_small.train_spec, 2,
+                        then=[("ddp_local", ["train.local_loss=true"])])
+    return {"gathered": ddp, "local": local}
 
 
-def test_ddp_local_loss_matches_single_process(tmp_path, synth_small, golden):
-    _assert_matches(_curve(tmp_path, "ddp_local", synth_small.train_spec, 2, "train.local_loss=true")["losses"],
-                    golden)
+def test_ddp_two_ranks_matches_single_process(ddp_curves, golden):
+    _assert_matches(ddp_curves["gathered"]["losses"], golden)
+
+
+def test_ddp_local_loss_matches_single_process(ddp_curves, golden):
+    _assert_matches(ddp_curves["local"]["losses"], golden)
 
 
 def test_two_nodes_on_localhost_match_single_process(tmp_path, synth_small, golden):
     _assert_matches(_curve(tmp_path, "nodes", synth_small.train_spec, 1, nodes=2)["losses"], golden)
 
 
+@pytest.fixture(scope="module")
+def deepspeed_zero_curves(synth_small, tmp_path_factory):
+    """ZeRO-1, then ZeRO-2, then ZeRO-3 on 2 ranks: one torchrun job, a DeepSpeed engine of its own per run."""
+    curves = _curve(tmp_path_factory.mktemp("zero"), "zero1", synth_small.train_spec, 2, "deepspeed.enabled=true",
+                    "deepspeed.zero_stage=1", then=[(f"zero{s}", [f"deepspeed.zero_stage={s}"]) for s in (2, 3)])
+    return dict(zip((1, 2, 3), curves))
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_zero_matches_single_process(tmp_path, synth_small, golden, stage):
-    curve = _curve(tmp_path, f"zero{stage}", synth_small.train_spec, 2, "deepspeed.enabled=true",
-                   f"deepspeed.zero_stage={stage}")["losses"]
-    _assert_matches(curve, golden)
+def test_deepspeed_zero_matches_single_process(deepspeed_zero_curves, golden, stage):
+    _assert_matches(deepspeed_zero_curves[stage]["losses"], golden)
 
 
 def test_deepspeed_resume_continues_the_identical_curve(tmp_path, synth_small, golden):
