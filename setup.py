@@ -36,7 +36,7 @@ OPTIONAL = {
     "retrieval": ["faiss-cpu>=1.9,<2", "fastapi>=0.110,<1", "starlette>=0.37,<2", "pydantic>=2,<3",
                   "uvicorn>=0.29,<1"],
     # clipkit curate: perceptual hashes, MetaCLIP's substring matching, caption language (models in the wheel);
-    # semantic deduplication clusters with faiss; near deduplication searches hashes with its binary indexes
+    # semantic deduplication clusters with faiss
     "curate": ["imagehash>=4.3,<5", "pyahocorasick>=2.1,<3", "lingua-language-detector>=2.0,<3", "faiss-cpu>=1.9,<2"],
 }
 BENCH = [
