@@ -2,12 +2,13 @@
 # GPU check: ViT-B-32 in bf16 on the built-in dataset, once with the plain (DDP) engine and once with
 # DeepSpeed ZeRO-2, on every GPU of this node; with COMPILE=1 (the default when torch sees a GPU) also the
 # plain engine with train.compile=model (the towers' transformer blocks compiled), and with FSDP=1 (also the
-# default on a GPU) FSDP2 (fsdp.enabled=true, bf16 parameters, fp32 reduction). Prints samples/s and peak
-# GPU memory of each run (from their summary.json; the first logged window, with start-up and warm-up, is
-# left out of samples/s) and, for the compiled run, its compile seconds, graphs and recompiles (metrics.jsonl).
+# default on a GPU) FSDP2 (fsdp.enabled=true, bf16 parameters, fp32 reduction); with both, FSDP2 with
+# compiled blocks too. Prints samples/s and peak GPU memory of each run (from their summary.json; the first
+# logged window, with start-up and warm-up, is left out of samples/s) and, for the compiled runs, their compile
+# seconds, graphs and recompiles (metrics.jsonl).
 #   bash launch/gpu_check.sh                 # STEPS=60 PER_GPU_BATCH=256 WORKERS=8 by default
 #   CLIPKIT_NO_ENV=1 bash launch/gpu_check.sh   # in the Python environment you are in
-#   COMPILE=0 bash launch/gpu_check.sh       # without the compiled run
+#   COMPILE=0 bash launch/gpu_check.sh       # without the compiled runs
 #   FSDP=0 bash launch/gpu_check.sh          # without the FSDP2 run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,10 @@ fi
 if [ "$COMPILE" = 1 ]; then
     run ddp_compile train.compile=model
     runs="$runs ddp_compile"
+fi
+if [ "$FSDP" = 1 ] && [ "$COMPILE" = 1 ]; then
+    run fsdp2_compile fsdp.enabled=true train.compile=model
+    runs="$runs fsdp2_compile"
 fi
 python3 - "$OUT_DIR" $runs <<'EOF'
 import json, sys
