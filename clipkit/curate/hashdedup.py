@@ -32,25 +32,11 @@ coarse layout, so the two together admit a wider distance at the same precision.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
 from ..extras import require
 from .hashing import hamming, thumb_similarity, thumbs_array
 from .result import StageResult
-
-
-def _greedy(n: int, alive: np.ndarray, neighbours: dict[int, list[int]], keys, stage: str, reason: str,
-            out: StageResult) -> None:
-    kept = np.zeros(n, dtype=bool)
-    for j in np.flatnonzero(alive):
-        match = [i for i in neighbours.get(int(j), ()) if i < j and kept[i]]
-        if match:
-            first = min(match)
-            out.drop[j], out.reason[j], out.detail[j] = True, reason, str(keys[first])
-        else:
-            kept[j] = True
 
 
 def exact_dedup(sha256: np.ndarray, alive: np.ndarray, keys) -> StageResult:
@@ -168,12 +154,51 @@ def near_pairs(phash: np.ndarray, phash_flip: np.ndarray, max_distance: int, *, 
     return np.stack([code // n, code % n], axis=1)
 
 
+DEDUP_BLOCK = 1024  # representatives walked at a time by near_dedup (its memory: a block's pairs, not all pairs)
+
+
+class _KeptIndex:
+    """The pHashes and mirror pHashes of the samples kept so far, in one faiss IndexBinaryFlat (entry 2k: the
+    k-th kept sample's pHash, entry 2k + 1: its mirror pHash), grown as samples are kept."""
+
+    def __init__(self) -> None:
+        faiss = require("faiss", "near deduplication (clipkit curate)")
+        self.index = faiss.IndexBinaryFlat(64)
+        self.rows = np.zeros(0, np.int64)  # kept k -> its row among the representatives
+
+    def add(self, rows: np.ndarray, p: np.ndarray, f: np.ndarray) -> None:
+        if len(rows):
+            self.index.add(_codes(np.stack([p, f], axis=1).reshape(-1)))
+            self.rows = np.concatenate([self.rows, rows])
+
+    def matches(self, p: np.ndarray, f: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+        """(query position, kept row) of every query within max_distance of a kept sample: the query's pHash
+        against the kept pHashes and mirror pHashes, its mirror pHash against the kept pHashes only. Sorted by
+        query position then kept row, each pair once."""
+        if not len(self.rows) or not len(p):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        n = len(p)
+        lims, _, ids = self.index.range_search(_codes(np.concatenate([p, f])), max_distance + 1)
+        q = np.repeat(np.arange(2 * n, dtype=np.int64), np.diff(lims.astype(np.int64)))
+        ids = ids.astype(np.int64)
+        ok = (q < n) | (ids % 2 == 0)  # mirror against mirror is not compared
+        code = np.unique((q[ok] % n) * len(self.rows) + ids[ok] // 2)
+        return code // len(self.rows), self.rows[code % len(self.rows)]
+
+
 def near_dedup(phash: np.ndarray, phash_flip: np.ndarray, alive: np.ndarray, keys, max_distance: int, *,
-               thumbs=None, min_similarity: float | None = None) -> StageResult:
+               thumbs=None, min_similarity: float | None = None, block: int | None = None) -> StageResult:
     """Drop samples whose perceptual hash (or mirror's) lies within max_distance bits of an earlier kept one's
     (and, with `min_similarity`, whose thumbnails (`thumbs`, thumbnail() bytes per sample) correlate at least
     that much: module docstring). The score is the bit distance to the kept sample (NaN for samples not
-    dropped)."""
+    dropped).
+
+    The representatives are walked in set order, `block` (default DEDUP_BLOCK) at a time: each block is searched
+    against the samples kept so far (a faiss index of their pHashes and mirror pHashes, grown as samples are
+    kept) and against its own earlier rows, so memory holds a block's matches with kept samples, never every
+    pair. summary["pairs_examined"] counts the pairs (kept sample, later sample) whose hashes match, the ones
+    whose thumbnails are compared with the verification; summary["rejected_by_verification"] those of them
+    whose thumbnails correlate below min_similarity. Neither depends on the block size."""
     n = len(alive)
     out = StageResult.empty("near_dedup", n)
     idx = np.flatnonzero(alive)
@@ -182,28 +207,58 @@ def near_dedup(phash: np.ndarray, phash_flip: np.ndarray, alive: np.ndarray, key
     verify = min_similarity is not None
     if verify and (thumbs is None or len(thumbs) != n):
         raise ValueError("near_dedup: verification (min_similarity) needs one thumbnail per sample")
+    if not 0 <= max_distance <= 64:
+        raise ValueError(f"near_dedup: max_distance is a number of bits, 0..64, got {max_distance}")
+    block = DEDUP_BLOCK if block is None else int(block)
+    if block < 1:
+        raise ValueError(f"near_dedup: block is a number of rows, at least 1, got {block}")
     reps: dict[tuple, int] = {}
     rep_of = {}
     for j in idx:
         ident = (int(p[j]), int(f[j]), bytes(thumbs[j])) if verify else (int(p[j]), int(f[j]))
         rep_of[int(j)] = reps.setdefault(ident, int(j))
     rep_rows = np.array(sorted(set(reps.values())), dtype=np.int64)
-    neighbours: dict[int, list[int]] = defaultdict(list)
-    pairs = near_pairs(p[rep_rows], f[rep_rows], max_distance)
-    rejected = 0
-    if verify and len(pairs):
-        t = thumbs_array([thumbs[i] for i in rep_rows])
-        ok = np.concatenate([thumb_similarity(t[pairs[s:s + VERIFY_BLOCK, 0]], t[pairs[s:s + VERIFY_BLOCK, 1]])
-                             for s in range(0, len(pairs), VERIFY_BLOCK)]) >= min_similarity
-        rejected = int((~ok).sum())
-        pairs = pairs[ok]
-    for a, b in pairs.tolist():
-        i, j = int(rep_rows[a]), int(rep_rows[b])
-        neighbours[i].append(j)
-        neighbours[j].append(i)
-    rep_alive = np.zeros(n, dtype=bool)
-    rep_alive[rep_rows] = True
-    _greedy(n, rep_alive, neighbours, keys, "near_dedup", "near_duplicate", out)
+    rp, rf = p[rep_rows], f[rep_rows]
+    t = thumbs_array([thumbs[i] for i in rep_rows]) if verify and len(rep_rows) else None
+    kept_index = _KeptIndex()
+    first_match = np.full(len(rep_rows), -1, np.int64)  # the first kept representative each one matches
+    examined = rejected = 0
+    for s in range(0, len(rep_rows), block):
+        e = min(s + block, len(rep_rows))
+        bp, bf = rp[s:e], rf[s:e]
+        # Against the samples kept in earlier blocks (all before this block, in row order).
+        qa, kb = kept_index.matches(bp, bf, max_distance)
+        examined += len(qa)
+        if verify and len(qa):
+            ok = np.concatenate([thumb_similarity(t[kb[c:c + VERIFY_BLOCK]], t[s + qa[c:c + VERIFY_BLOCK]])
+                                 for c in range(0, len(qa), VERIFY_BLOCK)]) >= min_similarity
+            rejected += int((~ok).sum())
+            qa, kb = qa[ok], kb[ok]
+        if len(qa):  # sorted by query then kept row: a query's first entry is its first match
+            first = np.r_[True, qa[1:] != qa[:-1]]
+            first_match[s + qa[first]] = kb[first]
+        # Against this block's earlier rows, one row at a time, since whether they are kept is decided here.
+        dist = np.minimum(hamming(bp[:, None], bp[None, :]),
+                          np.minimum(hamming(bp[:, None], bf[None, :]), hamming(bf[:, None], bp[None, :])))
+        near = np.tril(dist <= max_distance, k=-1)  # near[r, i]: block rows i < r whose hashes match row r's
+        del dist
+        has_near = near.any(axis=1)
+        kept_blk = np.zeros(e - s, dtype=bool)
+        for r in range(e - s):
+            cand = np.flatnonzero(near[r] & kept_blk) if has_near[r] else ()
+            if len(cand):
+                examined += len(cand)
+                if verify:
+                    ok = thumb_similarity(t[s + cand], np.repeat(t[s + r][None], len(cand), axis=0)) >= min_similarity
+                    rejected += int((~ok).sum())
+                    cand = cand[ok]
+            if first_match[s + r] < 0 and len(cand):
+                first_match[s + r] = s + int(cand[0])
+            kept_blk[r] = first_match[s + r] < 0
+        kept_index.add(np.arange(s, e)[kept_blk], bp[kept_blk], bf[kept_blk])
+    for a in np.flatnonzero(first_match >= 0):
+        j, i = int(rep_rows[a]), int(rep_rows[first_match[a]])
+        out.drop[j], out.reason[j], out.detail[j] = True, "near_duplicate", str(keys[i])
     key_index = {str(keys[i]): i for i in rep_rows}
     for j in idx:
         r = rep_of[int(j)]
@@ -218,5 +273,5 @@ def near_dedup(phash: np.ndarray, phash_flip: np.ndarray, alive: np.ndarray, key
             out.score[j] = d
     out.summary = {"dropped": {"near_duplicate": int(out.drop.sum())}, "max_distance": max_distance,
                    "distinct_hashes": len(rep_rows), "min_similarity": min_similarity,
-                   "rejected_by_verification": rejected}
+                   "pairs_examined": examined, "rejected_by_verification": rejected}
     return out
