@@ -158,32 +158,34 @@ DEDUP_BLOCK = 1024  # representatives walked at a time by near_dedup (its memory
 
 
 class _KeptIndex:
-    """The pHashes and mirror pHashes of the samples kept so far, in one faiss IndexBinaryFlat (entry 2k: the
-    k-th kept sample's pHash, entry 2k + 1: its mirror pHash), grown as samples are kept."""
+    """The pHashes and the mirror pHashes of the samples kept so far, in two faiss IndexBinaryFlat (entry k: the
+    k-th kept sample's), grown as samples are kept."""
 
     def __init__(self) -> None:
         faiss = require("faiss", "near deduplication (clipkit curate)")
-        self.index = faiss.IndexBinaryFlat(64)
+        self.p, self.f = faiss.IndexBinaryFlat(64), faiss.IndexBinaryFlat(64)
         self.rows = np.zeros(0, np.int64)  # kept k -> its row among the representatives
 
     def add(self, rows: np.ndarray, p: np.ndarray, f: np.ndarray) -> None:
         if len(rows):
-            self.index.add(_codes(np.stack([p, f], axis=1).reshape(-1)))
+            self.p.add(_codes(p))
+            self.f.add(_codes(f))
             self.rows = np.concatenate([self.rows, rows])
 
     def matches(self, p: np.ndarray, f: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
         """(query position, kept row) of every query within max_distance of a kept sample: the query's pHash
-        against the kept pHashes and mirror pHashes, its mirror pHash against the kept pHashes only. Sorted by
-        query position then kept row, each pair once."""
-        if not len(self.rows) or not len(p):
+        against the kept pHashes and mirror pHashes, its mirror pHash against the kept pHashes (mirror against
+        mirror is not compared). Sorted by query position then kept row, each pair once."""
+        k = len(self.rows)
+        if not k or not len(p):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        n = len(p)
-        lims, _, ids = self.index.range_search(_codes(np.concatenate([p, f])), max_distance + 1)
-        q = np.repeat(np.arange(2 * n, dtype=np.int64), np.diff(lims.astype(np.int64)))
-        ids = ids.astype(np.int64)
-        ok = (q < n) | (ids % 2 == 0)  # mirror against mirror is not compared
-        code = np.unique((q[ok] % n) * len(self.rows) + ids[ok] // 2)
-        return code // len(self.rows), self.rows[code % len(self.rows)]
+        codes = []
+        for index, queries in ((self.p, np.concatenate([p, f])), (self.f, p)):
+            lims, _, ids = index.range_search(_codes(queries), max_distance + 1)
+            q = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(lims.astype(np.int64))) % len(p)
+            codes.append(q * k + ids.astype(np.int64))
+        code = np.unique(np.concatenate(codes))
+        return code // k, self.rows[code % k]
 
 
 def near_dedup(phash: np.ndarray, phash_flip: np.ndarray, alive: np.ndarray, keys, max_distance: int, *,
