@@ -8,8 +8,18 @@ Exact: identical image bytes (equal SHA-256).
 
 Near: perceptual hashes within `max_distance` bits, comparing each sample's pHash with the other's pHash and
 with the pHash of the other's mirror image (so a left-right flipped copy matches). Samples with an identical
-(pHash, mirror pHash) pair are collapsed first (their first one stands for all); then near_pairs finds every
-pair within the distance by one of two exact methods, the same pairs either way:
+(pHash, mirror pHash) pair are collapsed first (their first one stands for all).
+
+near_dedup then walks the remaining samples (representatives) in set order, DEDUP_BLOCK at a time: each block is
+searched against the samples kept so far (two faiss IndexBinaryFlat, of the kept pHashes and of the kept mirror
+pHashes, grown as samples are kept: a block's pHashes against both, its mirror pHashes against the kept
+pHashes) and against its own earlier rows (a numpy popcount of the block's pairs), and the keep rule is applied
+row by row. A dropped sample never enters the index, so memory holds one block's matches with kept samples:
+few on diverse data (few matches) and on look-alike data (few kept), never every matching pair. The work is
+about 1.5 x N x kept comparisons (N^2 at most, for data with no duplicates).
+
+near_pairs (every pair within the distance, for callers that want the pairs themselves) has two exact methods,
+the same pairs either way:
 - bands (a multi-index): the 64 bits are cut into max_distance + 1 bands, and by the pigeonhole principle two
   hashes within max_distance bits agree exactly on at least one band, so only hashes that share a band value
   are compared, bucket by bucket (numpy for small buckets, a faiss binary range search for large ones). The
@@ -20,8 +30,8 @@ pair within the distance by one of two exact methods, the same pairs either way:
   of the XOR per pair in C++, a fraction of a nanosecond each, threaded by faiss): 2 N^2 comparisons, but
   faster than the bands wherever their buckets are crowded.
 near_pairs takes the method with fewer comparisons for the hashes at hand (it counts the buckets' sizes
-first): the bands at small distances, the flat search at 12 bits (random hashes, one thread: 2.3 s of CPU
-for 64,000 samples, where the bands alone took 26 s).
+first): the bands at small distances, the flat search at 12 bits. Its memory is that of the pairs it returns,
+which on look-alike data (most samples within the distance of each other) grows as N^2.
 
 Verification (min_similarity, with the samples' thumbnails from clipkit.curate.hashing.thumbnail): a hash match
 counts only when the two images' 8x8 colour thumbnails also correlate at least that much (thumb_similarity,
