@@ -37,9 +37,10 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{tier}: {what}")
 
 
-# DeepSpeed jobs on one machine share its shared-memory communication segments and its extension build folder:
-# two at once (two pytest-xdist workers) can abort each other. Every test that starts one says so in its name
-# (deepspeed, or a ZeRO stage: zero0-zero3) and they all run on one worker, one after another (--dist loadgroup).
+# DeepSpeed jobs on one machine share its extension build folder: two at once (two pytest-xdist workers) can
+# abort each other. Every test that starts one says so in its name (deepspeed, or a ZeRO stage: zero0-zero3) and
+# they all run on one worker, one after another (--dist loadgroup). Every other test runs on the worker its module's
+# other tests run on, so a module-scoped fixture (a reference curve, a trained run) is made once, not once per worker.
 DEEPSPEED_JOB = re.compile(r"deepspeed|zero[0-3]", re.IGNORECASE)
 
 
@@ -50,14 +51,15 @@ def pytest_collection(session):
         return (yield)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = item.path.parent.name
         if tier not in TIERS:
             raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit or tests/process")
         item.add_marker(tier)
-        if DEEPSPEED_JOB.search(item.name):
-            item.add_marker(pytest.mark.xdist_group("deepspeed"))
+        group = "deepspeed" if DEEPSPEED_JOB.search(item.name) else f"{tier}/{item.path.stem}"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
