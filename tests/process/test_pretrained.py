@@ -382,21 +382,28 @@ def _openclip_train_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
                              lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
 
 
+def _openclip_trainer_checkpoint(tmp_path, epochs: int):
+    """(model, its AdamW, epoch_N.pt): open_clip_train's optimizer after `epochs` steps (one per epoch here), saved
+    as its main() saves an epoch (a DDP-wrapped model: module. prefixes)."""
+    model = _open_clip_model().train()
+    optimizer = _openclip_train_optimizer(model)
+    for _ in range(epochs):
+        out = model(torch.randn(4, 3, 32, 32), torch.randint(0, 49408, (4, 16)))
+        (out[0] @ out[1].t()).logsumexp(0).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ckpt = tmp_path / f"epoch_{epochs}.pt"
+    torch.save({"epoch": epochs, "name": "r", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict()}, ckpt)
+    return model, optimizer, ckpt
+
+
 def test_training_from_an_openclip_checkpoint_continues_its_optimizer_moments(tmp_path, synth_small):
     from clipkit.config import load_config
     from clipkit.training import Trainer
     from clipkit.training.openclip_optimizer import load_openclip_moments
 
-    model = _open_clip_model().train()
-    optimizer = _openclip_train_optimizer(model)
-    for _ in range(2):
-        out = model(torch.randn(4, 3, 32, 32), torch.randint(0, 49408, (4, 16)))
-        (out[0] @ out[1].t()).logsumexp(0).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    ckpt = tmp_path / "epoch_2.pt"
-    torch.save({"epoch": 2, "name": "r", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict()}, ckpt)
+    model, optimizer, ckpt = _openclip_trainer_checkpoint(tmp_path, epochs=2)
     expected = {n: optimizer.state[p] for n, p in model.named_parameters()}
 
     overrides = [f"model.pretrained={ckpt}", "model.name=clipkit-nano", f"run.dir={tmp_path / 'run'}",
@@ -440,14 +447,7 @@ def test_an_openclip_checkpoints_moments_continue_under_fsdp2(tmp_path, synth_sm
     from clipkit.config import load_config
     from clipkit.training import Trainer
 
-    model = _open_clip_model().train()
-    optimizer = _openclip_train_optimizer(model)
-    out = model(torch.randn(4, 3, 32, 32), torch.randint(0, 49408, (4, 16)))
-    (out[0] @ out[1].t()).logsumexp(0).sum().backward()
-    optimizer.step()
-    ckpt = tmp_path / "epoch_1.pt"
-    torch.save({"epoch": 1, "name": "r", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict()}, ckpt)
+    model, optimizer, ckpt = _openclip_trainer_checkpoint(tmp_path, epochs=1)
     expected = {n: optimizer.state[p] for n, p in model.named_parameters()}
     overrides = [f"model.pretrained={ckpt}", "model.name=clipkit-nano", f"run.dir={tmp_path / 'run'}",
                  f"data.train={synth_small.train_spec}", "train.global_batch_size=8", "run.progress=false",
