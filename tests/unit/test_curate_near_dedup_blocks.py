@@ -1,5 +1,5 @@
 """near_dedup walked in blocks (clipkit.curate.hashdedup): its decisions (drop, reason, detail, score) equal those of a
-one-by-one greedy reference computed here from brute-force popcounts and thumb_similarity, at 4 and 12 bits, with
+one-by-one greedy reference from brute-force popcounts and thumb_similarity (tests/near_dedup_reference.py), at 4 and 12 bits, with
 and without the thumbnail verification, for block sizes small enough that matches cross block boundaries; and
 on look-alike hashes (all near a few seeds) the pairs it examines grow as N x kept, not N^2."""
 from __future__ import annotations
@@ -8,21 +8,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from near_dedup_reference import flip_bits, greedy_reference
 
 from clipkit.curate import hashdedup
 from clipkit.curate.hashdedup import near_dedup
-from clipkit.curate.hashing import thumb_similarity
-
-ONE = np.uint64(1)
-
-
-def _flip_bits(h: np.uint64, k: int, rng) -> np.uint64:
-    """h with exactly k distinct bits flipped."""
-    for bit in rng.choice(64, size=k, replace=False):
-        h ^= ONE << np.uint64(bit)
-    return h
-
-
 def _data(n: int, seed: int):
     """n samples: random hashes and thumbnails, about a third of them copies of an earlier sample's pHash (or of
     its mirror pHash) with 0..14 bits flipped, whose thumbnails are the source's plus noise except every fourth
@@ -34,7 +23,7 @@ def _data(n: int, seed: int):
     for j in range(1, n):
         if rng.random() < 1 / 3:
             i = int(rng.integers(0, j))
-            p[j] = _flip_bits(p[i] if rng.random() < 0.7 else f[i], int(rng.integers(0, 15)), rng)
+            p[j] = flip_bits(p[i] if rng.random() < 0.7 else f[i], int(rng.integers(0, 15)), rng)
             if j % 4:
                 noise = rng.integers(-20, 21, (8, 8, 3))
                 thumbs[j] = np.clip(thumbs[i].astype(int) + noise, 0, 255).astype(np.uint8)
@@ -42,37 +31,6 @@ def _data(n: int, seed: int):
         i = int(rng.integers(0, j))
         p[j], f[j], thumbs[j] = p[i], f[i], thumbs[i]
     return p, f, thumbs
-
-
-def _greedy_reference(p, f, thumbs, alive, keys, d, min_similarity):
-    """One sample at a time in set order: dropped when within d bits (pHash against pHash, pHash against mirror
-    pHash, either way) of an earlier kept sample whose thumbnail (with min_similarity) correlates at least that
-    much; detail: the first such sample's key, score: the bit distance to it. Also the number of (kept, later)
-    pairs within d bits, and of those the verification rejects, counted for the first of each group of identical
-    rows (hashes, and thumbnail with the verification) only: the stage compares only those."""
-    pp = np.bitwise_count(p[:, None] ^ p[None, :])
-    pf = np.bitwise_count(p[:, None] ^ f[None, :])
-    dist = np.minimum(pp, np.minimum(pf, pf.T)).astype(int)
-    n = len(p)
-    drop, detail, score = np.zeros(n, bool), [""] * n, np.full(n, np.nan)
-    kept: list[int] = []
-    examined = rejected = 0
-    seen = set()
-    for j in np.flatnonzero(alive):
-        ident = (int(p[j]), int(f[j])) + ((thumbs[j].tobytes(),) if min_similarity is not None else ())
-        counted = ident not in seen
-        seen.add(ident)
-        near = [i for i in kept if dist[i, j] <= d]
-        examined += len(near) * counted
-        if min_similarity is not None and near:
-            sim = thumb_similarity(thumbs[near], np.repeat(thumbs[j][None], len(near), axis=0))
-            rejected += int((sim < min_similarity).sum()) * counted
-            near = [i for i, s in zip(near, sim) if s >= min_similarity]
-        if near:
-            drop[j], detail[j], score[j] = True, keys[near[0]], dist[near[0], j]
-        else:
-            kept.append(int(j))
-    return drop, detail, score, examined, rejected
 
 
 @pytest.mark.parametrize("bits", [4, 12])
@@ -83,7 +41,7 @@ def test_blocks_decide_as_the_greedy_reference(bits, verify):
     keys = [f"k{i}" for i in range(n)]
     alive = np.random.default_rng(1).random(n) > 0.05
     thumb_bytes = [t.tobytes() for t in thumbs]
-    drop, detail, score, examined, rejected = _greedy_reference(p, f, thumbs, alive, keys, bits, verify)
+    drop, detail, score, examined, rejected = greedy_reference(p, f, thumbs, alive, keys, bits, verify)
     assert drop.sum() > 40
     for block in (1, 16, 97, 4096):  # 4096: the whole set in one block
         got = near_dedup(p, f, alive, keys, bits, thumbs=thumb_bytes if verify else None, min_similarity=verify,
@@ -131,8 +89,8 @@ def test_look_alike_hashes_examine_n_times_kept_pairs():
     sf = rng.integers(0, 2**64, seeds, dtype=np.uint64, endpoint=False)
     st = rng.integers(0, 256, (seeds, 8, 8, 3), dtype=np.uint8)
     of = np.r_[np.arange(seeds), rng.integers(0, seeds, n - seeds)]
-    p = np.array([_flip_bits(sp[s], int(rng.integers(0, 4)), rng) for s in of], dtype=np.uint64)
-    f = np.array([_flip_bits(sf[s], int(rng.integers(0, 4)), rng) for s in of], dtype=np.uint64)
+    p = np.array([flip_bits(sp[s], int(rng.integers(0, 4)), rng) for s in of], dtype=np.uint64)
+    f = np.array([flip_bits(sf[s], int(rng.integers(0, 4)), rng) for s in of], dtype=np.uint64)
     noise = rng.integers(-10, 11, (n, 8, 8, 3))
     thumbs = [t.tobytes() for t in np.clip(st[of].astype(int) + noise, 0, 255).astype(np.uint8)]
     keys = [f"k{i}" for i in range(n)]

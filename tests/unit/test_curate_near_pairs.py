@@ -1,22 +1,13 @@
 """Near-duplicate hash search (clipkit.curate.hashdedup.near_pairs): both exact methods, and the automatic choice,
 give the pairs of a brute-force popcount computed here, ties at exactly the distance included; near_dedup with
-the thumbnail verification at 12 bits keeps the same samples as a one-by-one greedy reference."""
+the thumbnail verification at 12 bits keeps the same samples as a one-by-one greedy reference (tests/near_dedup_reference.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from near_dedup_reference import flip_bits, greedy_reference
 
 from clipkit.curate.hashdedup import near_dedup, near_pairs
-from clipkit.curate.hashing import thumb_similarity
-
-ONE = np.uint64(1)
-
-
-def _flip_bits(h: np.uint64, k: int, rng) -> np.uint64:
-    """h with exactly k distinct bits flipped."""
-    for bit in rng.choice(64, size=k, replace=False):
-        h ^= ONE << np.uint64(bit)
-    return h
 
 
 def _hashes(n: int, seed: int, shared_low_bits: int = 0):
@@ -30,7 +21,7 @@ def _hashes(n: int, seed: int, shared_low_bits: int = 0):
         if rng.random() < 1 / 3:
             i = int(rng.integers(0, j))
             src = p[i] if rng.random() < 0.7 else f[i]
-            p[j] = _flip_bits(src, int(rng.integers(0, 15)), rng)
+            p[j] = flip_bits(src, int(rng.integers(0, 15)), rng)
     if shared_low_bits:
         mask = np.uint64((1 << shared_low_bits) - 1)
         p[: n // 2] &= ~mask
@@ -75,24 +66,6 @@ def test_near_pairs_edge_cases():
         near_pairs(p, f, 65)
 
 
-def _greedy_reference(p, f, thumbs, alive, keys, d, min_similarity):
-    """One sample at a time in set order: dropped when within d bits (pHash against pHash or mirror pHash) of an
-    earlier kept sample whose thumbnail correlates at least min_similarity; detail: the first such sample."""
-    kept, drop, detail = [], np.zeros(len(p), bool), [""] * len(p)
-    for j in np.flatnonzero(alive):
-        match = []
-        for i in kept:
-            dist = min(bin(int(p[i] ^ p[j])).count("1"), bin(int(p[i] ^ f[j])).count("1"),
-                       bin(int(f[i] ^ p[j])).count("1"))
-            if dist <= d and thumb_similarity(thumbs[i:i + 1], thumbs[j:j + 1])[0] >= min_similarity:
-                match.append(i)
-        if match:
-            drop[j], detail[j] = True, keys[match[0]]
-        else:
-            kept.append(j)
-    return drop, detail
-
-
 def test_near_dedup_at_12_bits_with_verification_matches_greedy_reference():
     rng = np.random.default_rng(3)
     n = 400
@@ -112,7 +85,7 @@ def test_near_dedup_at_12_bits_with_verification_matches_greedy_reference():
     for d in (4, 12):
         got = near_dedup(p, f, alive, keys, d, thumbs=[t.tobytes() for t in thumbs], min_similarity=0.85)
         got.check(alive)
-        drop, detail = _greedy_reference(p, f, thumbs, alive, keys, d, 0.85)
+        drop, detail = greedy_reference(p, f, thumbs, alive, keys, d, 0.85)[:2]
         assert drop.sum() > 10 and got.summary["rejected_by_verification"] > 0
         assert np.array_equal(got.drop, drop), d
         assert list(got.detail[got.drop]) == [detail[i] for i in np.flatnonzero(drop)]
