@@ -86,6 +86,19 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def shard_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole value (an optimizer moment read from a file) as the optimizer holds it for `param`: in param's dtype
+    and device, and, for a DTensor (FSDP2), sharded as param is (each rank keeps its own shard). A run that never
+    imported DTensor (the torch and DeepSpeed engines) holds none, and does not import it here."""
+    if "torch.distributed.tensor" in sys.modules:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(param, DTensor):
+            local_value = tensor.to(dtype=param.dtype, device=param.to_local().device)
+            return distribute_tensor(local_value, param.device_mesh, param.placements)
+    return tensor.to(param).clone()
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (the tensor itself otherwise)."""
     from torch.distributed.tensor import DTensor

@@ -10,10 +10,10 @@ fresh, and the reason is returned to be said in the log.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
+
+from .fsdp import shard_like
 
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}
 
@@ -71,19 +71,6 @@ def load_openclip_moments(optimizer: torch.optim.Optimizer, model: nn.Module, sa
                 on_device = group.get("fused") or group.get("capturable")  # else torch keeps the step on the CPU
                 step = torch.as_tensor(state["step"], dtype=torch.float32).clone()
                 optimizer.state[p] = {"step": step.to(p.device) if on_device else step.cpu(),
-                                      "exp_avg": _like(state["exp_avg"], p),
-                                      "exp_avg_sq": _like(state["exp_avg_sq"], p)}
+                                      "exp_avg": shard_like(state["exp_avg"], p),
+                                      "exp_avg_sq": shard_like(state["exp_avg_sq"], p)}
     return None
-
-
-def _like(moment: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The saved (whole) moment as the optimizer holds it for `p`: in p's dtype and device, and sharded as p is
-    when p is a DTensor (the FSDP2 engine): each rank keeps its own shard of the whole moment, as FSDP2 shards the
-    parameter itself. A run that never imported DTensor (the torch and DeepSpeed engines) holds none."""
-    if "torch.distributed.tensor" in sys.modules:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        if isinstance(p, DTensor):
-            local = moment.to(dtype=p.dtype, device=p.to_local().device)
-            return distribute_tensor(local, p.device_mesh, p.placements)
-    return moment.to(p).clone()
