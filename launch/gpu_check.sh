@@ -14,12 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${CLIPKIT_NO_ENV:-}" ] || . launch/env.sh
 OUT_DIR=${OUT_DIR:-runs/gpu_check}
-NPROC=${NPROC:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+# torch asked once (an import of torch is seconds): the GPUs of this node, and whether there is one
+read -r gpus has_gpu < <(python3 -c 'import torch; print(max(1, torch.cuda.device_count()), int(torch.cuda.is_available()))')
+NPROC=${NPROC:-$gpus}
 STEPS=${STEPS:-60}
 PER_GPU_BATCH=${PER_GPU_BATCH:-256}
 WORKERS=${WORKERS:-8}
-COMPILE=${COMPILE:-$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')}
-FSDP=${FSDP:-$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')}
+COMPILE=${COMPILE:-$has_gpu}
+FSDP=${FSDP:-$has_gpu}
 common=(model.name=ViT-B-32 train.precision=bf16 "train.global_batch_size=$((PER_GPU_BATCH * NPROC))"
         "train.steps=$STEPS" train.warmup_steps=10 train.lr=2e-4 train.checkpoint_every=1000000 "data.workers=$WORKERS"
         data.synth.train_samples=8000 data.synth.samples_per_shard=500 "data.synth.out=$OUT_DIR/synth"

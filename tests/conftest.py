@@ -1,3 +1,4 @@
+import json
 import os
 import re
 
@@ -51,8 +52,16 @@ def pytest_collection(session):
         return (yield)
 
 
+# The workers take the groups longest first (launch/test.sh passes --no-loadscope-reorder, so xdist keeps this
+# order), so that the last groups handed out are short and both workers finish together. The seconds are a
+# full run's (tests/group_seconds.py makes the file); a group the file does not know yet goes by its tier.
+GROUP_SECONDS = json.loads((Path(__file__).parent / "group_seconds.json").read_text())
+NEW_GROUP_SECONDS = {"process": 20.0, "unit": 2.0}
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
+    seconds = {}
     for item in items:
         tier = item.path.parent.name
         if tier not in TIERS:
@@ -60,6 +69,8 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(tier)
         group = "deepspeed" if DEEPSPEED_JOB.search(item.name) else f"{tier}/{item.path.stem}"
         item.add_marker(pytest.mark.xdist_group(group))
+        seconds[item] = -GROUP_SECONDS.get(group, NEW_GROUP_SECONDS[tier])
+    items.sort(key=seconds.__getitem__)  # stable: a group's tests keep their order
 
 
 @pytest.fixture(scope="session")

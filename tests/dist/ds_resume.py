@@ -1,8 +1,11 @@
-"""A DeepSpeed run resumed from its checkpoint (train.resume=latest), on however many ranks it is launched with:
-what the engine holds right after loading, then the losses of a few steps on fixed global batches.
+"""DeepSpeed runs resumed from their checkpoints, on however many ranks this is launched with: what the engine
+holds right after loading, then the losses of a few steps on fixed global batches.
 
-    [torchrun ...] python tests/dist/ds_resume.py OUT_DIR STEPS [dotted.key=value ...]
+    [torchrun ...] python tests/dist/ds_resume.py JOB [then JOB ...]
+    JOB:  resume OUT_DIR STEPS [dotted.key=value ...]   (train.resume names the checkpoint)
+          fit [dotted.key=value ...]                     (a run to resume later: Trainer.fit, as `clipkit train`)
 
+The jobs run in turn in these processes (one start-up for all of them; DeepSpeed builds one engine per job).
 OUT_DIR/state.safetensors (rank 0): the whole model as the resumed engine holds it ("weight/NAME", every
 parameter and buffer) and the Adam moments of every parameter ("exp_avg/NAME", "exp_avg_sq/NAME"), assembled
 across the ranks by DeepSpeed's safe_get_full_optimizer_state (ZeRO 1-3). OUT_DIR/resumed.json: the step the run
@@ -23,7 +26,7 @@ with paused_collection():  # start-up imports, as the CLI makes them (clipkit/st
     from fixed_batches import train_fixed_batches, write_outputs
 
 
-def main(out: str, steps: int, overrides: list[str]) -> None:
+def resume(out: str, steps: int, overrides: list[str]) -> Trainer:
     trainer = Trainer(load_config(None, overrides))
     env, engine = trainer.env, trainer.engine
     state = {f"weight/{k}": v.clone() for k, v in (engine.full_state_dict() or {}).items()}  # before any step
@@ -40,10 +43,35 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
                     param, "ds_shape") else param.shape).contiguous()
     resumed = {"step": trainer.step, "lr": engine.lr, "losses": train_fixed_batches(trainer, steps)}
     write_outputs(out, state, resumed, env.is_main)
-    if env.distributed:
-        torch.distributed.barrier()
+    return trainer
+
+
+def fit(overrides: list[str]) -> Trainer:
+    trainer = Trainer(load_config(None, overrides))
+    trainer.fit()
+    return trainer
+
+
+def main(args: list[str]) -> None:
+    jobs = [[]]
+    for arg in args:
+        if arg == "then":
+            jobs.append([])
+        else:
+            jobs[-1].append(arg)
+    trainer = None
+    for kind, *rest in jobs:
+        if kind == "fit":
+            trainer = fit(rest)
+        elif kind == "resume":
+            trainer = resume(rest[0], int(rest[1]), rest[2:])
+        else:
+            raise SystemExit(f"ds_resume.py: a job is `fit ...` or `resume OUT STEPS ...`, not {kind!r}")
+        if trainer.env.distributed:
+            torch.distributed.barrier()
+    if trainer is not None and trainer.env.distributed:
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+    main(sys.argv[1:])

@@ -8,7 +8,8 @@ moments of every parameter ("exp_avg/NAME", "exp_avg_sq/NAME"), gathered from th
 get_model_state_dict / get_optimizer_state_dict (full_state_dict=True). OUT_DIR/resumed.json: the step the run
 resumed at, the learning rate, and the global loss of each of STEPS steps on batches that are the same whatever
 the number of ranks (rank r trains on its r-th share). SAVE=1: right after loading, the run saves a checkpoint
-of the step it resumed at, in its own run.dir (written by this number of ranks).
+of the step it resumed at, in its own run.dir (written by this number of ranks). Each `then OUT_DIR STEPS SAVE
+...` is another resume after it, in the same processes (no second start-up).
 """
 from clipkit.startup import paused_collection
 
@@ -36,7 +37,7 @@ def held_state(trainer: Trainer) -> dict:
     return state
 
 
-def main(out: str, steps: int, save: bool, overrides: list[str]) -> None:
+def resume(out: str, steps: int, save: bool, overrides: list[str]) -> Trainer:
     trainer = Trainer(load_config(None, overrides))
     env = trainer.env
     state = held_state(trainer)  # before any step
@@ -46,8 +47,21 @@ def main(out: str, steps: int, save: bool, overrides: list[str]) -> None:
     write_outputs(out, state, resumed, env.is_main)
     if env.distributed:
         torch.distributed.barrier()
+    return trainer
+
+
+def main(args: list[str]) -> None:
+    """Each `OUT STEPS SAVE overrides...` job, separated by `then`, in turn in these processes."""
+    jobs = [[]]
+    for arg in args:
+        if arg == "then":
+            jobs.append([])
+        else:
+            jobs[-1].append(arg)
+    for out, steps, save, *overrides in jobs:
+        resume(out, int(steps), save == "1", overrides)
     torch.distributed.destroy_process_group()  # FSDP2 joined a process group even on one rank
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:])
+    main(sys.argv[1:])

@@ -8,7 +8,7 @@ any run) and logs every step; with train.resume set it continues from the checkp
 global loss, the global gradient norm (before clipping) and whether train.grad_clip clipped it, of each step
 it trained, read back from metrics.jsonl. Each `then OUT2.json [dotted.key=value ...]` is one more run after
 it, in the same processes (no second start-up; the first run's overrides, then these), whose curve goes to
-OUT2.
+OUT2; `until=N` among them stops that run at step N instead of STEPS (its schedule is still train.steps').
 
 `reference` is one process that builds the loaders of all WORLD ranks (their batches depend only on the
 seed and the rank's place in the stream, not on the process that reads them), concatenates their
@@ -44,7 +44,8 @@ def fit(out: str, steps: int, overrides: list[str]) -> Trainer:
 
 def fit_all(steps: int, out: str, args: list[str]) -> None:
     """fit(out, steps, overrides), then, for each `then OUT2 overrides2...`, fit(OUT2, steps, overrides +
-    overrides2), in this process; the process group is left once, after the last."""
+    overrides2) (`until=N` among overrides2: up to step N), in this process; the process group is left once,
+    after the last."""
     runs = [[out]]
     for arg in args:
         if arg == "then":
@@ -54,7 +55,9 @@ def fit_all(steps: int, out: str, args: list[str]) -> None:
     overrides = runs[0][1:]
     trainer = fit(out, steps, overrides)
     for path, *extra in runs[1:]:
-        trainer = fit(path, steps, [*overrides, *extra])
+        until = [int(a.split("=", 1)[1]) for a in extra if a.startswith("until=")]
+        extra = [a for a in extra if not a.startswith("until=")]
+        trainer = fit(path, until[-1] if until else steps, [*overrides, *extra])
     if trainer.env.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -16,9 +16,6 @@ from pathlib import Path
 import pytest
 from helpers import DIST, process_env
 
-# both tests share the module's DDP runs (and their compile): on one pytest-xdist worker, not one each
-pytestmark = pytest.mark.xdist_group("compile_ddp")
-
 SCRIPT = DIST / "train_curve.py"
 STEPS = 20
 # As for the eager DDP runs (test_distributed_training.py): fp32 reduction order differs between one process

@@ -79,10 +79,12 @@ def _assert_matches(curve, golden):
 
 @pytest.fixture(scope="module")
 def ddp_curves(synth_small, tmp_path_factory):
-    """DDP on 2 ranks with the gathered loss, then with train.local_loss=true: one torchrun job, two runs."""
-    ddp, local = _curve(tmp_path_factory.mktemp("ddp"), "ddp", synth_small.train_spec, 2,
-                        then=[("ddp_local", ["train.local_loss=true"])])
-    return {"gathered": ddp, "local": local}
+    """DDP on 2 ranks with the gathered loss, then with train.local_loss=true, then the gathered run again
+    stopped at step 10 (in "parts", for the resume test): one torchrun job, three runs."""
+    root = tmp_path_factory.mktemp("ddp")
+    ddp, local, parts = _curve(root, "ddp", synth_small.train_spec, 2,
+                               then=[("ddp_local", ["train.local_loss=true"]), ("parts", ["until=10"])])
+    return {"gathered": ddp, "local": local, "parts": parts, "root": root}
 
 
 def test_ddp_two_ranks_matches_single_process(ddp_curves, golden):
@@ -99,10 +101,13 @@ def test_two_nodes_on_localhost_match_single_process(tmp_path, synth_small, gold
 
 @pytest.fixture(scope="module")
 def deepspeed_zero_curves(synth_small, tmp_path_factory):
-    """ZeRO-1, then ZeRO-2, then ZeRO-3 on 2 ranks: one torchrun job, a DeepSpeed engine of its own per run."""
-    curves = _curve(tmp_path_factory.mktemp("zero"), "zero1", synth_small.train_spec, 2, "deepspeed.enabled=true",
-                    "deepspeed.zero_stage=1", then=[(f"zero{s}", [f"deepspeed.zero_stage={s}"]) for s in (2, 3)])
-    return dict(zip((1, 2, 3), curves))
+    """ZeRO-1, then ZeRO-2, then ZeRO-3 on 2 ranks, then ZeRO-2 again stopped at step 10 (in "ds_resume", for the
+    resume test): one torchrun job, a DeepSpeed engine of its own per run."""
+    root = tmp_path_factory.mktemp("zero")
+    curves = _curve(root, "zero1", synth_small.train_spec, 2, "deepspeed.enabled=true", "deepspeed.zero_stage=1",
+                    then=[*((f"zero{s}", [f"deepspeed.zero_stage={s}"]) for s in (2, 3)),
+                          ("ds_resume", ["deepspeed.zero_stage=2", "until=10"])])
+    return {**dict(zip((1, 2, 3), curves)), "first10": curves[3], "root": root}
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -110,22 +115,27 @@ def test_deepspeed_zero_matches_single_process(deepspeed_zero_curves, golden, st
     _assert_matches(deepspeed_zero_curves[stage]["losses"], golden)
 
 
-def test_deepspeed_resume_continues_the_identical_curve(tmp_path, synth_small, golden):
+def test_deepspeed_resume_continues_the_identical_curve(deepspeed_zero_curves, synth_small, golden):
     ds = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
-    first = _curve(tmp_path, "ds_resume", synth_small.train_spec, 2, *ds, steps=10)
-    assert (tmp_path / "ds_resume" / "checkpoints" / "step_00000010" / "deepspeed").is_dir()
-    second = _curve(tmp_path, "ds_resume", synth_small.train_spec, 2, *ds, "train.resume=latest")
+    root, first = deepspeed_zero_curves["root"], deepspeed_zero_curves["first10"]  # ZeRO-2 up to step 10
+    assert (root / "ds_resume" / "checkpoints" / "step_00000010" / "deepspeed").is_dir()
+    second = _curve(root, "ds_resume", synth_small.train_spec, 2, *ds, "train.resume=latest")
     assert second["first_step"] == 10
     _assert_matches(first["losses"] + second["losses"], golden)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_resumed_run_equals_the_uninterrupted_run_loss_for_loss(tmp_path, synth_small, nproc):
-    """One process and DDP on 2 ranks, stopped at step 10 and resumed with train.resume=latest: every
-    loss equals the uninterrupted run's (weights, optimizer, schedule, RNG and data stream restored)."""
-    whole = _curve(tmp_path, "whole", synth_small.train_spec, nproc)["losses"]
-    first = _curve(tmp_path, "parts", synth_small.train_spec, nproc, steps=10)
-    second = _curve(tmp_path, "parts", synth_small.train_spec, nproc, "train.resume=latest")
+def test_resumed_run_equals_the_uninterrupted_run_loss_for_loss(tmp_path, synth_small, nproc, ddp_curves):
+    """One process and DDP on 2 ranks, stopped at step 10 and resumed with train.resume=latest (a new launch):
+    every loss equals the uninterrupted run's (weights, optimizer, schedule, RNG and data stream restored). The
+    uninterrupted run and the first 10 steps share one launch (on 2 ranks, the DDP curves' job above)."""
+    if nproc == 2:
+        root, whole, first = ddp_curves["root"], ddp_curves["gathered"]["losses"], ddp_curves["parts"]
+    else:
+        root = tmp_path
+        whole, first = _curve(root, "whole", synth_small.train_spec, nproc, then=[("parts", ["until=10"])])
+        whole = whole["losses"]
+    second = _curve(root, "parts", synth_small.train_spec, nproc, "train.resume=latest")
     assert first["first_step"] == 0 and second["first_step"] == 10
     assert first["losses"] + second["losses"] == whole
     assert whole[-1] < whole[0]

@@ -3,7 +3,9 @@ the same global batch). Every run is a real `clipkit train` process (under torch
 reads the sample keys each rank recorded (run.record_sample_keys) and the shards themselves (plain tarfile).
 DeepSpeed checkpoints on another world size are checked against DeepSpeed's own consolidation of the
 original checkpoint (deepspeed.utils.zero_to_fp32), parameter by parameter, and against a resume on the
-original world size, loss for loss.
+original world size, loss for loss; those runs and resumes go through tests/dist/ds_resume.py, which runs
+several of them in turn in one launch (Trainer.fit, as `clipkit train` calls it, for the runs), and the one
+resume users run by hand is the real `clipkit train train.resume=latest`.
 """
 import json
 import subprocess
@@ -112,10 +114,46 @@ def _run_ok(nproc: int, *args: str) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-def _ds_resume(run_dir: Path, synth, stage: int, nproc: int, out: Path) -> tuple[dict, dict]:
-    """Resume the checkpoint of step 3 on nproc ranks: (the state the engine holds after loading, resumed.json)."""
-    _run_ok(nproc, str(DS_RESUME), str(out), "2", *_ds_overrides(run_dir, synth, stage),
-            f"train.resume={run_dir / 'checkpoints' / 'step_00000003'}")
+CASES = {"zero2-2to1": (2, 2, 1), "zero3-2to1": (3, 2, 1), "zero3-1to2": (3, 1, 2), "zero1-2to1": (1, 2, 1),
+         "zero0-2to1": (0, 2, 1)}  # (stage, ranks before, ranks after)
+
+
+def _ds_job(nproc: int, jobs: list[list[str]]) -> None:
+    """Run `jobs` (ds_resume.py's `fit ...` / `resume OUT STEPS ...`) in turn in one launch of nproc ranks."""
+    args = [str(DS_RESUME)]
+    for job in jobs:
+        args += [*(["then"] if len(args) > 1 else []), *job]
+    _run_ok(nproc, *args)
+
+
+@pytest.fixture(scope="module")
+def ds_resumes(synth_small, tmp_path_factory):
+    """Every case's run checkpointed at steps 3 and 6 on `before` ranks, and its checkpoint of step 3 resumed on
+    `after` ranks ("moved") and on `before` ranks ("same"); each launch runs its jobs one after another in the same
+    processes (DeepSpeed builds one engine per job), so the five cases take three launches: 2 ranks (the runs
+    of 2, then the resumes on 2), 1 rank (the run of 1, then the resumes on 1), 2 ranks (what resumes the run of 1)."""
+    root = tmp_path_factory.mktemp("ds_resumes")
+
+    def overrides(name):
+        return _ds_overrides(root / name / "run", synth_small, CASES[name][0])
+
+    def resume(name, which):
+        return ["resume", str(root / name / which), "2", *overrides(name),
+                f"train.resume={root / name / 'run' / 'checkpoints' / 'step_00000003'}"]
+
+    def on(nproc, role):  # the cases whose `role` ("before", "after") is nproc ranks
+        return [name for name, case in CASES.items() if case[1 if role == "before" else 2] == nproc]
+
+    _ds_job(2, [*(["fit", *overrides(n)] for n in on(2, "before")), *(resume(n, "same") for n in on(2, "before"))])
+    _ds_job(1, [*(["fit", *overrides(n)] for n in on(1, "before")), *(resume(n, "same") for n in on(1, "before")),
+                *(resume(n, "moved") for n in on(1, "after"))])
+    _ds_job(2, [resume(n, "moved") for n in on(2, "after")])
+    return root
+
+
+def _resumed(root: Path, name: str, which: str) -> tuple[dict, dict]:
+    """(the state the engine held right after loading, resumed.json) of one case's resume."""
+    out = root / name / which
     return load_file(str(out / "state.safetensors")), json.loads((out / "resumed.json").read_text())
 
 
@@ -145,20 +183,18 @@ def _zero_consolidated(checkpoint: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 2, 1), (3, 1, 2), (1, 2, 1), (0, 2, 1)],
-                         ids=["zero2-2to1", "zero3-2to1", "zero3-1to2", "zero1-2to1", "zero0-2to1"])
-def test_deepspeed_resumes_on_another_world_size_with_weights_and_moments(stage, before, after, synth_small,
-                                                                          tmp_path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_deepspeed_resumes_on_another_world_size_with_weights_and_moments(case, ds_resumes):
     """A DeepSpeed run checkpointed at step 3 on `before` ranks, resumed on `after` (ZeRO 1-3: converted to
     DeepSpeed's universal checkpoint outside the sealed checkpoint and re-partitioned; stage 0: the state is
     whole): right after loading, every weight and both Adam moments of every parameter equal DeepSpeed's own
     consolidation of the original checkpoint exactly, and equal what a resume on `before` ranks holds; the
     next steps on the same global batches give that resume's losses, and the step count and LR continue."""
-    run_dir = tmp_path / "run"
-    _run_ok(before, "-m", "clipkit", "train", *_ds_overrides(run_dir, synth_small, stage))  # checkpoints at 3 and 6
+    stage = CASES[case][0]
+    run_dir = ds_resumes / case / "run"  # checkpoints at 3 and 6
     checkpoint = run_dir / "checkpoints" / "step_00000003"
-    moved, moved_info = _ds_resume(run_dir, synth_small, stage, after, tmp_path / "moved")
-    same, same_info = _ds_resume(run_dir, synth_small, stage, before, tmp_path / "same")
+    moved, moved_info = _resumed(ds_resumes, case, "moved")
+    same, same_info = _resumed(ds_resumes, case, "same")
     assert sorted(moved) == sorted(same)
     params = sorted(k.split("/", 1)[1] for k in moved if k.startswith("exp_avg/"))
     assert len(params) == 62 and all(f"weight/{k}" in moved for k in params)

@@ -94,10 +94,16 @@ def test_fsdp2_run_skips_nonfinite_step_evaluates_and_consolidates_the_dcp_shard
         assert torch.equal(value, ours[name].reshape(value.shape)), name
 
 
-def _resume(run_dir, synth, checkpoint, nproc, out, save=False):
-    _run(nproc, str(RESUME), str(out), "2", "1" if save else "0",
-         *_training(run_dir, synth, f"train.resume={checkpoint}"))
-    return load_file(str(out / "state.safetensors")), json.loads((out / "resumed.json").read_text())
+def _resume(synth, nproc, *jobs):
+    """Each (run_dir, checkpoint, out, save) of `jobs` resumed in turn in one launch of nproc ranks: their
+    (state held right after loading, resumed.json)."""
+    args = [str(RESUME)]
+    for run_dir, checkpoint, out, save in jobs:
+        args += [*(["then"] if len(args) > 1 else []), str(out), "2", "1" if save else "0",
+                 *_training(run_dir, synth, f"train.resume={checkpoint}")]
+    _run(nproc, *args)
+    return [(load_file(str(out / "state.safetensors")), json.loads((out / "resumed.json").read_text()))
+            for _, _, out, _ in jobs]
 
 
 def test_fsdp2_resumes_2_to_1_and_1_to_2_as_on_the_same_size(fsdp_run, synth_small, tmp_path):
@@ -106,11 +112,13 @@ def test_fsdp2_resumes_2_to_1_and_1_to_2_as_on_the_same_size(fsdp_run, synth_sma
     the original checkpoint exactly in all three, and the next losses on the same global batches equal the
     same-size resume's; the step count and the LR continue."""
     checkpoint = fsdp_run / "checkpoints" / "step_00000003"
-    one, one_info = _resume(tmp_path / "one", synth_small, checkpoint, 1, tmp_path / "out1", save=True)
+    [(one, one_info)] = _resume(synth_small, 1, (tmp_path / "one", checkpoint, tmp_path / "out1", True))
     one_rank_checkpoint = tmp_path / "one" / "checkpoints" / "step_00000003"
     assert json.loads((one_rank_checkpoint / "trainer.json").read_text())["world_size"] == 1
-    same, same_info = _resume(tmp_path / "same", synth_small, checkpoint, 2, tmp_path / "out2")
-    back, back_info = _resume(tmp_path / "back", synth_small, one_rank_checkpoint, 2, tmp_path / "out3")
+    # the two resumes on 2 ranks, in one launch
+    (same, same_info), (back, back_info) = _resume(synth_small, 2,
+                                                   (tmp_path / "same", checkpoint, tmp_path / "out2", False),
+                                                   (tmp_path / "back", one_rank_checkpoint, tmp_path / "out3", False))
 
     reference = _dcp_consolidated(checkpoint, tmp_path)
     expected = {f"weight/{k}": v for k, v in reference["model"].items()}
