@@ -37,10 +37,11 @@ def free_port() -> int:
 
 def tiny_run(run_dir, synth, *extra: str, steps: int = 2, batch: int = 8, zeroshot: bool = False) -> list[str]:
     """The overrides of a short clipkit-nano run on the synthetic shards: no progress bar, no loader workers,
-    a small shuffle buffer, no evaluation at the end unless asked; `extra` overrides come last (they win)."""
+    a small shuffle buffer, no report.html (its own tests ask for one), no evaluation at the end unless asked;
+    `extra` overrides come last (they win)."""
     overrides = [f"run.dir={run_dir}", f"data.train={synth.train_spec}", "model.name=clipkit-nano",
                  f"train.global_batch_size={batch}", f"train.steps={steps}", "train.warmup_steps=1",
-                 "run.progress=false", "data.workers=0", "data.shuffle_buffer=20"]
+                 "run.progress=false", "data.workers=0", "data.shuffle_buffer=20", "run.report=false"]
     if zeroshot:
         overrides.append(f"data.zeroshot={synth.eval_root}")
     else:

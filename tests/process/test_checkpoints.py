@@ -24,7 +24,7 @@ def _overrides(run_dir, synth, *extra):
     return [f"run.dir={run_dir}", f"data.train={synth.train_spec}", f"data.zeroshot={synth.eval_root}",
             "model.name=clipkit-nano", "train.global_batch_size=8", "train.steps=6", "train.warmup_steps=1",
             "train.checkpoint_every=1", "train.keep_checkpoints=0", "run.progress=false", "data.workers=0",
-            "data.shuffle_buffer=20", *extra]
+            "data.shuffle_buffer=20", "run.report=false", *extra]
 
 
 def _train(run_dir, synth, until, *extra):

@@ -21,7 +21,7 @@ TOL = 2e-4
 def _overrides(run_dir, *extra):
     return [f"run.dir={run_dir}", "model.name=clipkit-nano", "train.global_batch_size=16", f"train.steps={STEPS}",
             "train.lr=2e-3", "train.warmup_steps=3", "train.checkpoint_every=10", "run.progress=false",
-            *extra]
+            "run.report=false", *extra]
 
 
 def _curve(tmp_path, name, shards, nproc, *extra, steps=STEPS, nodes=1, then=()):

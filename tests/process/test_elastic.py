@@ -35,7 +35,7 @@ def _launch(run_dir: Path, synth, nproc: int, workers: int, steps: int, *extra,
             f"train.global_batch_size={BATCH}", f"train.steps={steps}", "train.warmup_steps=3", "train.lr=2e-3",
             f"train.checkpoint_every={FIRST}", "run.progress=false", "run.log_every=1", f"data.workers={workers}",
             "data.shuffle_buffer=40", "run.record_sample_keys=true", "eval.zeroshot_at_end=false",
-            "export.at_end=false", *extra]
+            "export.at_end=false", "run.report=false", *extra]
     command = [str(FAULT_TRAIN)] if faults else ["-m", "clipkit", "train"]
     if nproc > 1:
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *command]

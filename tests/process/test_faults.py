@@ -35,7 +35,7 @@ def _overrides(run_dir, synth, *extra):
     return [f"run.dir={run_dir}", f"data.train={synth.train_spec}", f"data.zeroshot={synth.eval_root}",
             "model.name=clipkit-nano", "train.global_batch_size=16", f"train.steps={STEPS}", "train.warmup_steps=3",
             "train.lr=2e-3", "train.checkpoint_every=2", "train.keep_checkpoints=0", "run.log_every=1",
-            "run.progress=false", "data.workers=0", "eval.zeroshot_at_end=false", "export.at_end=false", *extra]
+            "run.progress=false", "data.workers=0", "eval.zeroshot_at_end=false", "export.at_end=false", "run.report=false", *extra]
 
 
 def _command(args, nproc: int = 1, max_restarts: int = 0, script=FAULT_TRAIN) -> list[str]:
