@@ -24,6 +24,7 @@ with paused_collection():  # start-up imports, as the CLI makes them (clipkit/st
     from clipkit.config import load_config
     from clipkit.training import Trainer
     from fixed_batches import train_fixed_batches, write_outputs
+    from jobs import split_then
 
 
 def resume(out: str, steps: int, overrides: list[str]) -> Trainer:
@@ -53,12 +54,7 @@ def fit(overrides: list[str]) -> Trainer:
 
 
 def main(args: list[str]) -> None:
-    jobs = [[]]
-    for arg in args:
-        if arg == "then":
-            jobs.append([])
-        else:
-            jobs[-1].append(arg)
+    jobs = split_then(args)
     trainer = None
     for kind, *rest in jobs:
         if kind == "fit":

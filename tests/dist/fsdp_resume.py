@@ -23,6 +23,7 @@ with paused_collection():  # start-up imports, as the CLI makes them (clipkit/st
     from clipkit.config import load_config
     from clipkit.training import Trainer
     from fixed_batches import train_fixed_batches, write_outputs
+    from jobs import split_then
 
 
 def held_state(trainer: Trainer) -> dict:
@@ -52,12 +53,7 @@ def resume(out: str, steps: int, save: bool, overrides: list[str]) -> Trainer:
 
 def main(args: list[str]) -> None:
     """Each `OUT STEPS SAVE overrides...` job, separated by `then`, in turn in these processes."""
-    jobs = [[]]
-    for arg in args:
-        if arg == "then":
-            jobs.append([])
-        else:
-            jobs[-1].append(arg)
+    jobs = split_then(args)
     for out, steps, save, *overrides in jobs:
         resume(out, int(steps), save == "1", overrides)
     torch.distributed.destroy_process_group()  # FSDP2 joined a process group even on one rank

@@ -27,6 +27,7 @@ with paused_collection():  # start-up imports, as the CLI makes them (clipkit/st
     from clipkit.config import load_config
     from clipkit.data import build_train_loader
     from clipkit.training import Trainer
+    from jobs import split_then
 
 
 def fit(out: str, steps: int, overrides: list[str]) -> Trainer:
@@ -46,12 +47,7 @@ def fit_all(steps: int, out: str, args: list[str]) -> None:
     """fit(out, steps, overrides), then, for each `then OUT2 overrides2...`, fit(OUT2, steps, overrides +
     overrides2) (`until=N` among overrides2: up to step N), in this process; the process group is left once,
     after the last."""
-    runs = [[out]]
-    for arg in args:
-        if arg == "then":
-            runs.append([])
-        else:
-            runs[-1].append(arg)
+    runs = split_then([out, *args])
     overrides = runs[0][1:]
     trainer = fit(out, steps, overrides)
     for path, *extra in runs[1:]:
