@@ -5,13 +5,14 @@ What is compared (see clipkit/losses/infonce.py): the mean of the per-rank losse
 single-process loss L; rank r's feature gradient divided by the world size W equals dL/d(slice r) (the
 gather's backward sums all W ranks' contributions; DDP's averaging divides by W again); the mean of the
 per-rank temperature and bias gradients equals dL/ds and dL/db. The tiled loss must meet the same
-convention with the plain single-process InfoNCELoss as its reference.
+convention with the plain single-process InfoNCELoss as its reference. SigLIP's ranks (ring exchange of the
+text features) come from the same jobs, against the single-process sigmoid loss on the whole batch.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clipkit.losses import InfoNCELoss, create_loss
+from clipkit.losses import InfoNCELoss, create_loss, sigmoid_loss
 from dist.results import BATCH_PER_RANK, compare_with_single_process, distributed_results
 
 
@@ -96,3 +97,10 @@ def test_create_loss_names_and_unknown_name():
 def test_mismatched_feature_shapes_are_reported():
     with pytest.raises(ValueError, match="same shape"):
         InfoNCELoss()(torch.randn(4, 8), torch.randn(5, 8), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("world", [2, 4])  # 2: one exchange to the right; 4: both directions, then one more
+def test_siglip_ranks_match_single_process_global_loss(world):
+    ranks, stderr = distributed_results(world)
+    compare_with_single_process(ranks, "siglip", sigmoid_loss)
+    assert "deprecat" not in stderr.lower(), stderr[-3000:]
