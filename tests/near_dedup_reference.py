@@ -18,9 +18,9 @@ def flip_bits(h: np.uint64, k: int, rng) -> np.uint64:
 
 
 def greedy_reference(p, f, thumbs, alive, keys, d, min_similarity):
-    """One sample at a time in set order (thumbs and min_similarity None: hashes alone): dropped when within d bits (pHash against pHash, pHash against mirror
-    pHash, either way) of an earlier kept sample whose thumbnail (with min_similarity) correlates at least that
-    much; detail: the first such sample's key, score: the bit distance to it. Also the number of (kept, later)
+    """One sample at a time in set order (thumbs and min_similarity None: hashes alone): dropped when within d
+    bits (pHash against pHash, pHash against mirror pHash, either way) of an earlier kept sample whose thumbnail
+    (with min_similarity) correlates at least that much; detail: the first such sample's key, score: the bit distance to it. Also the number of (kept, later)
     pairs within d bits, and of those the verification rejects, counted for the first of each group of identical
     rows (hashes, and thumbnail with the verification) only: the stage compares only those."""
     pp = np.bitwise_count(p[:, None] ^ p[None, :])

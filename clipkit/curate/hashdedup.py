@@ -76,12 +76,15 @@ def _codes(h: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(h, dtype=np.uint64)).view(np.uint8).reshape(-1, 8)
 
 
-def _range_search(db: np.ndarray, queries: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """(query row, db row) of every query and db hash at most max_distance bits apart: an exact, brute-force
-    faiss IndexBinaryFlat range search (it returns the distances strictly below its radius: max_distance + 1)."""
-    faiss = require("faiss", "near deduplication (clipkit curate)")
-    index = faiss.IndexBinaryFlat(64)
-    index.add(_codes(db))
+def _binary_index():
+    """An empty exact (brute-force) faiss index of 64-bit hashes."""
+    return require("faiss", "near deduplication (clipkit curate)").IndexBinaryFlat(64)
+
+
+def _search(index, queries: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, index entry) of every query and indexed hash at most max_distance bits apart: a faiss range
+    search (it returns the distances strictly below its radius: max_distance + 1), QUERY_BLOCK queries at a time;
+    sorted by query row."""
     qs, ds = [], []
     for s in range(0, len(queries), QUERY_BLOCK):
         lims, _, ids = index.range_search(_codes(queries[s:s + QUERY_BLOCK]), max_distance + 1)
@@ -90,6 +93,13 @@ def _range_search(db: np.ndarray, queries: np.ndarray, max_distance: int) -> tup
     if not qs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(qs), np.concatenate(ds)
+
+
+def _range_search(db: np.ndarray, queries: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, db row) of every query and db hash at most max_distance bits apart, exactly."""
+    index = _binary_index()
+    index.add(_codes(db))
+    return _search(index, queries, max_distance)
 
 
 def _band_buckets(values: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,8 +182,7 @@ class _KeptIndex:
     k-th kept sample's), grown as samples are kept."""
 
     def __init__(self) -> None:
-        faiss = require("faiss", "near deduplication (clipkit curate)")
-        self.p, self.f = faiss.IndexBinaryFlat(64), faiss.IndexBinaryFlat(64)
+        self.p, self.f = _binary_index(), _binary_index()
         self.rows = np.zeros(0, np.int64)  # kept k -> its row among the representatives
 
     def add(self, rows: np.ndarray, p: np.ndarray, f: np.ndarray) -> None:
@@ -191,9 +200,8 @@ class _KeptIndex:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         codes = []
         for index, queries in ((self.p, np.concatenate([p, f])), (self.f, p)):
-            lims, _, ids = index.range_search(_codes(queries), max_distance + 1)
-            q = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(lims.astype(np.int64))) % len(p)
-            codes.append(q * k + ids.astype(np.int64))
+            q, ids = _search(index, queries, max_distance)
+            codes.append(q % len(p) * k + ids)
         code = np.unique(np.concatenate(codes))
         return code // k, self.rows[code % k]
 

@@ -125,16 +125,17 @@ def test_deepspeed_resume_continues_the_identical_curve(deepspeed_zero_curves, s
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_resumed_run_equals_the_uninterrupted_run_loss_for_loss(tmp_path, synth_small, nproc, ddp_curves):
+def test_resumed_run_equals_the_uninterrupted_run_loss_for_loss(tmp_path, synth_small, nproc, request):
     """One process and DDP on 2 ranks, stopped at step 10 and resumed with train.resume=latest (a new launch):
     every loss equals the uninterrupted run's (weights, optimizer, schedule, RNG and data stream restored). The
     uninterrupted run and the first 10 steps share one launch (on 2 ranks, the DDP curves' job above)."""
     if nproc == 2:
-        root, whole, first = ddp_curves["root"], ddp_curves["gathered"]["losses"], ddp_curves["parts"]
+        ddp = request.getfixturevalue("ddp_curves")  # only here: the one-process case needs no DDP job
+        root, whole, first = ddp["root"], ddp["gathered"]["losses"], ddp["parts"]
     else:
         root = tmp_path
-        whole, first = _curve(root, "whole", synth_small.train_spec, nproc, then=[("parts", ["until=10"])])
-        whole = whole["losses"]
+        uninterrupted, first = _curve(root, "whole", synth_small.train_spec, nproc, then=[("parts", ["until=10"])])
+        whole = uninterrupted["losses"]
     second = _curve(root, "parts", synth_small.train_spec, nproc, "train.resume=latest")
     assert first["first_step"] == 0 and second["first_step"] == 10
     assert first["losses"] + second["losses"] == whole
